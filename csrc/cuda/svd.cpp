@@ -1,0 +1,165 @@
+// CUDA truncated SVD: a randomized range finder (Halko, Martinsson, Tropp 2011, Alg. 4.4) with
+// cuBLAS GEMMs, cuSOLVER Householder QR (geqrf + orgqr) and a small exact cuSOLVER SVD of the
+// projected matrix. Matrices are column-major here, as cuSOLVER wants them: a column-major
+// P x Q matrix lives in a contiguous tensor of shape [batch, Q, P].
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAGeneratorImpl.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <mutex>
+
+#include "blas.h"
+
+namespace twinmerge::cuda {
+namespace {
+
+constexpr const char* kOp = "truncated_svd";
+
+template <typename T>
+class Workspace {
+ public:
+  explicit Workspace(const at::Tensor& like)
+      : info_(at::empty({1}, like.options().dtype(at::kInt))), like_(like) {}
+
+  T* get(int64_t elements) {
+    if (elements > capacity_) {
+      work_ = at::empty({elements}, like_.options());
+      capacity_ = elements;
+    }
+    return work_.data_ptr<T>();
+  }
+  int* info() { return info_.data_ptr<int>(); }
+
+ private:
+  at::Tensor work_, info_, like_;
+  int64_t capacity_ = 0;
+};
+
+// Replaces each column-major P x l matrix of `Y` ([batch, l, P]) by an orthonormal basis of its
+// columns (the Q of its Householder QR).
+template <typename T>
+void orthonormalize(cusolverDnHandle_t h, at::Tensor& Y, Workspace<T>& ws) {
+  const int64_t batch = Y.size(0);
+  const int l = to_int(kOp, "sketch size", Y.size(1)), P = to_int(kOp, "rows", Y.size(2));
+  auto tau = at::empty({l}, Y.options());
+  T* y = Y.data_ptr<T>();
+  const int lwork = std::max(Solver<T>::geqrf_work(h, P, l, y, P),
+                             Solver<T>::orgqr_work(h, P, l, y, P, tau.data_ptr<T>()));
+  T* work = ws.get(lwork);
+  for (int64_t b = 0; b < batch; ++b) {
+    T* yb = y + b * static_cast<int64_t>(l) * P;
+    Solver<T>::geqrf(h, P, l, yb, P, tau.data_ptr<T>(), work, lwork, ws.info());
+    Solver<T>::orgqr(h, P, l, yb, P, tau.data_ptr<T>(), work, lwork, ws.info());
+  }
+}
+
+// Thin SVD of each column-major P x Q matrix (P >= Q) of `M` ([batch, Q, P], destroyed):
+// U [batch, Q, P] (column-major P x Q), S [batch, Q], VT [batch, Q, Q] (column-major Q x Q).
+template <typename T>
+void thin_svd(cusolverDnHandle_t h, at::Tensor& M, at::Tensor& U, at::Tensor& S, at::Tensor& VT,
+              Workspace<T>& ws) {
+  const int64_t batch = M.size(0);
+  const int Q = to_int(kOp, "columns", M.size(1)), P = to_int(kOp, "rows", M.size(2));
+  U = at::empty({batch, Q, P}, M.options());
+  S = at::empty({batch, Q}, M.options());
+  VT = at::empty({batch, Q, Q}, M.options());
+  auto rwork = at::empty({std::max(Q, 1)}, M.options());
+  const int lwork = Solver<T>::gesvd_work(h, P, Q);
+  T* work = ws.get(lwork);
+  for (int64_t b = 0; b < batch; ++b) {
+    Solver<T>::gesvd(h, P, Q, M.data_ptr<T>() + b * static_cast<int64_t>(P) * Q, P,
+                     S.data_ptr<T>() + b * Q, U.data_ptr<T>() + b * static_cast<int64_t>(P) * Q, P,
+                     VT.data_ptr<T>() + b * static_cast<int64_t>(Q) * Q, Q, work, lwork,
+                     rwork.data_ptr<T>(), ws.info());
+  }
+}
+
+at::Tensor gaussian(int64_t batch, int64_t rows, int64_t cols, int64_t seed,
+                    const at::TensorOptions& options) {
+  auto gen = at::cuda::detail::createCUDAGenerator(options.device().index());
+  {
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    gen.set_current_seed(static_cast<uint64_t>(seed));
+  }
+  return at::randn({batch, rows, cols}, gen, options);
+}
+
+// M [batch, Q, P] holds column-major P x Q matrices, P >= Q. Returns Um [batch, P, r],
+// Sm [batch, r], Vm [batch, Q, r] (row-major views) with M ~= Um diag(Sm) Vm^T.
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> svd_tall(at::Tensor& M, int64_t r, int64_t sketch,
+                                                        int64_t n_iter, int64_t seed) {
+  const int64_t batch = M.size(0), Q = M.size(1), P = M.size(2);
+  cusolverDnHandle_t h = at::cuda::getCurrentCUDASolverDnHandle();
+  Workspace<T> ws(M);
+  at::Tensor U, S, VT;
+  if (sketch >= Q) {
+    thin_svd<T>(h, M, U, S, VT, ws);
+    // VT is column-major Q x Q, so its row-major reading is V.
+    return {U.mT().narrow(-1, 0, r), S.narrow(-1, 0, r), VT.narrow(-1, 0, r)};
+  }
+  const int64_t l = sketch;
+  auto omega = gaussian(batch, l, Q, seed, M.options());  // column-major Q x l
+  auto Y = at::empty({batch, l, P}, M.options());         // column-major P x l
+  auto Z = at::empty({batch, l, Q}, M.options());         // column-major Q x l
+  gemm_colmajor(CUBLAS_OP_N, CUBLAS_OP_N, P, l, Q, M, P, P * Q, omega, Q, Q * l, 0.0, Y, P, P * l,
+                batch);
+  orthonormalize<T>(h, Y, ws);
+  for (int64_t i = 0; i < n_iter; ++i) {
+    gemm_colmajor(CUBLAS_OP_T, CUBLAS_OP_N, Q, l, P, M, P, P * Q, Y, P, P * l, 0.0, Z, Q, Q * l,
+                  batch);
+    orthonormalize<T>(h, Z, ws);
+    gemm_colmajor(CUBLAS_OP_N, CUBLAS_OP_N, P, l, Q, M, P, P * Q, Z, Q, Q * l, 0.0, Y, P, P * l,
+                  batch);
+    orthonormalize<T>(h, Y, ws);
+  }
+  // Bt = M^T Y (Q x l, Q > l) = Ub Sb Vb^T, so M ~= Y Y^T M = Y Bt^T = (Y Vb) Sb Ub^T.
+  gemm_colmajor(CUBLAS_OP_T, CUBLAS_OP_N, Q, l, P, M, P, P * Q, Y, P, P * l, 0.0, Z, Q, Q * l,
+                batch);
+  thin_svd<T>(h, Z, U, S, VT, ws);
+  // The first r columns of Vb are the first r rows of VT (column-major l x l): an r x l matrix
+  // with leading dimension l, used transposed.
+  auto Um = at::empty({batch, r, P}, M.options());  // column-major P x r
+  gemm_colmajor(CUBLAS_OP_N, CUBLAS_OP_T, P, r, l, Y, P, P * l, VT, l, l * l, 0.0, Um, P, P * r,
+                batch);
+  return {Um.mT(), S.narrow(-1, 0, r), U.mT().narrow(-1, 0, r)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> truncated_svd(const at::Tensor& A, int64_t rank,
+                                                             int64_t oversample, int64_t n_iter,
+                                                             int64_t seed) {
+  const auto [batch, m, n, r, sketch] = check_truncated_svd(A, rank, oversample, n_iter);
+  const c10::cuda::CUDAGuard guard(A.device());
+  const auto lead = A.sizes().slice(0, A.dim() - 2).vec();
+  auto with = [&](std::initializer_list<int64_t> tail) {
+    auto s = lead;
+    s.insert(s.end(), tail);
+    return s;
+  };
+  const auto dtype = A.scalar_type();
+  if (batch == 0 || r == 0) {
+    return {at::zeros(with({m, r}), A.options()), at::zeros(with({r}), A.options()),
+            at::zeros(with({n, r}), A.options())};
+  }
+  // Decompose the tall orientation M (P x Q, P >= Q): A itself if m >= n, else A^T. A row-major
+  // [m, n] matrix read column-major is A^T, so M is a fresh column-major copy either way.
+  const bool wide = m < n;
+  const auto A3 = A.reshape({batch, m, n});
+  auto M = at::empty({batch, std::min(m, n), std::max(m, n)},
+                     A.options().dtype(opmath_type(dtype)));
+  M.copy_(wide ? A3 : A3.mT());
+  auto [Um, Sm, Vm] = M.scalar_type() == at::kDouble
+                          ? svd_tall<double>(M, r, sketch, n_iter, seed)
+                          : svd_tall<float>(M, r, sketch, n_iter, seed);
+  if (wide) std::swap(Um, Vm);
+  return {Um.to(dtype).reshape(with({m, r})).contiguous(),
+          Sm.to(dtype).reshape(with({r})).contiguous(),
+          Vm.to(dtype).reshape(with({n, r})).contiguous()};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(twinmerge, CUDA, m) { m.impl("truncated_svd", &truncated_svd); }
+
+}  // namespace twinmerge::cuda

@@ -1,0 +1,19 @@
+"""twinmerge_ext: Twin-Merging (Lu et al., NeurIPS 2024) as PyTorch C++/CUDA operators."""
+
+from twinmerge_ext.ops import (
+    dense_merge_,
+    lowrank_merge_,
+    lowrank_mix_linear,
+    reconstruct_delta,
+    truncated_svd,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "dense_merge_",
+    "lowrank_merge_",
+    "lowrank_mix_linear",
+    "reconstruct_delta",
+    "truncated_svd",
+]

@@ -1,0 +1,225 @@
+"""Typed Python entry points of the twinmerge operators, with their fake and autograd kernels.
+
+Shapes use T for the number of experts, K = sum(ranks) for the concatenated rank, and
+`expert(k)` for the expert that owns column k (expert t owns ranks[t] consecutive columns).
+Storage dtypes: float64, float32, float16, bfloat16; sums accumulate in float32 (float64 for
+float64). Mixing weights are device tensors, so no op synchronizes with the host.
+"""
+
+from numbers import Integral
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from twinmerge_ext import _library
+
+_ops = _library.load()
+
+
+def _ranks(ranks: Sequence[int], op: str) -> List[int]:
+    if isinstance(ranks, Tensor) or not isinstance(ranks, (list, tuple)):
+        raise TypeError(f"{op}: ranks must be a list or tuple of ints, got {type(ranks).__name__}")
+    bad = [r for r in ranks if isinstance(r, bool) or not isinstance(r, Integral)]
+    if bad:
+        raise TypeError(f"{op}: ranks must hold ints, got {ranks!r}")
+    return [int(r) for r in ranks]
+
+
+def _int(value, name: str, op: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"{op}: {name} must be an int, got {value!r} ({type(value).__name__})")
+    return int(value)
+
+
+def reconstruct_delta(U: Tensor, S: Tensor, V: Tensor) -> Tensor:
+    """Low-rank delta reconstruction.
+
+    Semantics: out = U diag(S) Vᵀ, batched over leading dims.
+
+    Shape:
+        U: [..., m, r]
+        S: [..., r]
+        V: [..., n, r]
+        returns: [..., m, n], dtype of U
+
+    Differentiable in U, S and V.
+    """
+    return _ops.reconstruct_delta(U, S, V)
+
+
+def lowrank_merge_(out: Tensor, base: Tensor, U_cat: Tensor, S_cat: Tensor, V_cat: Tensor,
+                   ranks: Sequence[int], weights: Tensor) -> Tensor:
+    """Materialized merge of T low-rank experts into a preallocated buffer.
+
+    Semantics: out = base + U_cat diag(weights[expert(k)] ⊙ S_cat[k]) V_catᵀ
+
+    Shape:
+        out, base: [..., m, n] (leading dims: a stack of L same-shaped matrices)
+        U_cat: [..., m, K]
+        S_cat: [..., K]
+        V_cat: [..., n, K]
+        ranks: T ints summing to K
+        weights: [T]
+
+    `out` must be contiguous (never silently copied); it may be `base` itself (an in-place
+    update), but may not partially overlap it or overlap any factor. Returns `out`.
+    """
+    _ops.lowrank_merge_(out, base, U_cat, S_cat, V_cat, _ranks(ranks, "lowrank_merge_"), weights)
+    return out
+
+
+def dense_merge_(out: Tensor, base: Tensor, deltas: Tensor, weights: Tensor) -> Tensor:
+    """Weighted merge of T dense deltas (1-D parameters, uncompressed matrices) into a buffer.
+
+    Semantics: out = base + Σt weights[t] · deltas[t]
+
+    Shape:
+        out, base: [...]
+        deltas: [T, ...]
+        weights: [T]
+
+    Same in-place rules as lowrank_merge_. Returns `out`.
+    """
+    _ops.dense_merge_(out, base, deltas, weights)
+    return out
+
+
+def lowrank_mix_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], U_cat: Tensor,
+                       S_cat: Tensor, V_cat: Tensor, ranks: Sequence[int],
+                       row_weights: Tensor) -> Tensor:
+    """Factored Twin-Merging of a Linear layer: each batch entry uses its own merged weights.
+
+    Semantics: y[b] = x[b] Wᵀ + bias + ((x[b] V_cat) ⊙ (row_weights[b, expert(k)] ⊙ S_cat[k])) U_catᵀ
+
+    Shape:
+        x: [B, ..., n]
+        weight: [m, n]
+        bias: [m] or None
+        U_cat: [m, K]
+        S_cat: [K]
+        V_cat: [n, K]
+        ranks: T ints summing to K
+        row_weights: [B, T]
+        returns: [B, ..., m]
+
+    Exact per batch entry; no merged weight is materialized. Differentiable in every tensor
+    argument (x and row_weights, so a router can be trained through it).
+    """
+    return _ops.lowrank_mix_linear(x, weight, bias, U_cat, S_cat, V_cat,
+                                   _ranks(ranks, "lowrank_mix_linear"), row_weights)
+
+
+def truncated_svd(A: Tensor, rank: int, oversample: int = 10, n_iter: int = 2,
+                  seed: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
+    """Randomized truncated SVD.
+
+    Semantics: A ≈ U diag(S) Vᵀ with r = clamp(rank, 1, min(m, n)) singular triplets, S descending.
+
+    Shape:
+        A: [..., m, n]
+        returns U [..., m, r], S [..., r], V [..., n, r], dtype of A
+
+    Computes in float32 (float64 for float64 input). A sketch of rank + oversample columns is
+    refined by n_iter power iterations: raise either to trade speed for accuracy. When the sketch
+    would cover min(m, n), the exact SVD is used. Deterministic for a given seed.
+    """
+    op = "truncated_svd"
+    return _ops.truncated_svd(A, _int(rank, "rank", op), _int(oversample, "oversample", op),
+                              _int(n_iter, "n_iter", op), _int(seed, "seed", op))
+
+
+# --- fake (meta) kernels: shapes only, for torch.compile and FakeTensor tracing -----------------
+
+@torch.library.register_fake("twinmerge::reconstruct_delta")
+def _(U, S, V):
+    torch._check(U.dim() >= 2 and V.dim() == U.dim(), lambda: "reconstruct_delta: U and V must be [..., m, r], [..., n, r]")
+    return U.new_empty(U.shape[:-1] + V.shape[-2:-1])
+
+
+@torch.library.register_fake("twinmerge::lowrank_merge_")
+def _(out, base, U_cat, S_cat, V_cat, ranks, weights):
+    return None
+
+
+@torch.library.register_fake("twinmerge::dense_merge_")
+def _(out, base, deltas, weights):
+    return None
+
+
+@torch.library.register_fake("twinmerge::lowrank_mix_linear")
+def _(x, weight, bias, U_cat, S_cat, V_cat, ranks, row_weights):
+    torch._check(x.shape[-1] == weight.shape[1], lambda: "lowrank_mix_linear: x and weight disagree on n")
+    return x.new_empty(x.shape[:-1] + weight.shape[:1])
+
+
+@torch.library.register_fake("twinmerge::truncated_svd")
+def _(A, rank, oversample=10, n_iter=2, seed=0):
+    m, n = A.shape[-2], A.shape[-1]
+    k = min(m, n)
+    r = 0 if k == 0 else max(1, min(rank, k))
+    lead = A.shape[:-2]
+    return A.new_empty(lead + (m, r)), A.new_empty(lead + (r,)), A.new_empty(lead + (n, r))
+
+
+# --- autograd -----------------------------------------------------------------------------------
+
+def _reconstruct_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _reconstruct_backward(ctx, grad):
+    U, S, V = ctx.saved_tensors
+    Sx = S.to(grad.dtype).unsqueeze(-2)
+    dU = (grad @ V) * Sx if ctx.needs_input_grad[0] else None
+    dS = ((U.mT @ grad) * V.mT).sum(-1).to(S.dtype) if ctx.needs_input_grad[1] else None
+    dV = (grad.mT @ U) * Sx if ctx.needs_input_grad[2] else None
+    return dU, dS, dV
+
+
+torch.library.register_autograd("twinmerge::reconstruct_delta", _reconstruct_backward,
+                                setup_context=_reconstruct_setup)
+
+
+def _mix_setup(ctx, inputs, output):
+    x, weight, bias, U, S, V, ranks, row_weights = inputs
+    ctx.ranks = ranks
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, weight, U, S, V, row_weights)
+
+
+def _mix_backward(ctx, grad):
+    x, weight, U, S, V, row_weights = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    n, m, B = x.shape[-1], weight.shape[0], x.shape[0]
+    # dx = g W + ((g U) ⊙ s) Vᵀ is this op itself, with (W, U, V) -> (Wᵀ, V, U).
+    dx = (_ops.lowrank_mix_linear(grad, weight.T.contiguous(), None, V, S, U, ctx.ranks, row_weights)
+          if need[0] else None)
+    g2, x2 = grad.reshape(-1, m), x.reshape(-1, n)
+    dW = g2.T @ x2 if need[1] else None
+    db = g2.sum(0) if ctx.has_bias and need[2] else None
+    dU = dS = dV = drw = None
+    if any(need[3:6]) or need[7]:
+        index = torch.repeat_interleave(torch.arange(len(ctx.ranks)),
+                                        torch.tensor(ctx.ranks)).to(x.device)
+        coef = row_weights.to(x.dtype).index_select(1, index) * S.to(x.dtype)  # [B, K]
+        rows_per_b = x2.shape[0] // B if B else 0
+        coef_rows = coef.repeat_interleave(rows_per_b, dim=0)  # [rows, K]
+        h, gU = x2 @ V, g2 @ U  # [rows, K]
+        if need[3]:
+            dU = g2.T @ (h * coef_rows)
+        if need[5]:
+            dV = x2.T @ (gU * coef_rows)
+        if need[4] or need[7]:
+            P = (h * gU).reshape(B, rows_per_b, -1).sum(1)  # [B, K]: d y / d coef
+            if need[4]:
+                dS = (P * row_weights.to(x.dtype).index_select(1, index)).sum(0).to(S.dtype)
+            if need[7]:
+                drw = torch.zeros(B, len(ctx.ranks), dtype=x.dtype, device=x.device)
+                drw.index_add_(1, index, P * S.to(x.dtype))
+                drw = drw.to(row_weights.dtype)
+    return dx, dW, db, dU, dS, dV, None, drw
+
+
+torch.library.register_autograd("twinmerge::lowrank_mix_linear", _mix_backward,
+                                setup_context=_mix_setup)
