@@ -25,22 +25,31 @@ ExpertOffsets expert_offsets(const char* op, at::IntArrayRef ranks, int64_t K, i
   return off;
 }
 
+namespace {
+
+// at::get_overlap_status answers TooHard for any non-dense tensor, even one in another storage,
+// so tensors in different storages are told apart first.
+bool shares_memory(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0 || !a.has_storage() || !b.has_storage()) return false;
+  if (!a.storage().is_alias_of(b.storage())) return false;
+  return at::get_overlap_status(a, b) != at::MemOverlapStatus::No;
+}
+
+}  // namespace
+
 void check_inplace_output(const char* op, const at::Tensor& out, const at::Tensor& base) {
   TM_CHECK(op, out.is_contiguous(),
            "out must be contiguous (it is written in place, never through a copy), got strides ",
            out.strides());
-  const auto status = at::get_overlap_status(out, base);
-  TM_CHECK(op, status != at::MemOverlapStatus::Partial,
-           "out must either be base itself or not overlap it, got a partial overlap");
+  if (!shares_memory(out, base)) return;
   TM_CHECK(op,
-           status != at::MemOverlapStatus::Full || out.strides() == base.strides(),
-           "out may alias base only with identical strides, got ", out.strides(), " and ",
-           base.strides());
+           out.data_ptr() == base.data_ptr() && out.strides() == base.strides() &&
+               out.sizes() == base.sizes(),
+           "out must either be base itself or not overlap it, got a partial overlap");
 }
 
 void check_no_overlap(const char* op, const char* name, const at::Tensor& out, const at::Tensor& t) {
-  TM_CHECK(op, at::get_overlap_status(out, t) == at::MemOverlapStatus::No, name,
-           " must not share memory with out");
+  TM_CHECK(op, !shares_memory(out, t), name, " must not share memory with out");
 }
 
 namespace {
@@ -55,8 +64,8 @@ void check_same_leading(const char* op, const char* name, const at::Tensor& t,
 
 }  // namespace
 
-MergeShape check_lowrank_merge(const at::Tensor& out, const at::Tensor& base, const at::Tensor& U,
-                               const at::Tensor& S, const at::Tensor& V, at::IntArrayRef ranks,
+MergeShape check_lowrank_merge(const at::Tensor& out, const at::Tensor& base, const at::Tensor& U_cat,
+                               const at::Tensor& S_cat, const at::Tensor& V_cat, at::IntArrayRef ranks,
                                const at::Tensor& weights) {
   constexpr const char* op = "lowrank_merge_";
   TM_CHECK(op, out.dim() >= 2, "out must have shape [..., m, n], got shape ", out.sizes());
@@ -64,30 +73,31 @@ MergeShape check_lowrank_merge(const at::Tensor& out, const at::Tensor& base, co
            "), got ", base.sizes());
   TM_CHECK_FLOATING(op, out);
   TM_CHECK_SAME_DTYPE(op, out, base);
-  TM_CHECK_SAME_DTYPE(op, out, U);
-  TM_CHECK_SAME_DTYPE(op, out, V);
-  TM_CHECK_FLOATING(op, S);
+  TM_CHECK_SAME_DTYPE(op, out, U_cat);
+  TM_CHECK_SAME_DTYPE(op, out, V_cat);
+  TM_CHECK_FLOATING(op, S_cat);
   TM_CHECK_FLOATING(op, weights);
-  for (const at::Tensor* t : {&base, &U, &S, &V, &weights}) {
-    TM_CHECK(op, t->device() == out.device(), "every tensor must be on the device of out (",
-             out.device(), "), got one on ", t->device());
+  const std::pair<const char*, const at::Tensor*> inputs[] = {
+      {"U_cat", &U_cat}, {"S_cat", &S_cat}, {"V_cat", &V_cat}, {"weights", &weights}};
+  TM_CHECK_SAME_DEVICE(op, out, base);
+  for (const auto& [name, t] : inputs) {
+    TM_CHECK(op, t->device() == out.device(), name, " must be on the device of out (",
+             out.device(), "), got ", t->device());
   }
   const auto lead = out.sizes().slice(0, out.dim() - 2);
   const int64_t m = out.size(-2), n = out.size(-1);
-  check_same_leading(op, "U_cat", U, lead, 2);
-  check_same_leading(op, "V_cat", V, lead, 2);
-  check_same_leading(op, "S_cat", S, lead, 1);
-  const int64_t K = U.size(-1);
-  TM_CHECK(op, U.size(-2) == m, "U_cat must have shape [..., m=", m, ", K], got ", U.sizes());
-  TM_CHECK(op, V.size(-2) == n && V.size(-1) == K, "V_cat must have shape [..., n=", n, ", K=", K,
-           "], got ", V.sizes());
-  TM_CHECK(op, S.size(-1) == K, "S_cat must have shape [..., K=", K, "], got ", S.sizes());
+  check_same_leading(op, "U_cat", U_cat, lead, 2);
+  check_same_leading(op, "V_cat", V_cat, lead, 2);
+  check_same_leading(op, "S_cat", S_cat, lead, 1);
+  const int64_t K = U_cat.size(-1);
+  TM_CHECK(op, U_cat.size(-2) == m, "U_cat must have shape [..., m=", m, ", K], got ", U_cat.sizes());
+  TM_CHECK(op, V_cat.size(-2) == n && V_cat.size(-1) == K, "V_cat must have shape [..., n=", n, ", K=", K,
+           "], got ", V_cat.sizes());
+  TM_CHECK(op, S_cat.size(-1) == K, "S_cat must have shape [..., K=", K, "], got ", S_cat.sizes());
   TM_CHECK(op, weights.dim() == 1, "weights must be a 1-D tensor [T], got shape ",
            weights.sizes());
   check_inplace_output(op, out, base);
-  for (auto [name, t] : {std::pair{"U_cat", &U}, {"S_cat", &S}, {"V_cat", &V}, {"weights", &weights}}) {
-    check_no_overlap(op, name, out, *t);
-  }
+  for (const auto& [name, t] : inputs) check_no_overlap(op, name, out, *t);
   const int64_t L = std::accumulate(lead.begin(), lead.end(), int64_t{1}, std::multiplies<>());
   return {L, m, n, K, expert_offsets(op, ranks, K, weights.size(0))};
 }
@@ -119,28 +129,28 @@ void check_dense_merge(const at::Tensor& out, const at::Tensor& base, const at::
 }
 
 MixShape check_lowrank_mix_linear(const at::Tensor& x, const at::Tensor& weight,
-                                  const std::optional<at::Tensor>& bias, const at::Tensor& U,
-                                  const at::Tensor& S, const at::Tensor& V, at::IntArrayRef ranks,
+                                  const std::optional<at::Tensor>& bias, const at::Tensor& U_cat,
+                                  const at::Tensor& S_cat, const at::Tensor& V_cat, at::IntArrayRef ranks,
                                   const at::Tensor& row_weights) {
   constexpr const char* op = "lowrank_mix_linear";
   TM_CHECK(op, x.dim() >= 2, "x must have shape [B, ..., n], got shape ", x.sizes());
   TM_CHECK_FLOATING(op, x);
   TM_CHECK_SAME_DTYPE(op, x, weight);
-  TM_CHECK_SAME_DTYPE(op, x, U);
-  TM_CHECK_SAME_DTYPE(op, x, V);
-  TM_CHECK_FLOATING(op, S);
+  TM_CHECK_SAME_DTYPE(op, x, U_cat);
+  TM_CHECK_SAME_DTYPE(op, x, V_cat);
+  TM_CHECK_FLOATING(op, S_cat);
   TM_CHECK_FLOATING(op, row_weights);
   TM_CHECK_SAME_DEVICE(op, x, weight);
-  TM_CHECK_SAME_DEVICE(op, x, U);
-  TM_CHECK_SAME_DEVICE(op, x, S);
-  TM_CHECK_SAME_DEVICE(op, x, V);
+  TM_CHECK_SAME_DEVICE(op, x, U_cat);
+  TM_CHECK_SAME_DEVICE(op, x, S_cat);
+  TM_CHECK_SAME_DEVICE(op, x, V_cat);
   TM_CHECK_SAME_DEVICE(op, x, row_weights);
   TM_CHECK_DIM(op, weight, 2);
-  TM_CHECK_DIM(op, U, 2);
-  TM_CHECK_DIM(op, S, 1);
-  TM_CHECK_DIM(op, V, 2);
+  TM_CHECK_DIM(op, U_cat, 2);
+  TM_CHECK_DIM(op, S_cat, 1);
+  TM_CHECK_DIM(op, V_cat, 2);
   TM_CHECK_DIM(op, row_weights, 2);
-  const int64_t m = weight.size(0), n = weight.size(1), K = U.size(1), B = x.size(0);
+  const int64_t m = weight.size(0), n = weight.size(1), K = U_cat.size(1), B = x.size(0);
   TM_CHECK(op, x.size(-1) == n, "x must have n = weight.size(1) = ", n,
            " features in its last dim, got shape ", x.sizes());
   if (bias.has_value()) {
@@ -149,13 +159,14 @@ MixShape check_lowrank_mix_linear(const at::Tensor& x, const at::Tensor& weight,
     TM_CHECK(op, bias->dim() == 1 && bias->size(0) == m, "bias must have shape [m=", m, "], got ",
              bias->sizes());
   }
-  TM_CHECK(op, U.size(0) == m, "U_cat must have shape [m=", m, ", K], got ", U.sizes());
-  TM_CHECK(op, V.size(0) == n && V.size(1) == K, "V_cat must have shape [n=", n, ", K=", K,
-           "], got ", V.sizes());
-  TM_CHECK(op, S.size(0) == K, "S_cat must have shape [K=", K, "], got ", S.sizes());
+  TM_CHECK(op, U_cat.size(0) == m, "U_cat must have shape [m=", m, ", K], got ", U_cat.sizes());
+  TM_CHECK(op, V_cat.size(0) == n && V_cat.size(1) == K, "V_cat must have shape [n=", n, ", K=", K,
+           "], got ", V_cat.sizes());
+  TM_CHECK(op, S_cat.size(0) == K, "S_cat must have shape [K=", K, "], got ", S_cat.sizes());
   TM_CHECK(op, row_weights.size(0) == B, "row_weights must have one row per batch entry of x (B=",
            B, "), got shape ", row_weights.sizes());
-  const int64_t rows = B == 0 ? 0 : x.numel() / n;
+  const auto lead = x.sizes().slice(0, x.dim() - 1);
+  const int64_t rows = std::accumulate(lead.begin(), lead.end(), int64_t{1}, std::multiplies<>());
   return {B, rows, m, n, K, expert_offsets(op, ranks, K, row_weights.size(1))};
 }
 
@@ -191,6 +202,27 @@ SvdShape check_truncated_svd(const at::Tensor& A, int64_t rank, int64_t oversamp
   const int64_t batch = std::accumulate(A.sizes().begin(), A.sizes().end() - 2, int64_t{1},
                                         std::multiplies<>());
   return {batch, m, n, r, std::min(r + oversample, k)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> svd_outputs(const at::Tensor& A, int64_t r,
+                                                           const at::Tensor& U,
+                                                           const at::Tensor& S,
+                                                           const at::Tensor& V) {
+  const auto lead = A.sizes().slice(0, A.dim() - 2);
+  auto sizes = [&](std::initializer_list<int64_t> tail) {
+    std::vector<int64_t> s(lead.begin(), lead.end());
+    s.insert(s.end(), tail);
+    return s;
+  };
+  const auto u_sizes = sizes({A.size(-2), r}), s_sizes = sizes({r}), v_sizes = sizes({A.size(-1), r});
+  if (!U.defined()) {
+    return {at::zeros(u_sizes, A.options()), at::zeros(s_sizes, A.options()),
+            at::zeros(v_sizes, A.options())};
+  }
+  const auto finish = [&](const at::Tensor& t, const std::vector<int64_t>& s) {
+    return t.to(A.scalar_type()).reshape(s).contiguous();
+  };
+  return {finish(U, u_sizes), finish(S, s_sizes), finish(V, v_sizes)};
 }
 
 }  // namespace twinmerge

@@ -62,8 +62,9 @@ struct MergeShape {
   int64_t L, m, n, K;
   ExpertOffsets offsets;
 };
-MergeShape check_lowrank_merge(const at::Tensor& out, const at::Tensor& base, const at::Tensor& U,
-                               const at::Tensor& S, const at::Tensor& V, at::IntArrayRef ranks,
+MergeShape check_lowrank_merge(const at::Tensor& out, const at::Tensor& base,
+                               const at::Tensor& U_cat, const at::Tensor& S_cat,
+                               const at::Tensor& V_cat, at::IntArrayRef ranks,
                                const at::Tensor& weights);
 
 void check_dense_merge(const at::Tensor& out, const at::Tensor& base, const at::Tensor& deltas,
@@ -74,8 +75,9 @@ struct MixShape {
   ExpertOffsets offsets;
 };
 MixShape check_lowrank_mix_linear(const at::Tensor& x, const at::Tensor& weight,
-                                  const std::optional<at::Tensor>& bias, const at::Tensor& U,
-                                  const at::Tensor& S, const at::Tensor& V, at::IntArrayRef ranks,
+                                  const std::optional<at::Tensor>& bias, const at::Tensor& U_cat,
+                                  const at::Tensor& S_cat, const at::Tensor& V_cat,
+                                  at::IntArrayRef ranks,
                                   const at::Tensor& row_weights);
 
 struct DeltaShape {
@@ -87,5 +89,13 @@ struct SvdShape {
   int64_t batch, m, n, rank, sketch;  // sketch = rank + oversample, at most min(m, n)
 };
 SvdShape check_truncated_svd(const at::Tensor& A, int64_t rank, int64_t oversample, int64_t n_iter);
+
+// truncated_svd's results in A's dtype and shapes [..., m, r], [..., r], [..., n, r], from the
+// batched [batch, m, r], [batch, r], [batch, n, r] factors (any dtype and strides); zeros when
+// given undefined tensors (an empty input).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> svd_outputs(const at::Tensor& A, int64_t r,
+                                                           const at::Tensor& U,
+                                                           const at::Tensor& S,
+                                                           const at::Tensor& V);
 
 }  // namespace twinmerge

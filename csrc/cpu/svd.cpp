@@ -14,18 +14,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> truncated_svd(const at::Tensor& A
                                                              int64_t oversample, int64_t n_iter,
                                                              int64_t seed) {
   const auto [batch, m, n, r, sketch] = check_truncated_svd(A, rank, oversample, n_iter);
-  const auto lead = A.sizes().slice(0, A.dim() - 2).vec();
-  auto with = [&](std::initializer_list<int64_t> tail) {
-    auto s = lead;
-    s.insert(s.end(), tail);
-    return s;
-  };
-  const auto dtype = A.scalar_type();
-  if (batch == 0 || r == 0) {
-    return {at::zeros(with({m, r}), A.options()), at::zeros(with({r}), A.options()),
-            at::zeros(with({n, r}), A.options())};
-  }
-  const auto opmath = opmath_type(dtype);
+  if (batch == 0 || r == 0) return svd_outputs(A, r, {}, {}, {});
+  const auto opmath = opmath_type(A.scalar_type());
   // Work on the tall orientation M [P, Q], P >= Q: the QRs are then of tall, thin matrices.
   const bool wide = m < n;
   const auto A3 = A.reshape({batch, m, n}).to(opmath);
@@ -52,9 +42,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> truncated_svd(const at::Tensor& A
     Vm = Ub.narrow(-1, 0, r);
   }
   if (wide) std::swap(Um, Vm);
-  return {Um.to(dtype).reshape(with({m, r})).contiguous(),
-          Sm.to(dtype).reshape(with({r})).contiguous(),
-          Vm.to(dtype).reshape(with({n, r})).contiguous()};
+  return svd_outputs(A, r, Um, Sm, Vm);
 }
 
 }  // namespace

@@ -9,6 +9,7 @@
 
 #include <mutex>
 
+#include "../checks.h"
 #include "blas.h"
 
 namespace twinmerge::cuda {
@@ -131,31 +132,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> truncated_svd(const at::Tensor& A
                                                              int64_t seed) {
   const auto [batch, m, n, r, sketch] = check_truncated_svd(A, rank, oversample, n_iter);
   const c10::cuda::CUDAGuard guard(A.device());
-  const auto lead = A.sizes().slice(0, A.dim() - 2).vec();
-  auto with = [&](std::initializer_list<int64_t> tail) {
-    auto s = lead;
-    s.insert(s.end(), tail);
-    return s;
-  };
-  const auto dtype = A.scalar_type();
-  if (batch == 0 || r == 0) {
-    return {at::zeros(with({m, r}), A.options()), at::zeros(with({r}), A.options()),
-            at::zeros(with({n, r}), A.options())};
-  }
+  if (batch == 0 || r == 0) return svd_outputs(A, r, {}, {}, {});
   // Decompose the tall orientation M (P x Q, P >= Q): A itself if m >= n, else A^T. A row-major
   // [m, n] matrix read column-major is A^T, so M is a fresh column-major copy either way.
   const bool wide = m < n;
   const auto A3 = A.reshape({batch, m, n});
   auto M = at::empty({batch, std::min(m, n), std::max(m, n)},
-                     A.options().dtype(opmath_type(dtype)));
+                     A.options().dtype(opmath_type(A.scalar_type())));
   M.copy_(wide ? A3 : A3.mT());
   auto [Um, Sm, Vm] = M.scalar_type() == at::kDouble
                           ? svd_tall<double>(M, r, sketch, n_iter, seed)
                           : svd_tall<float>(M, r, sketch, n_iter, seed);
   if (wide) std::swap(Um, Vm);
-  return {Um.to(dtype).reshape(with({m, r})).contiguous(),
-          Sm.to(dtype).reshape(with({r})).contiguous(),
-          Vm.to(dtype).reshape(with({n, r})).contiguous()};
+  return svd_outputs(A, r, Um, Sm, Vm);
 }
 
 }  // namespace

@@ -1,0 +1,449 @@
+"""The twinmerge ops against twinmerge_ext.reference, on every device, dtype and edge case."""
+
+import pytest
+import torch
+from torch.library import opcheck
+
+import twinmerge_ext as tm
+from twinmerge_ext import reference as ref
+
+from conftest import DEVICES, HAS_CUDA, RTOL, assert_close
+
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+RANKS = {1: [4], 3: [2, 0, 5], 8: [1, 3, 2, 4, 1, 2, 3, 1]}
+
+
+def factors(lead, m, n, ranks, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    K = sum(ranks)
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype).to(device)
+    base = mk(*lead, m, n)
+    U = mk(*lead, m, K) / K**0.5 if K else mk(*lead, m, K)
+    V = mk(*lead, n, K)
+    S = (torch.rand(*lead, K, generator=g, dtype=torch.float64) + 0.5).to(dtype).to(device)
+    w = torch.softmax(torch.randn(len(ranks), generator=g, dtype=torch.float64), 0)
+    return base, U, S, V, w.to(torch.float32).to(device)
+
+
+# --- lowrank_merge_ -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", [1, 3, 8])
+@pytest.mark.parametrize("lead", [(), (3,), (2, 2)])
+def test_lowrank_merge_matches_reference(device, dtype, T, lead):
+    base, U, S, V, w = factors(lead, 24, 40, RANKS[T], dtype, device)
+    out = torch.empty_like(base)
+    ptr = out.data_ptr()
+    result = tm.lowrank_merge_(out, base, U, S, V, RANKS[T], w)
+    assert result is out and out.data_ptr() == ptr
+    assert_close(out, ref.lowrank_merge(base, U, S, V, RANKS[T], w))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m,n", [(40, 24), (24, 40)])
+def test_lowrank_merge_in_place_on_base(device, m, n):
+    base, U, S, V, w = factors((2,), m, n, RANKS[3], torch.float32, device)
+    expected = ref.lowrank_merge(base, U, S, V, RANKS[3], w)
+    ptr = base.data_ptr()
+    tm.lowrank_merge_(base, base, U, S, V, RANKS[3], w)
+    assert base.data_ptr() == ptr
+    assert_close(base, expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lowrank_merge_rank_above_min_dim_and_weights_dtypes(device):
+    base, U, S, V, w = factors((), 6, 5, [7, 9], torch.float32, device)
+    for weights in (w, w.double(), w.half()):
+        out = torch.empty_like(base)
+        tm.lowrank_merge_(out, base, U, S, V, [7, 9], weights)
+        assert_close(out, ref.lowrank_merge(base, U, S, V, [7, 9], weights))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lowrank_merge_non_contiguous_inputs(device):
+    base, U, S, V, w = factors((2,), 16, 12, RANKS[3], torch.float32, device)
+    base_t = base.mT.contiguous().mT          # same values, transposed strides
+    U_nc = torch.cat([U, U], -1)[..., ::2]    # strided columns
+    U_nc.copy_(U)
+    out = torch.empty_like(base)
+    tm.lowrank_merge_(out, base_t, U_nc, S, V.mT.contiguous().mT, RANKS[3], w)
+    assert_close(out, ref.lowrank_merge(base, U, S, V, RANKS[3], w))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lead,m,n,ranks", [((0,), 4, 5, [1, 2]), ((2,), 0, 5, [1, 2]),
+                                            ((2,), 4, 0, [1, 2]), ((2,), 4, 5, [0, 0])])
+def test_lowrank_merge_empty(device, lead, m, n, ranks):
+    base, U, S, V, w = factors(lead, m, n, ranks, torch.float32, device)
+    out = torch.full_like(base, float("nan"))
+    tm.lowrank_merge_(out, base, U, S, V, ranks, w)
+    assert torch.equal(out, base)
+
+
+def _merge_args(**over):
+    base, U, S, V, w = factors((2,), 8, 6, [2, 3], torch.float32, "cpu")
+    args = dict(out=torch.empty_like(base), base=base, U_cat=U, S_cat=S, V_cat=V, ranks=[2, 3],
+                weights=w)
+    args.update(over)
+    return args
+
+
+@pytest.mark.parametrize("over,match", [
+    (lambda a: dict(out=torch.empty(2, 6, 8).mT), "out must be contiguous"),
+    (lambda a: dict(out=a["out"].half()), "base must have the dtype of out"),
+    (lambda a: dict(base=a["base"][:, :4]), "base must have the shape of out"),
+    (lambda a: dict(U_cat=a["U_cat"].half()), "U_cat must have the dtype of out"),
+    (lambda a: dict(U_cat=a["U_cat"][0]), "U_cat must be a 3-D tensor"),
+    (lambda a: dict(V_cat=a["V_cat"][:, :, :4]), "V_cat must have shape"),
+    (lambda a: dict(S_cat=a["S_cat"][:, :4]), "S_cat must have shape"),
+    (lambda a: dict(ranks=[2, 2]), r"ranks must sum to the factor width K = 5, got sum\(\[2, 2\]\) = 4"),
+    (lambda a: dict(ranks=[6, -1]), r"ranks must be non-negative, got ranks\[1\] = -1"),
+    (lambda a: dict(ranks=[5]), r"ranks must have one entry per mixing weight \(2\), got 1"),
+    (lambda a: dict(weights=a["weights"][None]), "weights must be a 1-D tensor"),
+    (lambda a: dict(weights=torch.tensor([0, 1])), "weights must be float64, float32"),
+    (lambda a: dict(V_cat=a["out"].view(-1)[:60].view(2, 6, 5)), "V_cat must not share memory with out"),
+])
+def test_lowrank_merge_rejects_bad_input(over, match):
+    args = _merge_args()
+    args.update(over(args))
+    with pytest.raises(RuntimeError, match=match):
+        tm.lowrank_merge_(**args)
+
+
+def test_lowrank_merge_rejects_partial_overlap_with_base():
+    buf = torch.randn(2, 9, 6)
+    args = _merge_args(out=buf[:, 1:], base=buf[:, :-1].contiguous())
+    args["base"] = buf.view(-1)[:96].view(2, 8, 6)
+    args["out"] = buf.view(-1)[6:102].view(2, 8, 6)
+    with pytest.raises(RuntimeError, match="out must either be base itself or not overlap it"):
+        tm.lowrank_merge_(**args)
+
+
+@pytest.mark.parametrize("ranks", [(2, 3.0), "23", torch.tensor([2, 3]), (True, 4)])
+def test_lowrank_merge_rejects_non_int_ranks(ranks):
+    with pytest.raises(TypeError, match="lowrank_merge_: ranks must"):
+        tm.lowrank_merge_(**_merge_args(ranks=ranks))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lowrank_merge_opcheck(device):
+    base, U, S, V, w = factors((2,), 8, 6, [2, 3], torch.float32, device)
+    opcheck(torch.ops.twinmerge.lowrank_merge_, (torch.empty_like(base), base, U, S, V, [2, 3], w))
+
+
+# --- dense_merge_ -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", [1, 3, 8])
+@pytest.mark.parametrize("shape", [(37,), (5, 7), (0,)])
+def test_dense_merge_matches_reference(device, dtype, T, shape):
+    g = torch.Generator().manual_seed(T)
+    base = torch.randn(shape, generator=g).to(dtype).to(device)
+    deltas = torch.randn((T,) + shape, generator=g).to(dtype).to(device)
+    w = torch.softmax(torch.randn(T, generator=g), 0).to(device)
+    out = torch.empty_like(base)
+    tm.dense_merge_(out, base, deltas, w)
+    assert_close(out, ref.dense_merge(base, deltas, w))
+    expected = ref.dense_merge(base, deltas, w)
+    tm.dense_merge_(base, base, deltas, w)  # in place
+    assert_close(base, expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dense_merge_non_contiguous_inputs(device):
+    base = torch.randn(6, 5, device=device)
+    deltas = torch.randn(3, 5, 6, device=device).mT
+    w = torch.rand(3, device=device)
+    out = torch.empty(6, 5, device=device)
+    tm.dense_merge_(out, base.mT.contiguous().mT, deltas, w)
+    assert_close(out, ref.dense_merge(base, deltas, w))
+
+
+@pytest.mark.parametrize("over,match", [
+    (dict(out=torch.empty(5, 4).mT), "out must be contiguous"),
+    (dict(deltas=torch.randn(3, 4, 4)), r"deltas must have shape \[T=3, \*out.shape=\[4, 5\]\]"),
+    (dict(weights=torch.rand(2)), r"deltas must have shape \[T=2"),
+    (dict(weights=torch.rand(0)), "weights must hold between 1 and 256 experts, got 0"),
+    (dict(deltas=torch.randn(3, 4, 5).half()), "deltas must have the dtype of out"),
+    (dict(base=torch.randn(4, 6)), "base must have the shape of out"),
+])
+def test_dense_merge_rejects_bad_input(over, match):
+    args = dict(out=torch.empty(4, 5), base=torch.randn(4, 5), deltas=torch.randn(3, 4, 5),
+                weights=torch.rand(3))
+    args.update(over)
+    with pytest.raises(RuntimeError, match=match):
+        tm.dense_merge_(**args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dense_merge_opcheck(device):
+    base = torch.randn(4, 5, device=device)
+    opcheck(torch.ops.twinmerge.dense_merge_,
+            (torch.empty_like(base), base, torch.randn(3, 4, 5, device=device),
+             torch.rand(3, device=device)))
+
+
+# --- lowrank_mix_linear -------------------------------------------------------------------------
+
+def mix_args(B, inner, m, n, ranks, dtype, device, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype).to(device)
+    K = sum(ranks)
+    x = mk(B, *inner, n)
+    W = mk(m, n) / n**0.5
+    b = mk(m) if bias else None
+    U, V = mk(m, K), mk(n, K) / n**0.5
+    S = (torch.rand(K, generator=g, dtype=torch.float64) + 0.5).to(dtype).to(device)
+    rw = torch.softmax(torch.randn(B, len(ranks), generator=g, dtype=torch.float64), 1)
+    return x, W, b, U, S, V, list(ranks), rw.to(dtype).to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", [1, 3, 8])
+@pytest.mark.parametrize("inner", [(), (5,), (2, 3)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_mix_linear_matches_reference(device, dtype, T, inner, bias):
+    args = mix_args(4, inner, 20, 12, RANKS[T], dtype, device, bias)
+    y = tm.lowrank_mix_linear(*args)
+    assert y.shape == (4, *inner, 20) and y.dtype == dtype
+    assert_close(y, ref.lowrank_mix_linear(*args))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mix_linear_each_row_equals_its_merged_linear(device):
+    x, W, b, U, S, V, ranks, rw = mix_args(3, (7,), 16, 10, RANKS[3], torch.float64, device)
+    y = tm.lowrank_mix_linear(x, W, b, U, S, V, ranks, rw)
+    for i in range(3):
+        W_i = ref.lowrank_merge(W, U, S, V, ranks, rw[i])
+        torch.testing.assert_close(y[i], torch.nn.functional.linear(x[i], W_i, b))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("B,inner,n,ranks", [(0, (3,), 6, [2, 1]), (2, (0,), 6, [2, 1]),
+                                             (2, (3,), 6, [0, 0]), (2, (3,), 0, [2, 1])])
+def test_mix_linear_empty(device, B, inner, n, ranks):
+    args = mix_args(B, inner, 5, n, ranks, torch.float32, device)
+    y = tm.lowrank_mix_linear(*args)
+    assert_close(y, ref.lowrank_mix_linear(*args))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mix_linear_non_contiguous_inputs(device):
+    x, W, b, U, S, V, ranks, rw = mix_args(3, (4,), 8, 6, RANKS[3], torch.float32, device)
+    y = tm.lowrank_mix_linear(x.transpose(0, 1).contiguous().transpose(0, 1), W.T.contiguous().T,
+                              b, U.T.contiguous().T, S, V, ranks, rw.T.contiguous().T)
+    assert_close(y, ref.lowrank_mix_linear(x, W, b, U, S, V, ranks, rw))
+
+
+@pytest.mark.parametrize("idx,value,match", [
+    (0, torch.randn(3, 4, 7), r"x must have n = weight.size\(1\) = 6 features"),
+    (0, torch.randn(6), r"x must have shape \[B, ..., n\]"),
+    (1, torch.randn(8, 6).double(), "weight must have the dtype of x"),
+    (2, torch.randn(9), r"bias must have shape \[m=8\]"),
+    (5, torch.randn(6, 5), r"V_cat must have shape \[n=6, K=7\], got \[6, 5\]"),
+    (4, torch.rand(3), r"S_cat must have shape \[K=7\], got \[3\]"),
+    (7, torch.rand(2, 3), r"row_weights must have one row per batch entry of x \(B=3\)"),
+    (7, torch.rand(3, 2), r"ranks must have one entry per mixing weight \(2\), got 3"),
+    (7, torch.rand(3, 3).long(), "row_weights must be float64, float32"),
+])
+def test_mix_linear_rejects_bad_input(idx, value, match):
+    args = list(mix_args(3, (4,), 8, 6, RANKS[3], torch.float32, "cpu"))
+    args[idx] = value
+    with pytest.raises(RuntimeError, match=match):
+        tm.lowrank_mix_linear(*args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_mix_linear_gradcheck(device, bias):
+    args = mix_args(3, (2,), 5, 4, RANKS[3], torch.float64, device, bias)
+    args = [a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
+    assert torch.autograd.gradcheck(tm.lowrank_mix_linear, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mix_linear_grad_only_x_and_row_weights(device):
+    x, W, b, U, S, V, ranks, rw = mix_args(3, (2,), 5, 4, RANKS[3], torch.float64, device)
+    x.requires_grad_()
+    rw.requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, rw: tm.lowrank_mix_linear(x, W, b, U, S, V, ranks, rw),
+                                    (x, rw))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mix_linear_opcheck(device):
+    args = mix_args(3, (2,), 5, 4, RANKS[3], torch.float32, device)
+    opcheck(torch.ops.twinmerge.lowrank_mix_linear, args)
+    args = mix_args(3, (2,), 5, 4, RANKS[3], torch.float64, device, bias=False)
+    opcheck(torch.ops.twinmerge.lowrank_mix_linear,
+            [a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in args])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mix_linear_torch_compile_fullgraph(device):
+    torch._dynamo.reset()
+    x, W, b, U, S, V, ranks, rw = mix_args(4, (3,), 8, 6, RANKS[3], torch.float32, device)
+
+    @torch.compile(fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    def layer(x, rw):
+        return torch.relu(tm.lowrank_mix_linear(x, W, b, U, S, V, ranks, rw)) * 2
+
+    for new_rw in (rw, torch.softmax(torch.randn_like(rw), 1)):
+        expected = torch.relu(ref.lowrank_mix_linear(x, W, b, U, S, V, ranks, new_rw)) * 2
+        assert_close(layer(x, new_rw), expected)
+
+
+# --- reconstruct_delta --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead,m,n,r", [((), 12, 9, 4), ((3,), 9, 12, 1), ((2, 2), 5, 5, 8),
+                                        ((2,), 7, 6, 0), ((0,), 3, 4, 2), ((2,), 0, 4, 2)])
+def test_reconstruct_delta_matches_reference(device, dtype, lead, m, n, r):
+    _, U, S, V, _ = factors(lead, m, n, [r], dtype, device)
+    D = tm.reconstruct_delta(U, S, V)
+    assert D.shape == (*lead, m, n) and D.dtype == dtype
+    assert_close(D, ref.reconstruct_delta(U, S, V))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_reconstruct_delta_gradcheck_and_opcheck(device):
+    _, U, S, V, _ = factors((2,), 5, 4, [3], torch.float64, device)
+    args = (U.requires_grad_(), S.requires_grad_(), V.requires_grad_())
+    assert torch.autograd.gradcheck(tm.reconstruct_delta, args)
+    opcheck(torch.ops.twinmerge.reconstruct_delta, args)
+
+
+@pytest.mark.parametrize("args,match", [
+    ((torch.randn(4, 3), torch.rand(2), torch.randn(5, 3)), r"S must have shape \[..., r=3\]"),
+    ((torch.randn(4, 3), torch.rand(3), torch.randn(5, 2)), r"V must have shape \[..., n, r=3\]"),
+    ((torch.randn(2, 4, 3), torch.rand(3), torch.randn(2, 5, 3)), "S must be a 2-D tensor"),
+    ((torch.randn(4, 3), torch.rand(3), torch.randn(5, 3).half()), "V must have the dtype of U"),
+    ((torch.randn(3), torch.rand(3), torch.randn(5, 3)), r"U must have shape \[..., m, r\]"),
+])
+def test_reconstruct_delta_rejects_bad_input(args, match):
+    with pytest.raises(RuntimeError, match=match):
+        tm.reconstruct_delta(*args)
+
+
+# --- truncated_svd ------------------------------------------------------------------------------
+
+def decaying(batch, m, n, exponent=0.5, seed=0, dtype=torch.float32, device="cpu"):
+    """Matrices with the slowly decaying spectrum σ_i = i^-exponent (fine-tuning deltas look so)."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(m, n)
+    Uo = torch.linalg.qr(torch.randn(batch, m, k, generator=g, dtype=torch.float64))[0]
+    Vo = torch.linalg.qr(torch.randn(batch, n, k, generator=g, dtype=torch.float64))[0]
+    s = torch.arange(1, k + 1, dtype=torch.float64) ** -exponent
+    return ((Uo * s) @ Vo.mT).to(dtype).to(device)
+
+
+def rel_error(A, U, S, V):
+    A = A.double()
+    return (A - (U.double() * S.double().unsqueeze(-2)) @ V.double().mT).norm(dim=(-2, -1))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m,n,rank", [(300, 200, 16), (200, 300, 16), (256, 256, 25)])
+@pytest.mark.parametrize("exponent", [0.5, 1.0])
+def test_truncated_svd_near_optimal_error(device, m, n, rank, exponent):
+    A = decaying(3, m, n, exponent, device=device)
+    U, S, V = tm.truncated_svd(A, rank)
+    ratio = rel_error(A, U, S, V) / rel_error(A, *ref.truncated_svd(A, rank))
+    assert ratio.max() <= 1.005, ratio
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_truncated_svd_more_iterations_trade_speed_for_accuracy(device):
+    A = decaying(2, 300, 200, 0.3, device=device)
+    optimal = rel_error(A, *ref.truncated_svd(A, 20))
+    ratios = [(rel_error(A, *tm.truncated_svd(A, 20, oversample=p, n_iter=q)) / optimal).max()
+              for p, q in [(0, 0), (10, 2), (20, 4)]]
+    assert ratios[0] > ratios[1] >= ratios[2] >= 1.0 - 1e-6, ratios
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_truncated_svd_factors(device, dtype):
+    A = decaying(2, 60, 40, device=device, dtype=dtype)
+    U, S, V = tm.truncated_svd(A, 8)
+    assert (U.shape, S.shape, V.shape) == ((2, 60, 8), (2, 8), (2, 40, 8))
+    assert U.dtype == S.dtype == V.dtype == dtype
+    eye = torch.eye(8, dtype=torch.float64)
+    tol = max(RTOL[dtype], 1e-5) * 10
+    torch.testing.assert_close((U.double().mT @ U.double()).cpu(), eye.expand(2, 8, 8), atol=tol, rtol=0)
+    torch.testing.assert_close((V.double().mT @ V.double()).cpu(), eye.expand(2, 8, 8), atol=tol, rtol=0)
+    assert (S[:, :-1] >= S[:, 1:]).all() and (S > 0).all()
+    # Singular values of a projection of A never exceed A's own, and a good sketch gets close.
+    S_opt = ref.truncated_svd(A, 8)[1].double().cpu()
+    assert (S.double().cpu() <= S_opt * (1 + tol)).all()
+    assert (S.double().cpu() >= S_opt * 0.98).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_truncated_svd_exact_when_sketch_covers_matrix(device):
+    A = decaying(2, 30, 20, device=device, dtype=torch.float64)
+    U, S, V = tm.truncated_svd(A, 15)  # 15 + 10 >= 20: exact SVD
+    torch.testing.assert_close(rel_error(A, U, S, V), rel_error(A, *ref.truncated_svd(A, 15)))
+    U, S, V = tm.truncated_svd(A, 20)
+    assert rel_error(A, U, S, V).max() < 1e-10
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_truncated_svd_rank_clamped_and_deterministic(device):
+    A = decaying(1, 1, 9, device=device)[0]  # a 1 x 9 matrix: rank 0.1*1 -> clamped to 1
+    U, S, V = tm.truncated_svd(A, 0)
+    assert (U.shape, S.shape, V.shape) == ((1, 1), (1,), (9, 1))
+    assert rel_error(A, U, S, V) < 1e-5
+    B = decaying(2, 50, 40, device=device)
+    assert tm.truncated_svd(B, 100)[1].shape == (2, 40)
+    first, again = tm.truncated_svd(B, 5, seed=3), tm.truncated_svd(B, 5, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(0, 5, 4), (3, 0, 4), (3, 5, 0)])
+def test_truncated_svd_empty(device, shape):
+    U, S, V = tm.truncated_svd(torch.randn(shape, device=device), 3)
+    r = 0 if min(shape[1:]) == 0 else 3
+    assert (U.shape, S.shape, V.shape) == ((shape[0], shape[1], r), (shape[0], r), (shape[0], shape[2], r))
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(rank=-1), RuntimeError, r"rank must be >= 0 \(it is clamped to \[1, min\(m, n\)\]\), got -1"),
+    (dict(rank=2, oversample=-3), RuntimeError, "oversample must be >= 0, got -3"),
+    (dict(rank=2, n_iter=-1), RuntimeError, "n_iter must be >= 0, got -1"),
+    (dict(rank=float("nan")), TypeError, r"truncated_svd: rank must be an int, got nan"),
+    (dict(rank=2.5), TypeError, r"truncated_svd: rank must be an int, got 2.5"),
+])
+def test_truncated_svd_rejects_bad_arguments(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        tm.truncated_svd(torch.randn(5, 4), **kwargs)
+
+
+def test_truncated_svd_rejects_integer_matrix():
+    with pytest.raises(RuntimeError, match="A must be float64, float32, float16 or bfloat16, got Long"):
+        tm.truncated_svd(torch.ones(5, 4, dtype=torch.long), 2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_truncated_svd_opcheck(device):
+    opcheck(torch.ops.twinmerge.truncated_svd, (decaying(2, 30, 20, device=device), 4, 3, 1, 7))
+
+
+# --- builds -------------------------------------------------------------------------------------
+
+def _built_without_cuda():
+    return "no_cuda.cpp" in torch._C._dispatch_dump("twinmerge::reconstruct_delta")
+
+
+@pytest.mark.skipif(not _built_without_cuda(), reason="this build has the CUDA kernels")
+def test_cpu_only_build_rejects_cuda_tensors_clearly():
+    op = torch.ops.twinmerge.reconstruct_delta.default
+    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    with pytest.raises(RuntimeError, match="twinmerge::reconstruct_delta: got CUDA tensors, but "
+                                           "twinmerge_ext was built without CUDA support"):
+        op.redispatch(keys, torch.randn(3, 2), torch.rand(2), torch.randn(4, 2))
