@@ -47,8 +47,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> truncated_svd(const at::Tensor& A
 int link_anchor();
 
 namespace detail {
-// Takes the address of link_anchor from every translation unit that includes this header.
-[[maybe_unused]] static const auto kLinkAnchor = &link_anchor;
+// Takes the address of link_anchor from every translation unit that includes this header;
+// `used` keeps optimizing compilers from deleting the otherwise unreferenced variable.
+[[maybe_unused, gnu::used]] static const auto kLinkAnchor = &link_anchor;
 }  // namespace detail
 
 }  // namespace twinmerge

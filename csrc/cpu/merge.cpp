@@ -36,10 +36,18 @@ void lowrank_merge_(at::Tensor& out, const at::Tensor& base, const at::Tensor& U
   const auto base3 = base.reshape({L, m, n});
   if (out.scalar_type() != opmath) {
     out3.copy_(at::baddbmm(base3.to(opmath), U3, V3.mT()));
-  } else if (out.data_ptr() == base.data_ptr()) {  // validated: same memory, same strides
-    out3.baddbmm_(U3, V3.mT());
-  } else {
-    at::baddbmm_out(out3, base3, U3, V3.mT());
+    return;
+  }
+  // One 2-D BLAS gemm per matrix, accumulating into out: ATen's CPU addmm is faster than its
+  // bmm, and with beta = 1 base is read once and out written once.
+  const bool in_place = out.data_ptr() == base.data_ptr();  // validated: same memory and strides
+  for (int64_t l = 0; l < L; ++l) {
+    auto o = out3[l];
+    if (in_place) {
+      o.addmm_(U3[l], V3[l].t());
+    } else {
+      at::addmm_out(o, base3[l], U3[l], V3[l].t());
+    }
   }
 }
 

@@ -1,0 +1,95 @@
+"""What only a GPU can show: CUDA ≡ CPU, CUDA-graph capture and replay, device-mix errors."""
+
+import pytest
+import torch
+
+import twinmerge_ext as tm
+from twinmerge_ext import reference as ref
+
+from conftest import HAS_CUDA, assert_close
+from test_ops import RANKS, decaying, factors, mix_args, rel_error
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")]
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_matches_cpu(dtype):
+    base, U, S, V, w = factors((2,), 48, 40, RANKS[8], dtype, "cpu")
+    on = lambda *ts: [t.cuda() for t in ts]
+    out_cpu, out_gpu = torch.empty_like(base), torch.empty_like(base).cuda()
+    tm.lowrank_merge_(out_cpu, base, U, S, V, RANKS[8], w)
+    tm.lowrank_merge_(out_gpu, *on(base, U, S, V), RANKS[8], w.cuda())
+    assert_close(out_gpu, out_cpu.double(), dtype)
+
+    args = mix_args(4, (9,), 32, 24, RANKS[8], dtype, "cpu")
+    gpu_args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+    assert_close(tm.lowrank_mix_linear(*gpu_args), tm.lowrank_mix_linear(*args).double(), dtype)
+
+    assert_close(tm.reconstruct_delta(*on(U, S, V)), tm.reconstruct_delta(U, S, V).double(), dtype)
+
+    deltas = torch.randn(3, 50, dtype=dtype)
+    out_cpu, out_gpu = torch.empty(50, dtype=dtype), torch.empty(50, dtype=dtype, device="cuda")
+    tm.dense_merge_(out_cpu, base[0, 0, :1].expand(50).contiguous(), deltas, w[:3])
+    tm.dense_merge_(out_gpu, base[0, 0, :1].expand(50).contiguous().cuda(), deltas.cuda(), w[:3].cuda())
+    assert_close(out_gpu, out_cpu.double(), dtype)
+
+
+def test_truncated_svd_cuda_error_matches_cpu():
+    A = decaying(4, 512, 384, 0.5)
+    err_cpu = rel_error(A, *tm.truncated_svd(A, 32))
+    err_gpu = rel_error(A.cuda(), *tm.truncated_svd(A.cuda(), 32)).cpu()
+    optimal = rel_error(A, *ref.truncated_svd(A, 32))
+    assert (err_gpu / optimal).max() <= 1.005
+    torch.testing.assert_close(err_gpu, err_cpu, rtol=5e-3, atol=0)
+
+
+def test_lowrank_merge_cuda_graph_replays_with_new_weights():
+    base, U, S, V, w = factors((4,), 64, 48, RANKS[8], torch.bfloat16, "cuda")
+    out = torch.empty_like(base)
+    weights = w.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        tm.lowrank_merge_(out, base, U, S, V, RANKS[8], weights)  # warm-up outside the graph
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        tm.lowrank_merge_(out, base, U, S, V, RANKS[8], weights)
+    for seed in range(3):
+        weights.copy_(torch.softmax(torch.randn(8, generator=torch.Generator().manual_seed(seed)), 0))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(out, ref.lowrank_merge(base, U, S, V, RANKS[8], weights))
+
+
+def test_mix_linear_cuda_graph_replays_with_new_weights():
+    x, W, b, U, S, V, ranks, rw = mix_args(8, (16,), 64, 48, RANKS[8], torch.bfloat16, "cuda")
+    static_x, static_rw = x.clone(), rw.clone()
+    tm.lowrank_mix_linear(static_x, W, b, U, S, V, ranks, static_rw)  # warm-up
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = tm.lowrank_mix_linear(static_x, W, b, U, S, V, ranks, static_rw)
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        static_x.copy_(torch.randn(x.shape, generator=g))
+        static_rw.copy_(torch.softmax(torch.randn(rw.shape, generator=g), 1))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(static_y, ref.lowrank_mix_linear(static_x, W, b, U, S, V, ranks, static_rw))
+
+
+def test_ops_reject_mixed_devices():
+    base, U, S, V, w = factors((2,), 8, 6, [2, 3], torch.float32, "cuda")
+    with pytest.raises(RuntimeError, match=r"weights must be on the device of out \(cuda:0\), got cpu"):
+        tm.lowrank_merge_(torch.empty_like(base), base, U, S, V, [2, 3], w.cpu())
+    with pytest.raises(RuntimeError, match="base must be on the device of out"):
+        tm.lowrank_merge_(torch.empty_like(base), base.cpu(), U, S, V, [2, 3], w)
+    x, W, b, U, S, V, ranks, rw = mix_args(3, (2,), 5, 4, RANKS[3], torch.float32, "cuda")
+    with pytest.raises(RuntimeError, match="row_weights must be on the device of x"):
+        tm.lowrank_mix_linear(x, W, b, U, S, V, ranks, rw.cpu())
+    with pytest.raises(RuntimeError, match="deltas must be on the device of out"):
+        tm.dense_merge_(torch.empty(4, device="cuda"), torch.zeros(4, device="cuda"),
+                        torch.zeros(2, 4), torch.rand(2, device="cuda"))
