@@ -53,11 +53,13 @@ def _with_cuda():
 
 
 def _cuda_lib_dirs():
-    """Directories that may hold cuBLAS/cuSOLVER: the toolkit's, then torch's nvidia-* wheels."""
-    dirs = [os.path.join(CUDA_HOME, "lib64"), os.path.join(CUDA_HOME, "lib")]
+    """Directories that may hold cuBLAS/cuSOLVER: torch's nvidia-* wheels first (the libraries
+    torch itself loads at run time), then the toolkit's."""
+    dirs = []
     spec = importlib.util.find_spec("nvidia")
     for root in spec.submodule_search_locations if spec else []:
         dirs += sorted(glob.glob(os.path.join(root, "*", "lib")))
+    dirs += [os.path.join(CUDA_HOME, "lib64"), os.path.join(CUDA_HOME, "lib")]
     return [d for d in dirs if os.path.isdir(d)]
 
 
@@ -83,18 +85,21 @@ def _cuda_link(libraries):
     return include_dirs, link_args
 
 
+def _sources(*patterns):
+    # setuptools wants source paths relative to the project root.
+    return sorted(str(p.relative_to(ROOT)) for pattern in patterns for p in ROOT.glob(pattern))
+
+
 def extensions():
-    csrc = ROOT / "csrc"
-    common = [csrc / "ops.cpp", csrc / "checks.cpp", csrc / "python_module.cpp"]
-    common += sorted((csrc / "cpu").glob("*.cpp"))
+    common = _sources("csrc/ops.cpp", "csrc/checks.cpp", "csrc/python_module.cpp", "csrc/cpu/*.cpp")
     extra = {"cxx": ["-O3"]}
     if not _with_cuda():
         print("setup.py: building twinmerge_ext._C for CPU only")
-        sources = common + [csrc / "no_cuda.cpp"]
-        return [CppExtension("twinmerge_ext._C", [str(s) for s in sources], extra_compile_args=extra)]
+        sources = common + _sources("csrc/no_cuda.cpp")
+        return [CppExtension("twinmerge_ext._C", sources, extra_compile_args=extra)]
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     print(f"setup.py: building twinmerge_ext._C with CUDA for {os.environ['TORCH_CUDA_ARCH_LIST']}")
-    sources = common + sorted((csrc / "cuda").glob("*.cpp")) + sorted((csrc / "cuda").glob("*.cu"))
+    sources = common + _sources("csrc/cuda/*.cpp", "csrc/cuda/*.cu")
     include_dirs, link_args = _cuda_link(["cublas", "cusolver"])
     torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
     # getCurrentCUDASolverDnHandle lives in libtorch_cuda_linalg.so, which torch loads lazily.
@@ -103,7 +108,7 @@ def extensions():
     return [
         CUDAExtension(
             "twinmerge_ext._C",
-            [str(s) for s in sources],
+            sources,
             include_dirs=include_dirs,
             extra_compile_args=extra,
             extra_link_args=link_args,

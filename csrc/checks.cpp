@@ -45,11 +45,15 @@ void check_inplace_output(const char* op, const at::Tensor& out, const at::Tenso
   TM_CHECK(op,
            out.data_ptr() == base.data_ptr() && out.strides() == base.strides() &&
                out.sizes() == base.sizes(),
-           "out must either be base itself or not overlap it, got a partial overlap");
+           "out must either be base itself or not overlap it, got a partial overlap: out at "
+           "storage offset ", out.storage_offset(), " with strides ", out.strides(),
+           ", base at storage offset ", base.storage_offset(), " with strides ", base.strides());
 }
 
 void check_no_overlap(const char* op, const char* name, const at::Tensor& out, const at::Tensor& t) {
-  TM_CHECK(op, !shares_memory(out, t), name, " must not share memory with out");
+  TM_CHECK(op, !shares_memory(out, t), name, " must not share memory with out (out: storage offset ",
+           out.storage_offset(), ", shape ", out.sizes(), "; ", name, ": storage offset ",
+           t.storage_offset(), ", shape ", t.sizes(), ")");
 }
 
 namespace {
@@ -116,8 +120,8 @@ void check_dense_merge(const at::Tensor& out, const at::Tensor& base, const at::
   TM_CHECK_SAME_DEVICE(op, out, weights);
   TM_CHECK(op, weights.dim() == 1, "weights must be a 1-D tensor [T], got shape ",
            weights.sizes());
-  TM_CHECK(op, weights.size(0) >= 1 && weights.size(0) <= kMaxExperts,
-           "weights must hold between 1 and ", kMaxExperts, " experts, got ", weights.size(0));
+  TM_CHECK(op, weights.size(0) >= 1, "weights must hold at least one expert, got shape ",
+           weights.sizes());
   TM_CHECK(op,
            deltas.dim() == out.dim() + 1 && deltas.size(0) == weights.size(0) &&
                deltas.sizes().slice(1) == out.sizes(),
@@ -154,10 +158,13 @@ MixShape check_lowrank_mix_linear(const at::Tensor& x, const at::Tensor& weight,
   TM_CHECK(op, x.size(-1) == n, "x must have n = weight.size(1) = ", n,
            " features in its last dim, got shape ", x.sizes());
   if (bias.has_value()) {
-    TM_CHECK_SAME_DTYPE(op, x, (*bias));
-    TM_CHECK_SAME_DEVICE(op, x, (*bias));
-    TM_CHECK(op, bias->dim() == 1 && bias->size(0) == m, "bias must have shape [m=", m, "], got ",
-             bias->sizes());
+    const at::Tensor& b = *bias;
+    TM_CHECK(op, b.scalar_type() == x.scalar_type(), "bias must have the dtype of x (",
+             x.scalar_type(), "), got ", b.scalar_type());
+    TM_CHECK(op, b.device() == x.device(), "bias must be on the device of x (", x.device(),
+             "), got ", b.device());
+    TM_CHECK(op, b.dim() == 1 && b.size(0) == m, "bias must have shape [m=", m, "], got ",
+             b.sizes());
   }
   TM_CHECK(op, U_cat.size(0) == m, "U_cat must have shape [m=", m, ", K], got ", U_cat.sizes());
   TM_CHECK(op, V_cat.size(0) == n && V_cat.size(1) == K, "V_cat must have shape [n=", n, ", K=", K,

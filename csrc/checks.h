@@ -26,10 +26,6 @@
   TM_CHECK(op, (a).device() == (b).device(), #b " must be on the device of " #a " (",        \
            (a).device(), "), got ", (b).device())
 
-#define TM_CHECK_SIZE(op, t, d, expected)                                                    \
-  TM_CHECK(op, (t).size(d) == (expected), #t ".size(", d, ") must be ", (expected), " (",    \
-           #expected "), got shape ", (t).sizes())
-
 namespace twinmerge {
 
 // Largest number of experts a single call may mix; the per-expert column offsets travel to CUDA

@@ -11,6 +11,15 @@ from test_ops import RANKS, decaying, factors, mix_args, rel_error
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")]
 
+
+@pytest.fixture
+def no_sync():
+    """Fails the test if anything inside synchronizes the host with the device."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    yield
+    torch.cuda.set_sync_debug_mode("default")
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -79,6 +88,45 @@ def test_mix_linear_cuda_graph_replays_with_new_weights():
         graph.replay()
         torch.cuda.synchronize()
         assert_close(static_y, ref.lowrank_mix_linear(static_x, W, b, U, S, V, ranks, static_rw))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ops_never_synchronize(no_sync, dtype):
+    base, U, S, V, w = factors((3,), 40, 24, RANKS[8], dtype, "cuda")
+    out = torch.empty_like(base)
+    tm.lowrank_merge_(out, base, U, S, V, RANKS[8], w)
+    tm.lowrank_merge_(base, base, U, S.float(), V, RANKS[8], w.double())
+    tm.dense_merge_(out[0, 0], base[0, 0], U[:2, 0, :24].contiguous(), w[:2])
+    tm.reconstruct_delta(U, S, V)
+    args = mix_args(4, (5,), 24, 16, RANKS[8], dtype, "cuda")
+    leaves = [a.requires_grad_() for a in args if isinstance(a, torch.Tensor)]
+    tm.lowrank_mix_linear(*args).sum().backward()  # the backward, too: router training
+    assert all(leaf.grad is not None for leaf in leaves)
+
+
+@pytest.mark.parametrize("shape,rank", [((3, 40, 90), 30), ((2, 2, 90, 40), 35), ((2, 300, 200), 16),
+                                        ((2, 2, 200, 300), 16)])
+def test_truncated_svd_cuda_shapes(shape, rank):
+    A = torch.randn(shape, dtype=torch.float64, device="cuda")
+    U, S, V = tm.truncated_svd(A, rank)
+    r = min(rank, *shape[-2:])
+    assert U.shape == (*shape[:-1], r) and V.shape == (*shape[:-2], shape[-1], r)
+    ratio = rel_error(A, U, S, V) / rel_error(A, *ref.truncated_svd(A, rank))
+    assert ratio.max() <= 1.05, ratio  # Gaussian spectra are flat: the hardest case for sketches
+
+
+def test_truncated_svd_ignores_tf32_and_flags_non_finite_input():
+    A = decaying(2, 512, 256, 1.0, device="cuda")
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        ratio = rel_error(A, *tm.truncated_svd(A, 16)) / rel_error(A, *ref.truncated_svd(A, 16))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    assert ratio.max() <= 1.005, ratio
+    A[1, 3, 7] = float("nan")
+    S = tm.truncated_svd(A, 300)[1]  # exact path: gesvd on the NaN matrix
+    assert torch.isfinite(S[0]).all() and torch.isnan(S[1]).all()
 
 
 def test_ops_reject_mixed_devices():

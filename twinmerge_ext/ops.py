@@ -6,6 +6,7 @@ Storage dtypes: float64, float32, float16, bfloat16; sums accumulate in float32 
 float64). Mixing weights are device tensors, so no op synchronizes with the host.
 """
 
+import math
 from numbers import Integral
 from typing import List, Optional, Sequence, Tuple
 
@@ -64,6 +65,9 @@ def lowrank_merge_(out: Tensor, base: Tensor, U_cat: Tensor, S_cat: Tensor, V_ca
 
     `out` must be contiguous (never silently copied); it may be `base` itself (an in-place
     update), but may not partially overlap it or overlap any factor. Returns `out`.
+
+    Precision: products accumulate in fp32. On CUDA with fp16/bf16 storage, the scaled factor
+    U_cat·diag(s) is rounded once to the storage dtype before the GEMM (the CPU keeps it in fp32).
     """
     _ops.lowrank_merge_(out, base, U_cat, S_cat, V_cat, _ranks(ranks, "lowrank_merge_"), weights)
     return out
@@ -104,7 +108,9 @@ def lowrank_mix_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], U_cat:
         returns: [B, ..., m]
 
     Exact per batch entry; no merged weight is materialized. Differentiable in every tensor
-    argument (x and row_weights, so a router can be trained through it).
+    argument (x and row_weights, so a router can be trained through it); the backward sums in
+    fp32 and never synchronizes. On CUDA with fp16/bf16 storage, (x V_cat) ⊙ s is rounded once to
+    the storage dtype before its GEMM, and y once after each of its two GEMMs.
     """
     return _ops.lowrank_mix_linear(x, weight, bias, U_cat, S_cat, V_cat,
                                    _ranks(ranks, "lowrank_mix_linear"), row_weights)
@@ -122,7 +128,10 @@ def truncated_svd(A: Tensor, rank: int, oversample: int = 10, n_iter: int = 2,
 
     Computes in float32 (float64 for float64 input). A sketch of rank + oversample columns is
     refined by n_iter power iterations: raise either to trade speed for accuracy. When the sketch
-    would cover min(m, n), the exact SVD is used. Deterministic for a given seed.
+    would cover min(m, n), the exact SVD is used. Deterministic for a given seed (CPU and CUDA
+    draw different sketches). On CUDA, a matrix whose SVD does not converge (NaN or Inf input)
+    gets NaN singular values rather than an error, since checking would synchronize; the op
+    seeds its own generator per call and so cannot be captured in a CUDA graph.
     """
     op = "truncated_svd"
     return _ops.truncated_svd(A, _int(rank, "rank", op), _int(oversample, "oversample", op),
@@ -155,6 +164,7 @@ def _(x, weight, bias, U_cat, S_cat, V_cat, ranks, row_weights):
 
 @torch.library.register_fake("twinmerge::truncated_svd")
 def _(A, rank, oversample=10, n_iter=2, seed=0):
+    torch._check(rank >= 0, lambda: f"truncated_svd: rank must be >= 0, got {rank}")
     m, n = A.shape[-2], A.shape[-1]
     k = min(m, n)
     r = 0 if k == 0 else max(1, min(rank, k))
@@ -164,16 +174,33 @@ def _(A, rank, oversample=10, n_iter=2, seed=0):
 
 # --- autograd -----------------------------------------------------------------------------------
 
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _per_column(w: Tensor, ranks: List[int]) -> Tensor:
+    """w[..., expert(k)] for the K concatenated columns, built on w's device (no index tensor,
+    so no host-to-device copy and no sync)."""
+    return torch.cat([w[..., t:t + 1].expand(*w.shape[:-1], r) for t, r in enumerate(ranks)], -1)
+
+
+def _per_expert(p: Tensor, ranks: List[int]) -> Tensor:
+    """Σ over each expert's columns: [..., K] -> [..., T]."""
+    return torch.stack([c.sum(-1) for c in p.split(ranks, -1)], -1)
+
+
 def _reconstruct_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
 def _reconstruct_backward(ctx, grad):
     U, S, V = ctx.saved_tensors
-    Sx = S.to(grad.dtype).unsqueeze(-2)
-    dU = (grad @ V) * Sx if ctx.needs_input_grad[0] else None
-    dS = ((U.mT @ grad) * V.mT).sum(-1).to(S.dtype) if ctx.needs_input_grad[1] else None
-    dV = (grad.mT @ U) * Sx if ctx.needs_input_grad[2] else None
+    f = _opmath(grad.dtype)
+    g, Uf, Vf, Sf = grad.to(f), U.to(f), V.to(f), S.to(f).unsqueeze(-2)
+    need = ctx.needs_input_grad
+    dU = ((g @ Vf) * Sf).to(U.dtype) if need[0] else None
+    dS = ((Uf.mT @ g) * Vf.mT).sum(-1).to(S.dtype) if need[1] else None
+    dV = ((g.mT @ Uf) * Sf).to(V.dtype) if need[2] else None
     return dU, dS, dV
 
 
@@ -189,35 +216,35 @@ def _mix_setup(ctx, inputs, output):
 
 
 def _mix_backward(ctx, grad):
+    """Gradients of y = x Wᵀ + b + ((x V) ⊙ c) Uᵀ with c[b, k] = row_weights[b, expert(k)] S[k],
+    accumulated in fp32 (fp64 for fp64) whatever the storage dtype."""
     x, weight, U, S, V, row_weights = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    n, m, B = x.shape[-1], weight.shape[0], x.shape[0]
-    # dx = g W + ((g U) ⊙ s) Vᵀ is this op itself, with (W, U, V) -> (Wᵀ, V, U).
-    dx = (_ops.lowrank_mix_linear(grad, weight.T.contiguous(), None, V, S, U, ctx.ranks, row_weights)
+    need, ranks = ctx.needs_input_grad, ctx.ranks
+    n, m, K, B = x.shape[-1], weight.shape[0], U.shape[1], x.shape[0]
+    rows = math.prod(x.shape[:-1])
+    per_b = rows // B if B else 0
+    # dx = g W + ((g U) ⊙ c) Vᵀ is this op itself, with (W, U, V) -> (Wᵀ, V, U).
+    dx = (_ops.lowrank_mix_linear(grad, weight.T.contiguous(), None, V, S, U, ranks, row_weights)
           if need[0] else None)
-    g2, x2 = grad.reshape(-1, m), x.reshape(-1, n)
-    dW = g2.T @ x2 if need[1] else None
-    db = g2.sum(0) if ctx.has_bias and need[2] else None
+    f = _opmath(x.dtype)
+    g2, x2 = grad.reshape(rows, m).to(f), x.reshape(rows, n).to(f)
+    dW = (g2.T @ x2).to(weight.dtype) if need[1] else None
+    db = g2.sum(0).to(grad.dtype) if ctx.has_bias and need[2] else None
     dU = dS = dV = drw = None
     if any(need[3:6]) or need[7]:
-        index = torch.repeat_interleave(torch.arange(len(ctx.ranks)),
-                                        torch.tensor(ctx.ranks)).to(x.device)
-        coef = row_weights.to(x.dtype).index_select(1, index) * S.to(x.dtype)  # [B, K]
-        rows_per_b = x2.shape[0] // B if B else 0
-        coef_rows = coef.repeat_interleave(rows_per_b, dim=0)  # [rows, K]
-        h, gU = x2 @ V, g2 @ U  # [rows, K]
+        w_cols = _per_column(row_weights.to(f), ranks)                   # [B, K]
+        coef = (w_cols * S.to(f)).unsqueeze(1)                           # [B, 1, K]
+        h = (x2 @ V.to(f)).reshape(B, per_b, K)
+        gU = (g2 @ U.to(f)).reshape(B, per_b, K)
         if need[3]:
-            dU = g2.T @ (h * coef_rows)
+            dU = (g2.T @ (h * coef).reshape(rows, K)).to(U.dtype)
         if need[5]:
-            dV = x2.T @ (gU * coef_rows)
-        if need[4] or need[7]:
-            P = (h * gU).reshape(B, rows_per_b, -1).sum(1)  # [B, K]: d y / d coef
-            if need[4]:
-                dS = (P * row_weights.to(x.dtype).index_select(1, index)).sum(0).to(S.dtype)
-            if need[7]:
-                drw = torch.zeros(B, len(ctx.ranks), dtype=x.dtype, device=x.device)
-                drw.index_add_(1, index, P * S.to(x.dtype))
-                drw = drw.to(row_weights.dtype)
+            dV = (x2.T @ (gU * coef).reshape(rows, K)).to(V.dtype)
+        P = (h * gU).sum(1)                                              # [B, K] = dy/dc
+        if need[4]:
+            dS = (P * w_cols).sum(0).to(S.dtype)
+        if need[7]:
+            drw = _per_expert(P * S.to(f), ranks).to(row_weights.dtype)
     return dx, dW, db, dU, dS, dV, None, drw
 
 

@@ -60,7 +60,27 @@ __global__ void dense_merge_kernel(scalar_t* out, const scalar_t* base,
   }
 }
 
+template <typename scalar_t>
+__global__ void nan_rows_where_failed_kernel(const int* __restrict__ info, scalar_t* __restrict__ S,
+                                             int64_t batch, int64_t k) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < batch * k;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    if (info[i / k] != 0) S[i] = static_cast<scalar_t>(NAN);
+  }
+}
+
 }  // namespace
+
+void launch_nan_rows_where_failed(const at::Tensor& info, at::Tensor& S) {
+  const int64_t batch = S.size(0), k = S.size(1);
+  if (batch * k == 0) return;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(S.scalar_type(), "nan_rows_where_failed", [&] {
+    nan_rows_where_failed_kernel<<<num_blocks(batch * k), kThreads, 0, stream>>>(
+        info.const_data_ptr<int>(), S.data_ptr<scalar_t>(), batch, k);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
 
 void launch_mixing_coefficients(const at::Tensor& weights, int64_t w_stride, const at::Tensor& S,
                                 int64_t s_stride, const ExpertOffsets& offsets, at::Tensor& coef) {

@@ -1,7 +1,8 @@
 // CUDA truncated SVD: a randomized range finder (Halko, Martinsson, Tropp 2011, Alg. 4.4) with
 // cuBLAS GEMMs, cuSOLVER Householder QR (geqrf + orgqr) and a small exact cuSOLVER SVD of the
 // projected matrix. Matrices are column-major here, as cuSOLVER wants them: a column-major
-// P x Q matrix lives in a contiguous tensor of shape [batch, Q, P].
+// P x Q matrix lives in a contiguous tensor of shape [batch, Q, P]. The Gaussian test matrix comes
+// from a generator seeded per call, so this op is deterministic but not CUDA-graph capturable.
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -11,6 +12,7 @@
 
 #include "../checks.h"
 #include "blas.h"
+#include "kernels.h"
 
 namespace twinmerge::cuda {
 namespace {
@@ -24,9 +26,9 @@ class Workspace {
       : info_(at::empty({1}, like.options().dtype(at::kInt))), like_(like) {}
 
   T* get(int64_t elements) {
-    if (elements > capacity_) {
-      work_ = at::empty({elements}, like_.options());
-      capacity_ = elements;
+    if (elements > capacity_ || !work_.defined()) {
+      capacity_ = std::max<int64_t>(elements, 1);
+      work_ = at::empty({capacity_}, like_.options());
     }
     return work_.data_ptr<T>();
   }
@@ -66,14 +68,18 @@ void thin_svd(cusolverDnHandle_t h, at::Tensor& M, at::Tensor& U, at::Tensor& S,
   S = at::empty({batch, Q}, M.options());
   VT = at::empty({batch, Q, Q}, M.options());
   auto rwork = at::empty({std::max(Q, 1)}, M.options());
+  auto info = at::empty({batch}, M.options().dtype(at::kInt));
   const int lwork = Solver<T>::gesvd_work(h, P, Q);
   T* work = ws.get(lwork);
   for (int64_t b = 0; b < batch; ++b) {
     Solver<T>::gesvd(h, P, Q, M.data_ptr<T>() + b * static_cast<int64_t>(P) * Q, P,
                      S.data_ptr<T>() + b * Q, U.data_ptr<T>() + b * static_cast<int64_t>(P) * Q, P,
                      VT.data_ptr<T>() + b * static_cast<int64_t>(Q) * Q, Q, work, lwork,
-                     rwork.data_ptr<T>(), ws.info());
+                     rwork.data_ptr<T>(), info.data_ptr<int>() + b);
   }
+  // Reading info would synchronize; a matrix whose SVD did not converge (NaN or Inf input)
+  // gets NaN singular values instead, so the failure shows rather than passing as a result.
+  launch_nan_rows_where_failed(info, S);
 }
 
 at::Tensor gaussian(int64_t batch, int64_t rows, int64_t cols, int64_t seed,
@@ -132,6 +138,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> truncated_svd(const at::Tensor& A
                                                              int64_t seed) {
   const auto [batch, m, n, r, sketch] = check_truncated_svd(A, rank, oversample, n_iter);
   const c10::cuda::CUDAGuard guard(A.device());
+  // TF32 GEMMs (torch.backends.cuda.matmul.allow_tf32) would cost the range finder ~3 digits.
+  const at::NoTF32Guard no_tf32;
   if (batch == 0 || r == 0) return svd_outputs(A, r, {}, {}, {});
   // Decompose the tall orientation M (P x Q, P >= Q): A itself if m >= n, else A^T. A row-major
   // [m, n] matrix read column-major is A^T, so M is a fresh column-major copy either way.
