@@ -1,5 +1,7 @@
 """twinmerge_ext: Twin-Merging (Lu et al., NeurIPS 2024) as PyTorch C++/CUDA operators."""
 
+from twinmerge_ext import merging
+from twinmerge_ext.checkpoint import LowRankDelta, TwinCheckpoint
 from twinmerge_ext.ops import (
     dense_merge_,
     lowrank_merge_,
@@ -11,6 +13,9 @@ from twinmerge_ext.ops import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "LowRankDelta",
+    "TwinCheckpoint",
+    "merging",
     "dense_merge_",
     "lowrank_merge_",
     "lowrank_mix_linear",

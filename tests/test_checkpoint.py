@@ -1,0 +1,536 @@
+"""TwinCheckpoint: exactness at full rank, compression error, rank rule, save/load, validation."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from twinmerge_ext import checkpoint, merging
+from twinmerge_ext.checkpoint import FORMAT_VERSION, TwinCheckpoint
+
+from conftest import HAS_CUDA, assert_close
+
+TASKS = ["sst2", "mnli", "qqp"]
+
+
+def random_model(seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "layer.weight": torch.randn(6, 5, generator=g).to(dtype),     # Linear weight
+        "embed.weight": torch.randn(12, 4, generator=g).to(dtype),    # embedding (tall)
+        "layer.bias": torch.randn(6, generator=g).to(dtype),          # 1-D
+        "conv.weight": torch.randn(3, 2, 2, generator=g).to(dtype),   # 3-D
+        "logit_scale": torch.randn((), generator=g).to(dtype),        # 0-D
+        "position_ids": torch.arange(7).unsqueeze(0),                 # int buffer
+    }
+
+
+def make_experts(base, seed=1, scale=0.1):
+    """Experts = base + a random task vector; non-floating tensors equal to the base's."""
+    experts = {}
+    for i, task in enumerate(TASKS):
+        noise = random_model(seed + i)
+        experts[task] = {k: (v + scale * noise[k].to(v.dtype)) if v.is_floating_point()
+                         else v.clone() for k, v in base.items()}
+    return experts
+
+
+@pytest.fixture
+def setup():
+    base = random_model(0)
+    return base, make_experts(base)
+
+
+def one_hot(t, T=len(TASKS)):
+    w = torch.zeros(T)
+    w[t] = 1.0
+    return w
+
+
+def twin_tensors(twin):
+    """Every tensor of a twin under its file name (for bit-exact comparisons)."""
+    out = {f"shared/{k}": v for k, v in twin.shared.items()}
+    for k, lr in twin.lowrank.items():
+        out.update({f"lowrank/{k}/U_cat": lr.U_cat, f"lowrank/{k}/S_cat": lr.S_cat,
+                    f"lowrank/{k}/V_cat": lr.V_cat})
+    out.update({f"dense/{k}/deltas": v for k, v in twin.dense.items()})
+    return out
+
+
+def assert_twins_equal(a, b, ordered=True):
+    """Same tensors bit for bit (in the same order if ordered), ranks, tasks and metadata."""
+    ta, tb = twin_tensors(a), twin_tensors(b)
+    assert list(ta) == list(tb) if ordered else sorted(ta) == sorted(tb)
+    for k in ta:
+        assert ta[k].dtype == tb[k].dtype, k
+        assert torch.equal(ta[k], tb[k]), k
+    assert {k: v.ranks for k, v in a.lowrank.items()} == {k: v.ranks for k, v in b.lowrank.items()}
+    assert a.tasks == b.tasks
+    assert a.metadata == b.metadata
+
+
+# --- structure and exactness --------------------------------------------------------------------
+
+def test_layout_matrices_lowrank_others_dense(setup):
+    base, experts = setup
+    twin = TwinCheckpoint.build(base, experts, rank_ratio=0.5)
+    assert twin.tasks == TASKS
+    assert list(twin.shared) == list(base)
+    assert sorted(twin.lowrank) == ["embed.weight", "layer.weight"]
+    assert sorted(twin.dense) == ["conv.weight", "layer.bias", "logit_scale"]
+    lr = twin.lowrank["layer.weight"]            # 6×5, r = floor(0.5·5) = 2
+    assert lr.ranks == (2, 2, 2)
+    assert lr.U_cat.shape == (6, 6) and lr.S_cat.shape == (6,) and lr.V_cat.shape == (5, 6)
+    assert twin.lowrank["embed.weight"].ranks == (2, 2, 2)
+    assert twin.dense["conv.weight"].shape == (3, 3, 2, 2)
+    assert twin.dense["layer.bias"].shape == (3, 6)
+    assert twin.dense["logit_scale"].shape == (3,)
+    # Expert t owns columns t·r .. (t+1)·r, and its factors reconstruct its own delta.
+    U1, S1, V1 = lr.factors(1)
+    assert torch.equal(U1, lr.U_cat[:, 2:4]) and torch.equal(S1, lr.S_cat[2:4])
+    assert S1[0] >= S1[1]
+    assert_close(lr.delta(1), lr.U_cat[:, 2:4].double() @ torch.diag(S1.double()) @ V1.double().T)
+    with pytest.raises(IndexError, match=r"t must be in \[0, 3\), got -1"):
+        lr.factors(-1)
+
+
+def test_full_rank_one_hot_reproduces_each_expert(setup):
+    base, experts = setup
+    twin = TwinCheckpoint.build(base, experts, rank=1000)
+    for t, task in enumerate(TASKS):
+        merged = twin.merged_state_dict(one_hot(t))
+        assert list(merged) == list(base)
+        for name, expected in experts[task].items():
+            assert merged[name].dtype == expected.dtype, name
+            if expected.is_floating_point():
+                assert_close(merged[name], expected)
+            else:
+                assert torch.equal(merged[name], expected), name
+
+
+def test_full_rank_mixed_weights_equal_shared_plus_weighted_deltas(setup):
+    base, experts = setup
+    twin = TwinCheckpoint.build(base, experts, shared_kwargs={"scale": 0.4}, rank=1000)
+    shared = merging.task_arithmetic(base, experts, scale=0.4)
+    for name in base:
+        assert torch.equal(twin.shared[name], shared[name]), name
+    w = [0.5, -0.25, 1.5]
+    merged = twin.merged_state_dict(w)
+    for name, s in shared.items():
+        if not s.is_floating_point():
+            continue
+        expected = s.double() + sum(wt * (experts[task][name].double() - s.double())
+                                    for wt, task in zip(w, TASKS))
+        assert_close(merged[name], expected, torch.float32)
+    # A tensor of weights gives the same model as the list.
+    again = twin.merged_state_dict(torch.tensor(w))
+    for name in merged:
+        assert torch.equal(again[name], merged[name]), name
+
+
+def test_deltas_are_relative_to_the_shared_expert_not_the_base(setup):
+    base, experts = setup
+    twin = TwinCheckpoint.build(base, experts, rank=1000)
+    shared = twin.shared
+    for t, task in enumerate(TASKS):
+        bias = experts[task]["layer.bias"]
+        assert torch.equal(twin.dense["layer.bias"][t], bias - shared["layer.bias"])
+        assert not torch.allclose(twin.dense["layer.bias"][t], bias - base["layer.bias"],
+                                  atol=1e-3)
+        w = experts[task]["layer.weight"]
+        delta = twin.lowrank["layer.weight"].delta(t)
+        assert_close(delta, (w - shared["layer.weight"]).double())
+        assert not torch.allclose(delta, w - base["layer.weight"], atol=1e-3)
+
+
+def test_non_floating_tensors_stay_the_base_in_shared_and_merges(setup):
+    base, experts = setup
+    for i, task in enumerate(TASKS):
+        experts[task]["position_ids"] = base["position_ids"] + i + 1
+    twin = TwinCheckpoint.build(base, experts, rank=1000)
+    assert torch.equal(twin.shared["position_ids"], base["position_ids"])
+    assert "position_ids" not in twin.lowrank and "position_ids" not in twin.dense
+    merged = twin.merged_state_dict(one_hot(2))
+    assert torch.equal(merged["position_ids"], base["position_ids"])
+    merged["position_ids"] += 1       # the merged model owns its memory
+    assert torch.equal(twin.shared["position_ids"], base["position_ids"])
+
+
+def test_include_exclude_select_twin_parameters(setup):
+    base, experts = setup
+    twin = TwinCheckpoint.build(base, experts, include=["layer", "conv"], exclude="bias", rank=1000)
+    assert list(twin.lowrank) == ["layer.weight"]
+    assert list(twin.dense) == ["conv.weight"]
+    # Unselected parameters are not merged either (the merging rule): they keep the base.
+    for name in ("embed.weight", "layer.bias"):
+        assert torch.equal(twin.shared[name], base[name]), name
+    merged = twin.merged_state_dict(one_hot(0))
+    assert torch.equal(merged["layer.bias"], base["layer.bias"])
+    assert_close(merged["layer.weight"], experts["sst2"]["layer.weight"].double())
+    assert twin.metadata["compression"]["include"] == ["layer", "conv"]
+    assert twin.metadata["compression"]["exclude"] == ["bias"]
+
+
+@pytest.mark.parametrize("shared,kwargs,call", [
+    ("task_arithmetic", {}, lambda b, e: merging.task_arithmetic(b, e, scale=0.3)),
+    ("ties", {"density": 0.5}, lambda b, e: merging.ties(b, e, density=0.5)),
+    ("dare", {"drop_rate": 0.2, "seed": 3}, lambda b, e: merging.dare(b, e, 0.2, 3)),
+    ("average", {}, lambda b, e: merging.average(e, base=b)),
+])
+def test_shared_methods_and_effective_kwargs_in_metadata(setup, shared, kwargs, call):
+    base, experts = setup
+    twin = TwinCheckpoint.build(base, experts, shared=shared, shared_kwargs=kwargs, rank=1)
+    expected = call(base, experts)
+    for name in base:
+        assert torch.equal(twin.shared[name], expected[name]), name
+    meta = twin.metadata["shared"]
+    assert meta["method"] == shared
+    assert meta["kwargs"].items() >= kwargs.items()
+    if shared == "task_arithmetic":
+        assert meta["kwargs"] == {"scale": 0.3}
+    if shared == "dare":
+        assert meta["kwargs"] == {"drop_rate": 0.2, "seed": 3, "then": "task_arithmetic",
+                                  "scale": 0.3}
+
+
+# --- compression --------------------------------------------------------------------------------
+
+def test_low_rank_error_is_recorded_and_near_optimal():
+    g = torch.Generator().manual_seed(5)
+    base = {"w": torch.randn(40, 30, generator=g)}
+    experts = {t: {"w": base["w"] + torch.randn(40, 30, generator=g)} for t in TASKS}
+    twin = TwinCheckpoint.build(base, experts, rank_ratio=0.1)
+    lr = twin.lowrank["w"]
+    assert lr.ranks == (3, 3, 3)
+    errors = twin.report()["errors"]["w"]
+    assert list(errors) == TASKS
+    assert twin.metadata["tensors"]["lowrank"]["w"]["errors"] == [errors[t] for t in TASKS]
+    for t, task in enumerate(TASKS):
+        v = experts[task]["w"].double() - twin.shared["w"].double()
+        U, S, V = (x.double() for x in lr.factors(t))
+        independent = (torch.linalg.norm(v - U @ torch.diag(S) @ V.T) / torch.linalg.norm(v)).item()
+        s = torch.linalg.svdvals(v)
+        optimal = (torch.linalg.norm(s[3:]) / torch.linalg.norm(s)).item()
+        assert errors[task] == pytest.approx(independent, rel=1e-4)
+        assert optimal * (1 - 1e-6) <= errors[task] <= 1.05 * optimal, (errors[task], optimal)
+
+
+def test_empty_matrix_is_kept_dense_and_round_trips(tmp_path):
+    base = {"w": torch.zeros(0, 4), "v": torch.ones(3, 2)}
+    experts = {t: {"w": torch.zeros(0, 4), "v": torch.full((3, 2), float(i))}
+               for i, t in enumerate(TASKS)}
+    twin = TwinCheckpoint.build(base, experts, rank=1)
+    assert list(twin.lowrank) == ["v"] and twin.dense["w"].shape == (3, 0, 4)
+    twin.save(tmp_path / "t.safetensors")
+    assert_twins_equal(twin, TwinCheckpoint.load(tmp_path / "t.safetensors"))
+    # Rank-1 deltas are reproduced exactly at rank 1; an expert equal to θs has error 0.
+    assert_close(twin.merged_state_dict(one_hot(2))["v"], experts["qqp"]["v"].double())
+    assert all(e < 1e-6 for e in twin.report()["errors"]["v"].values())
+
+
+def test_full_rank_errors_are_zero_up_to_rounding(setup):
+    base, experts = setup
+    twin = TwinCheckpoint.build(base, experts, rank=1000)
+    for name, per_task in twin.report()["errors"].items():
+        assert all(0 <= e < 1e-5 for e in per_task.values()), (name, per_task)
+
+
+@pytest.mark.parametrize("rank,rank_ratio,expected", [
+    (None, 0.1, {"row": 1, "mat": 3}),        # 1×20 would get int(0.1) = 0: clamped to 1
+    (None, 1.0, {"row": 1, "mat": 30}),
+    (None, 0.5, {"row": 1, "mat": 15}),
+    (5, 0.1, {"row": 1, "mat": 5}),           # explicit rank clamped to min(m, n)
+    (1000, 0.1, {"row": 1, "mat": 30}),
+])
+def test_rank_rule(rank, rank_ratio, expected):
+    g = torch.Generator().manual_seed(0)
+    base = {"row": torch.randn(1, 20, generator=g), "mat": torch.randn(40, 30, generator=g)}
+    experts = {t: {k: v + torch.randn(v.shape, generator=g) for k, v in base.items()}
+               for t in TASKS}
+    twin = TwinCheckpoint.build(base, experts, rank=rank, rank_ratio=rank_ratio)
+    for name, r in expected.items():
+        assert twin.lowrank[name].ranks == (r,) * 3, name
+        assert twin.metadata["tensors"]["lowrank"][name]["ranks"] == [r] * 3
+
+
+@pytest.mark.parametrize("ratio,k,r", [(0.29, 100, 29), (0.07, 100, 7), (0.1, 9, 1), (1.0, 7, 7)])
+def test_rank_ratio_is_the_decimal_as_written(ratio, k, r):
+    assert checkpoint._rank_for(k, 1000, None, ratio) == r
+
+
+def test_bf16_parameters_store_bf16_factors(setup):
+    base = random_model(0, torch.bfloat16)
+    experts = make_experts(base)
+    twin = TwinCheckpoint.build(base, experts, rank=1000)
+    for lr in twin.lowrank.values():
+        assert lr.U_cat.dtype == lr.S_cat.dtype == lr.V_cat.dtype == torch.bfloat16
+    assert all(d.dtype == torch.bfloat16 for d in twin.dense.values())
+    for t, task in enumerate(TASKS):
+        merged = twin.merged_state_dict(one_hot(t))
+        for name, expected in experts[task].items():
+            assert merged[name].dtype == expected.dtype
+            if expected.is_floating_point():
+                assert_close(merged[name], expected.double(), torch.bfloat16)
+    for per_task in twin.report()["errors"].values():
+        assert all(e < 2e-2 for e in per_task.values())
+
+
+def test_storage_ratio_on_a_known_example():
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(40, 30, generator=g), "b": torch.randn(30, generator=g),
+            "ids": torch.arange(10)}
+    experts = {t: {"w": base["w"] + 1, "b": base["b"] - 1, "ids": base["ids"]} for t in TASKS}
+    storage = TwinCheckpoint.build(base, experts, rank=2).report()["storage"]
+    one = (40 * 30 + 30) * 4 + 10 * 8
+    twin = one + 3 * 2 * (40 + 30 + 1) * 4 + 3 * 30 * 4   # θs + Σt r(m+n+1) + T dense biases
+    assert storage["one_model_bytes"] == one
+    assert storage["lowrank_bytes"] == 3 * 2 * (40 + 30 + 1) * 4
+    assert storage["dense_bytes"] == 3 * 30 * 4
+    assert storage["twin_bytes"] == twin
+    assert storage["experts_bytes"] == 3 * one
+    assert storage["storage_ratio"] == pytest.approx(twin / one)
+    assert storage["ratio_vs_experts"] == pytest.approx(twin / (3 * one))
+
+
+def test_safetensors_path_experts_equal_dict_experts(setup, tmp_path):
+    base, experts = setup
+    save_file(base, tmp_path / "base.safetensors")
+    paths = {}
+    for task, sd in experts.items():
+        paths[task] = str(tmp_path / f"{task}.safetensors")
+        save_file(sd, paths[task])
+    a = TwinCheckpoint.build(base, experts, rank=2, shared="ties")
+    b = TwinCheckpoint.build(str(tmp_path / "base.safetensors"), paths, rank=2, shared="ties")
+    assert_twins_equal(a, b, ordered=False)   # a file lists its tensors in its own order
+
+
+def test_svd_device_argument_on_cpu_gives_the_same_twin(setup):
+    base, experts = setup
+    assert_twins_equal(TwinCheckpoint.build(base, experts, rank=2),
+                       TwinCheckpoint.build(base, experts, rank=2, device="cpu"))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_svd_on_cuda_results_stored_on_the_base_device(setup):
+    base, experts = setup
+    twin = TwinCheckpoint.build(base, experts, rank=1000, device="cuda")
+    assert all(t.device.type == "cpu" for t in
+               [*twin.shared.values(), *twin.dense.values(),
+                *(x for lr in twin.lowrank.values() for x in (lr.U_cat, lr.S_cat, lr.V_cat))])
+    merged = twin.merged_state_dict(one_hot(1))
+    for name, expected in experts["mnli"].items():
+        if expected.is_floating_point():
+            assert_close(merged[name], expected.double())
+    on_gpu = twin.to("cuda").merged_state_dict(one_hot(1).cuda())
+    assert all(t.is_cuda for t in on_gpu.values())
+
+
+def test_progress_bar(setup, capsys):
+    base, experts = setup
+    TwinCheckpoint.build(base, experts, rank=1, progress=True)
+    assert "TwinCheckpoint.build" in capsys.readouterr().err
+
+
+# --- build and merge errors ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    ({"shared": "slerp"}, ValueError, r"shared must be one of \['average', 'dare', 'task_arith"),
+    ({"rank": 0}, ValueError, "rank must be >= 1, got 0"),
+    ({"rank": 2.0}, TypeError, "rank must be an int"),
+    ({"rank_ratio": 0.0}, ValueError, r"rank_ratio must be in \(0, 1\], got 0.0"),
+    ({"rank_ratio": 1.5}, ValueError, r"rank_ratio must be in \(0, 1\], got 1.5"),
+    ({"shared_kwargs": {"include": "x"}}, TypeError, r"shared_kwargs may not set \['include'\]"),
+    ({"shared_kwargs": {"density": 0.5}}, TypeError, "density"),
+    ({"shared_kwargs": {"scale": torch.tensor(0.3)}}, TypeError, "JSON-serializable"),
+    ({"include": "("}, ValueError, "not a valid regex"),
+    ({"oversample": -1}, ValueError, "oversample must be >= 0"),
+])
+def test_build_argument_errors(setup, kwargs, exc, match):
+    base, experts = setup
+    with pytest.raises(exc, match=match):
+        TwinCheckpoint.build(base, experts, **kwargs)
+
+
+def test_build_expert_errors(setup):
+    base, experts = setup
+    with pytest.raises(ValueError, match="at least one expert, got 0"):
+        TwinCheckpoint.build(base, {})
+    with pytest.raises(TypeError, match="task names .* must be str, got 0"):
+        TwinCheckpoint.build(base, {0: experts["sst2"]})
+    with pytest.raises(TypeError, match="experts must be a mapping task name"):
+        TwinCheckpoint.build(base, list(experts.values()))
+    broken = dict(experts, mnli={k: v for k, v in experts["mnli"].items() if k != "layer.bias"})
+    with pytest.raises(ValueError, match=r"experts\['mnli'\] is missing parameter 'layer.bias'"):
+        TwinCheckpoint.build(base, broken)
+    wrong = dict(experts, qqp=dict(experts["qqp"], **{"layer.bias": torch.zeros(7)}))
+    with pytest.raises(ValueError, match=r"'layer.bias' has shape \[6\] in base but \[7\]"):
+        TwinCheckpoint.build(base, wrong)
+    nan = dict(experts, qqp=dict(experts["qqp"], **{"layer.bias": torch.full((6,), float("nan"))}))
+    with pytest.raises(ValueError, match="parameter 'layer.bias': the shared expert has NaN/Inf"):
+        TwinCheckpoint.build(base, nan, rank=1000)
+    # A finite shared expert, but θ_sst2 − θs = 3e38 − (−1e38) overflows float32.
+    huge = {task: dict(experts[task], **{"layer.weight": torch.full((6, 5), v)})
+            for task, v in zip(TASKS, [3e38, -3e38, -3e38])}
+    with pytest.raises(ValueError, match=r"'layer.weight': the deltas of tasks \['sst2'\] have"):
+        TwinCheckpoint.build(base, huge, rank=1000, shared="average")
+
+
+def test_merged_state_dict_weight_errors(setup):
+    base, experts = setup
+    twin = TwinCheckpoint.build(base, experts, rank=1)
+    with pytest.raises(ValueError, match=r"weights must have shape \[T=3\].*got \[2\]"):
+        twin.merged_state_dict([0.5, 0.5])
+    with pytest.raises(TypeError, match="floating tensor"):
+        twin.merged_state_dict(torch.tensor([1, 0, 0]))
+    with pytest.raises(TypeError, match="tensor \\[T\\] or a list"):
+        twin.merged_state_dict(1.0)
+
+
+# --- save / load --------------------------------------------------------------------------------
+
+@pytest.fixture
+def saved(setup, tmp_path):
+    base, experts = setup
+    twin = TwinCheckpoint.build(base, experts, rank=2)
+    path = str(tmp_path / "twin.safetensors")
+    twin.save(path)
+    return twin, path
+
+
+def test_save_load_round_trip_is_bit_exact(saved):
+    twin, path = saved
+    loaded = TwinCheckpoint.load(path)
+    assert_twins_equal(twin, loaded)
+    assert loaded.report() == twin.report()
+    meta = loaded.metadata
+    assert meta["format_version"] == FORMAT_VERSION and meta["router"] is None
+    assert meta["tasks"] == TASKS and meta["compression"]["rank"] == 2
+    assert meta["tensors"]["shared"]["position_ids"] == {"shape": [1, 7], "dtype": "int64"}
+    with safe_open(path, framework="pt") as f:
+        assert sorted(f.keys()) == sorted(twin_tensors(twin))
+        assert json.loads(f.metadata()["twinmerge"]) == twin.metadata
+    # A loaded twin saves to the same contents.
+    loaded.save(path + ".2")
+    assert_twins_equal(twin, TwinCheckpoint.load(path + ".2", device="cpu"))
+
+
+def test_round_trip_bf16(tmp_path):
+    base = random_model(0, torch.bfloat16)
+    twin = TwinCheckpoint.build(base, make_experts(base), rank_ratio=0.5)
+    twin.save(tmp_path / "bf16.safetensors")
+    assert_twins_equal(twin, TwinCheckpoint.load(tmp_path / "bf16.safetensors"))
+
+
+def rewrite(src, dst, tensors=None, meta=None):
+    """Copies a saved twin, applying tensors(dict) and meta(dict) edits in place."""
+    with safe_open(src, framework="pt") as f:
+        data = {k: f.get_tensor(k) for k in f.keys()}
+        header = json.loads(f.metadata()["twinmerge"])
+    if tensors:
+        tensors(data)
+    if meta:
+        meta(header)
+    save_file(data, dst, metadata={"twinmerge": json.dumps(header)})
+
+
+def _set_ranks(h):
+    h["tensors"]["lowrank"]["layer.weight"]["ranks"] = [2, 2, 3]
+
+
+LOAD_ERRORS = {
+    "not_a_file": (None, r"is not a file"),
+    "garbage": (lambda src, dst: open(dst, "wb").write(b"definitely not safetensors" * 10),
+                r"not a valid safetensors file"),
+    "truncated": (lambda src, dst: open(dst, "wb").write(open(src, "rb").read()[:-100]),
+                  r"not a valid safetensors file \(truncated"),
+    "no_metadata": (lambda src, dst: save_file({"x": torch.zeros(2)}, dst, metadata={"a": "b"}),
+                    r"no 'twinmerge' metadata"),
+    "bad_json": (lambda src, dst: save_file({"x": torch.zeros(2)}, dst,
+                                            metadata={"twinmerge": "{oops"}),
+                 r"not valid JSON"),
+    "future_version": (lambda src, dst: rewrite(src, dst,
+                                                meta=lambda h: h.update(format_version=2)),
+                       r"unknown twin checkpoint format version 2; this library reads format "
+                       r"version 1"),
+    "missing_tensor": (lambda src, dst: rewrite(src, dst, tensors=lambda d: d.pop(
+        "lowrank/embed.weight/V_cat")),
+        r"tensor 'lowrank/embed.weight/V_cat' is listed in the metadata but missing"),
+    "extra_tensor": (lambda src, dst: rewrite(src, dst, tensors=lambda d: d.update(
+        {"router/w": torch.zeros(3)})), r"unexpected tensor 'router/w'"),
+    "shape": (lambda src, dst: rewrite(src, dst, tensors=lambda d: d.update(
+        {"shared/layer.bias": torch.zeros(7)})),
+        r"tensor 'shared/layer.bias' has shape \[7\], the metadata says \[6\]"),
+    "dtype": (lambda src, dst: rewrite(src, dst, tensors=lambda d: d.update(
+        {"dense/conv.weight/deltas": d["dense/conv.weight/deltas"].double()})),
+        r"tensor 'dense/conv.weight/deltas' has dtype float64, the metadata says float32"),
+    "ranks_sum": (lambda src, dst: rewrite(src, dst, meta=_set_ranks),
+                  r"ranks \[2, 2, 3\] of 'layer.weight' sum to 7, but its U_cat has K = 6"),
+    "ranks_count": (lambda src, dst: rewrite(src, dst, meta=lambda h: h["tensors"]["lowrank"][
+        "layer.weight"].update(ranks=[2, 2])), r"ranks: a list of T=3 non-negative ints"),
+    "meta_shape": (lambda src, dst: rewrite(src, dst, meta=lambda h: h["tensors"]["dense"][
+        "layer.bias"].update(shape=[5])), r"shape \[5\] and dtype float32, but the shared"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LOAD_ERRORS))
+def test_load_rejects_bad_files(saved, tmp_path, case):
+    _, path = saved
+    make, match = LOAD_ERRORS[case]
+    bad = str(tmp_path / "bad.safetensors")
+    if make is None:
+        bad = str(tmp_path)                   # a directory
+    else:
+        make(path, bad)
+    with pytest.raises(ValueError, match=match) as info:
+        TwinCheckpoint.load(bad)
+    assert repr(bad) in str(info.value)
+
+
+def test_load_rejects_a_missing_path(tmp_path):
+    with pytest.raises(ValueError, match="is not a file"):
+        TwinCheckpoint.load(tmp_path / "nope.safetensors")
+
+
+def _failing_writer(tensors, filename, metadata=None):
+    """Writes half of a real file, then fails, like a crash or a full disk mid-save."""
+    save_file(tensors, filename, metadata=metadata)
+    real = open(filename, "rb").read()
+    with open(filename, "wb") as f:
+        f.write(real[: len(real) // 2])
+    raise OSError("disk full")
+
+
+def test_interrupted_save_keeps_the_previous_file(saved, setup, monkeypatch):
+    old_twin, path = saved
+    before = open(path, "rb").read()
+    base, experts = setup
+    new_twin = TwinCheckpoint.build(base, experts, rank=1)
+    monkeypatch.setattr(checkpoint, "save_file", _failing_writer)
+    with pytest.raises(OSError, match="disk full"):
+        new_twin.save(path)
+    assert open(path, "rb").read() == before
+    assert os.listdir(os.path.dirname(path)) == ["twin.safetensors"]   # no temp file left
+    assert_twins_equal(old_twin, TwinCheckpoint.load(path))
+    monkeypatch.undo()
+    new_twin.save(path)                                               # a good save replaces it
+    assert_twins_equal(new_twin, TwinCheckpoint.load(path))
+    assert os.listdir(os.path.dirname(path)) == ["twin.safetensors"]
+
+
+def test_interrupted_first_save_leaves_nothing(setup, tmp_path, monkeypatch):
+    base, experts = setup
+    twin = TwinCheckpoint.build(base, experts, rank=1)
+    monkeypatch.setattr(checkpoint, "save_file", _failing_writer)
+    with pytest.raises(OSError, match="disk full"):
+        twin.save(tmp_path / "twin.safetensors")
+    assert os.listdir(tmp_path) == []
+
+
+def test_save_rejects_a_directory(saved, tmp_path):
+    twin, _ = saved
+    with pytest.raises(ValueError, match="is a directory"):
+        twin.save(tmp_path)

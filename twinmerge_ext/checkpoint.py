@@ -1,0 +1,729 @@
+"""The twin checkpoint of Twin-Merging (METHOD.md §1, stage 1): a shared expert plus each task's
+exclusive knowledge, compressed.
+
+`TwinCheckpoint.build` computes the shared expert θs with one of the static merges of
+`twinmerge_ext.merging`, then, per selected floating parameter, the T exclusive deltas
+vt = θt − θs (relative to the SHARED expert, METHOD.md §2). Matrices (every 2-D tensor: Linear
+weights and embeddings alike) are stored as truncated SVD factors, concatenated over the experts
+in the layout the merge ops take:
+
+    U_cat [m, K] = [U1 … UT],  S_cat [K] = [S1 … ST],  V_cat [n, K] = [V1 … VT],  K = Σt rt
+
+so that Σt wt Ut diag(St) Vtᵀ = U_cat diag(w[expert(k)] S_cat[k]) V_catᵀ (`lowrank_merge_`,
+`lowrank_mix_linear`). Every other selected floating parameter (1-D, 0-D, ≥ 3-D, and empty
+matrices) is stored dense as deltas [T, *shape] (`dense_merge_`). Parameters that include/exclude
+do not select, and non-floating tensors, are not twin parameters: they live in the shared state
+only, with the base's values (the rule of `merging`).
+
+Devices and dtypes: the SVDs run on `device` (default: the device of each base tensor) in float32
+(float64 for float64 parameters); every stored tensor (shared state, factors, dense deltas) goes
+back to the device of the shared expert, which is the base's (CPU for a file), in the parameter's
+dtype. `TwinCheckpoint.to(device)` moves a whole twin.
+
+File format (version 1): one .safetensors file holding the tensors `shared/<name>`,
+`lowrank/<name>/U_cat`, `lowrank/<name>/S_cat`, `lowrank/<name>/V_cat` and `dense/<name>/deltas`,
+and in its metadata header a single key `twinmerge` holding JSON:
+
+    {"format_version": 1, "library_version": "0.1.0", "tasks": [...],
+     "shared": {"method": "task_arithmetic", "kwargs": {"scale": 0.3}},
+     "compression": {"rank": null, "rank_ratio": 0.1, "oversample": 10, "n_iter": 2, "seed": 0,
+                     "include": null, "exclude": null},
+     "tensors": {"shared": {name: {"shape": [...], "dtype": "float32"}, ...},
+                 "lowrank": {name: {"shape": [m, n], "dtype": ..., "ranks": [T ints],
+                                    "errors": [T floats]}, ...},
+                 "dense": {name: {"shape": [...], "dtype": ...}, ...}},
+     "router": null}
+"""
+
+import copy
+import inspect
+import json
+import math
+import os
+import secrets
+from contextlib import ExitStack
+from dataclasses import dataclass
+from fractions import Fraction
+from numbers import Integral, Real
+from types import MappingProxyType
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+import twinmerge_ext
+from twinmerge_ext import merging
+from twinmerge_ext.merging import Patterns, StateSource
+from twinmerge_ext.ops import dense_merge_, lowrank_merge_, reconstruct_delta, truncated_svd
+
+__all__ = ["FORMAT_VERSION", "LowRankDelta", "TwinCheckpoint"]
+
+FORMAT_VERSION = 1
+METADATA_KEY = "twinmerge"
+
+_SHARED_METHODS = {
+    "task_arithmetic": merging.task_arithmetic,
+    "ties": merging.ties,
+    "dare": merging.dare,
+    "average": merging.average,
+}
+# Arguments build() passes itself, so shared_kwargs may not carry them.
+_RESERVED_SHARED_KWARGS = ("base", "experts", "include", "exclude", "progress")
+# The merge ops pass expert offsets to their kernels in a fixed-size array (csrc/checks.h,
+# kMaxExperts); refusing more experts here fails before a long build rather than at merge time.
+_MAX_EXPERTS = 256
+
+_DTYPES = {str(d).removeprefix("torch."): d for d in (
+    torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+    torch.int16, torch.int8, torch.uint8, torch.bool)}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True, eq=False)
+class LowRankDelta:
+    """The T experts' compressed deltas of one matrix, factors concatenated over the experts.
+
+    Semantics: Σt wt·v̂t = U_cat diag(w[expert(k)] ⊙ S_cat[k]) V_catᵀ, v̂t = Ut diag(St) Vtᵀ.
+
+    Shape:
+        U_cat: [m, K], S_cat: [K], V_cat: [n, K], all in the parameter's dtype
+        ranks: T ints summing to K; expert t owns columns sum(ranks[:t]) .. sum(ranks[:t+1])
+    """
+
+    U_cat: Tensor
+    S_cat: Tensor
+    V_cat: Tensor
+    ranks: Tuple[int, ...]
+
+    @property
+    def shape(self) -> Tuple[int, int]:
+        """(m, n), the shape of the matrix."""
+        return self.U_cat.shape[0], self.V_cat.shape[0]
+
+    def factors(self, t: int) -> Tuple[Tensor, Tensor, Tensor]:
+        """Expert t's factors (views): Ut [m, rt], St [rt], Vt [n, rt]."""
+        if not 0 <= t < len(self.ranks):
+            raise IndexError(f"LowRankDelta.factors: t must be in [0, {len(self.ranks)}), got {t}")
+        start = sum(self.ranks[:t])
+        r = self.ranks[t]
+        return (self.U_cat[:, start:start + r], self.S_cat[start:start + r],
+                self.V_cat[:, start:start + r])
+
+    def delta(self, t: int) -> Tensor:
+        """v̂t = Ut diag(St) Vtᵀ [m, n], in the parameter's dtype."""
+        return reconstruct_delta(*self.factors(t))
+
+
+# --- build-time argument checks -----------------------------------------------------------------
+
+def _task_names(experts, fn: str) -> List[str]:
+    if not isinstance(experts, Mapping):
+        raise TypeError(f"{fn}: experts must be a mapping task name -> state dict or .safetensors "
+                        f"path (the names are the twin's task names), got "
+                        f"{type(experts).__name__}")
+    names = list(experts.keys())
+    bad = [k for k in names if not isinstance(k, str)]
+    if bad:
+        raise TypeError(f"{fn}: task names (the keys of experts) must be str, got {bad[0]!r} "
+                        f"({type(bad[0]).__name__})")
+    if not names:
+        raise ValueError(f"{fn}: experts must hold at least one expert, got 0")
+    if len(names) > _MAX_EXPERTS:
+        raise ValueError(f"{fn}: at most {_MAX_EXPERTS} experts are supported by the merge ops, "
+                         f"got {len(names)}")
+    return names
+
+
+def _int_arg(value, arg: str, fn: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"{fn}: {arg} must be an int, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{fn}: {arg} must be >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _shared_config(shared: str, shared_kwargs: Optional[Mapping[str, Any]],
+                   fn: str) -> Tuple[Any, Dict[str, Any]]:
+    """The merge function and its effective keyword arguments (defaults filled in, for the
+    metadata), checked to be JSON-serializable before any work is done."""
+    if not isinstance(shared, str) or shared not in _SHARED_METHODS:
+        raise ValueError(f"{fn}: shared must be one of {sorted(_SHARED_METHODS)}, got {shared!r}")
+    if shared_kwargs is None:
+        shared_kwargs = {}
+    if not isinstance(shared_kwargs, Mapping):
+        raise TypeError(f"{fn}: shared_kwargs must be a mapping or None, got "
+                        f"{type(shared_kwargs).__name__}")
+    reserved = sorted(set(shared_kwargs) & set(_RESERVED_SHARED_KWARGS))
+    if reserved:
+        raise TypeError(f"{fn}: shared_kwargs may not set {reserved}: build() passes base, "
+                        f"experts, include, exclude and progress to the shared merge itself")
+    method = _SHARED_METHODS[shared]
+    effective: Dict[str, Any] = {}
+    for p in inspect.signature(method).parameters.values():
+        if p.name not in _RESERVED_SHARED_KWARGS and p.default is not inspect.Parameter.empty:
+            effective[p.name] = p.default
+    if shared == "dare":  # dare's `then` method keeps its defaults in a table, not its signature
+        effective.update(merging._DARE_THEN.get(shared_kwargs.get("then", effective["then"]), {}))
+    effective.update(shared_kwargs)
+    try:
+        json.dumps(effective, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{fn}: shared_kwargs must be JSON-serializable (they are saved in the "
+                        f"checkpoint), got {dict(shared_kwargs)!r}: {e}") from e
+    return method, effective
+
+
+def _pattern_list(patterns: Patterns) -> Optional[List[str]]:
+    """include/exclude as saved: None or a list of regex strings (already validated)."""
+    if patterns is None:
+        return None
+    return [patterns] if isinstance(patterns, str) else list(patterns)
+
+
+def _rank_for(m: int, n: int, rank: Optional[int], rank_ratio: float) -> int:
+    """r = rank, or floor(rank_ratio·min(m, n)) for the ratio as written in decimal (0.29 of 100
+    is 29, where float arithmetic gives 28.999…), clamped to [1, min(m, n)]: a 1×n matrix keeps
+    rank 1 instead of vanishing (METHOD.md §2)."""
+    k = min(m, n)
+    r = rank if rank is not None else math.floor(Fraction(repr(rank_ratio)) * k)
+    return min(max(r, 1), k)
+
+
+def _relative_errors(deltas: Tensor, U: Tensor, S: Tensor, V: Tensor, name: str,
+                     tasks: List[str], fn: str) -> List[float]:
+    """||vt − Ut diag(St) Vtᵀ||_F / ||vt||_F per task, with the factors as stored (in the
+    parameter's dtype), in deltas' dtype. One residual at a time, so that the transient memory
+    is one matrix, not T."""
+    errors = []
+    for t, task in enumerate(tasks):
+        v = deltas[t]
+        v_norm = torch.linalg.norm(v).item()
+        resid = torch.linalg.norm(v - reconstruct_delta(U[t].to(v.dtype), S[t].to(v.dtype),
+                                                        V[t].to(v.dtype))).item()
+        if not (math.isfinite(v_norm) and math.isfinite(resid)):
+            # The delta was checked finite: on CUDA a non-converged SVD returns NaN, not an error.
+            raise ValueError(f"{fn}: parameter {name!r} of task {task!r}: the SVD of a finite "
+                             f"delta is not finite (||v||_F = {v_norm}, ||v − v̂||_F = {resid}); "
+                             f"an overflow in the parameter's dtype?")
+        # A zero delta (the expert equals the shared expert) is reproduced exactly by zero factors.
+        errors.append(resid / v_norm if v_norm > 0 else (0.0 if resid == 0 else math.inf))
+    return errors
+
+
+def _nbytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _fsync_dir(directory: str) -> None:
+    # Makes the rename itself durable. Not possible on every platform (Windows cannot open a
+    # directory), where the rename is still atomic, just not yet flushed.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class TwinCheckpoint:
+    """A shared expert θs and T tasks' exclusive deltas, matrices compressed to low rank.
+
+    Semantics: θ(w) = θs + Σt wt·v̂t, v̂t = Ut diag(St) Vtᵀ ≈ θt − θs for matrices, = θt − θs for
+    dense parameters.
+
+    Create with `build` or `load`. Read-only views:
+        tasks: the T task names, in order (the order of the mixing weights).
+        shared: name -> tensor, θs (every tensor of the model, base's names and order).
+        lowrank: name -> LowRankDelta (U_cat [m, K], S_cat [K], V_cat [n, K], ranks).
+        dense: name -> deltas [T, *shape].
+        metadata: the JSON metadata (a fresh copy), as `save` writes it.
+    """
+
+    def __init__(self, tasks: Sequence[str], shared: Mapping[str, Tensor],
+                 lowrank: Mapping[str, LowRankDelta], dense: Mapping[str, Tensor],
+                 errors: Mapping[str, Sequence[float]], info: Mapping[str, Any]):
+        """Low level: use `build` or `load`. `info` is the metadata without its "tensors"
+        section, which is derived from the tensors and `errors` (name -> T floats)."""
+        self._tasks = list(tasks)
+        self._shared = dict(shared)
+        self._lowrank = dict(lowrank)
+        self._dense = dict(dense)
+        self._errors = {name: [float(e) for e in errs] for name, errs in errors.items()}
+        self._info = copy.deepcopy(dict(info))
+
+    # --- read API -------------------------------------------------------------------------------
+
+    @property
+    def tasks(self) -> List[str]:
+        return list(self._tasks)
+
+    @property
+    def shared(self) -> Mapping[str, Tensor]:
+        return MappingProxyType(self._shared)
+
+    @property
+    def lowrank(self) -> Mapping[str, LowRankDelta]:
+        return MappingProxyType(self._lowrank)
+
+    @property
+    def dense(self) -> Mapping[str, Tensor]:
+        return MappingProxyType(self._dense)
+
+    @property
+    def metadata(self) -> Dict[str, Any]:
+        info = copy.deepcopy(self._info)
+        meta = {key: info.pop(key) for key in ("format_version", "library_version")}
+        meta["tasks"] = list(self._tasks)
+        meta.update((key, info.pop(key)) for key in ("shared", "compression"))
+        meta["tensors"] = {
+            "shared": {name: {"shape": list(t.shape), "dtype": _dtype_name(t.dtype)}
+                       for name, t in self._shared.items()},
+            "lowrank": {name: {"shape": list(self._shared[name].shape),
+                               "dtype": _dtype_name(self._shared[name].dtype),
+                               "ranks": list(lr.ranks), "errors": list(self._errors[name])}
+                        for name, lr in self._lowrank.items()},
+            "dense": {name: {"shape": list(self._shared[name].shape),
+                             "dtype": _dtype_name(self._shared[name].dtype)}
+                      for name in self._dense},
+        }
+        meta["router"] = info.pop("router")
+        meta.update(info)  # keys this version does not know, kept from a loaded file
+        return meta
+
+    def __repr__(self) -> str:
+        return (f"TwinCheckpoint(tasks={self._tasks}, shared={len(self._shared)} tensors, "
+                f"lowrank={len(self._lowrank)} matrices, dense={len(self._dense)} tensors, "
+                f"method={self._info['shared']['method']!r})")
+
+    # --- build ----------------------------------------------------------------------------------
+
+    @classmethod
+    def build(cls, base: StateSource, experts: Mapping[str, StateSource],
+              shared: str = "task_arithmetic", shared_kwargs: Optional[Mapping[str, Any]] = None,
+              rank: Optional[int] = None, rank_ratio: float = 0.1, include: Patterns = None,
+              exclude: Patterns = None, device: Optional[Union[str, torch.device]] = None,
+              oversample: int = 10, n_iter: int = 2, seed: int = 0,
+              progress: bool = False) -> "TwinCheckpoint":
+        """Builds the twin: shared expert, exclusive deltas, low-rank compression.
+
+        Semantics: θs = merging.<shared>(θ0, {θt}); vt = θt − θs per selected floating parameter;
+        2-D vt -> truncated SVD, rank r = clamp(rank or floor(rank_ratio·min(m, n)), 1, min(m, n)).
+
+        Works one parameter at a time: peak memory is the shared model plus one parameter's T
+        deltas (in float32) and their factors. The T deltas of a matrix are decomposed in one
+        batched `truncated_svd` call ([T, m, n]).
+
+        Args:
+            base: θ0, a state dict or a .safetensors path.
+            experts: task name -> θt (a state dict or a .safetensors path); names kept in order.
+            shared: "task_arithmetic", "ties", "dare" or "average".
+            shared_kwargs: keyword arguments of that merge (e.g. {"scale": 0.3}); saved, with
+                the method's defaults filled in, in the metadata.
+            rank: the rank of every matrix (clamped to [1, min(m, n)]); overrides rank_ratio.
+            rank_ratio: in (0, 1]; r = floor(rank_ratio·min(m, n)), at least 1. The paper's
+                "90% sparsity" is 0.1.
+            include, exclude: regexes selecting the twin parameters, as in `merging` (they are
+                also passed to the shared merge: unselected parameters keep the base's values).
+            device: where the SVDs run (default: each base tensor's device); results are stored
+                on the shared expert's (= base's) device.
+            oversample, n_iter, seed: of `truncated_svd` (rank ≥ min(m, n) is exact).
+            progress: tqdm progress bars (the shared merge, then the compression).
+
+        Returns:
+            A TwinCheckpoint with per-matrix relative errors in its metadata.
+
+        Raises:
+            TypeError: experts not a mapping, a non-str task name, shared_kwargs that the method
+                does not take or that are not JSON-serializable, non-int rank/oversample/...
+            ValueError: unknown shared method, no experts, rank < 1, rank_ratio not in (0, 1],
+                a delta with NaN/Inf; and whatever `merging` rejects (missing or extra parameters,
+                shape/dtype mismatches, bad paths, bad regexes).
+        """
+        fn = "TwinCheckpoint.build"
+        tasks = _task_names(experts, fn)
+        method, effective_kwargs = _shared_config(shared, shared_kwargs, fn)
+        if rank is not None:
+            rank = _int_arg(rank, "rank", fn, 1)
+        rank_ratio = merging._real(rank_ratio, "rank_ratio", fn)
+        if not 0.0 < rank_ratio <= 1.0:
+            raise ValueError(f"{fn}: rank_ratio must be in (0, 1], got {rank_ratio!r}")
+        oversample = _int_arg(oversample, "oversample", fn, 0)
+        n_iter = _int_arg(n_iter, "n_iter", fn, 0)
+        seed = _int_arg(seed, "seed", fn, 0)
+        work_device = torch.device(device) if device is not None else None
+        selected = merging._selector(include, exclude, fn)
+
+        shared_sd = method(base=base, experts=experts, include=include, exclude=exclude,
+                           progress=progress, **(shared_kwargs or {}))
+
+        lowrank: Dict[str, LowRankDelta] = {}
+        dense: Dict[str, Tensor] = {}
+        errors: Dict[str, List[float]] = {}
+        T = len(tasks)
+        with ExitStack() as stack:
+            # The shared merge already checked every expert against the base.
+            named = merging._open_experts(experts, fn, stack)
+            for name in merging._progress(list(shared_sd), progress, fn):
+                s = shared_sd[name]
+                if not (s.is_floating_point() and selected(name)):
+                    continue
+                dev = work_device or s.device
+                s_c = s.to(device=dev, dtype=merging._compute_dtype(s.dtype))
+                # Checked here because the CPU SVD fails on NaN/Inf without naming the parameter
+                # and the CUDA one silently returns NaN.
+                if not bool(torch.isfinite(s_c).all()):
+                    raise ValueError(f"{fn}: parameter {name!r}: the shared expert has NaN/Inf "
+                                     f"entries (a NaN/Inf in the base or an expert propagates "
+                                     f"into the {shared} merge)")
+                deltas = torch.empty((T,) + tuple(s.shape), dtype=s_c.dtype, device=dev)
+                for t, (_, _, src) in enumerate(named):
+                    torch.sub(src.get(name).to(device=dev, dtype=s_c.dtype), s_c, out=deltas[t])
+                del s_c
+                finite = torch.isfinite(deltas.reshape(T, s.numel())).all(1).tolist()
+                if not all(finite):
+                    bad = [task for task, ok in zip(tasks, finite) if not ok]
+                    raise ValueError(f"{fn}: parameter {name!r}: the deltas of tasks {bad} have "
+                                     f"NaN/Inf entries")
+                if s.dim() == 2 and s.numel() > 0:
+                    m, n = s.shape
+                    r = _rank_for(m, n, rank, rank_ratio)
+                    U, S, V = truncated_svd(deltas, r, oversample, n_iter, seed)
+                    U, S, V = U.to(s.dtype), S.to(s.dtype), V.to(s.dtype)
+                    errors[name] = _relative_errors(deltas, U, S, V, name, tasks, fn)
+                    # [T, m, r] -> [m, T·r]: expert t's columns are t·r .. (t+1)·r.
+                    lowrank[name] = LowRankDelta(
+                        U_cat=U.permute(1, 0, 2).reshape(m, T * r).to(s.device).contiguous(),
+                        S_cat=S.reshape(T * r).to(s.device).contiguous(),
+                        V_cat=V.permute(1, 0, 2).reshape(n, T * r).to(s.device).contiguous(),
+                        ranks=(r,) * T)
+                else:
+                    dense[name] = deltas.to(device=s.device, dtype=s.dtype)
+                del deltas
+
+        info = {
+            "format_version": FORMAT_VERSION,
+            "library_version": twinmerge_ext.__version__,
+            "shared": {"method": shared, "kwargs": effective_kwargs},
+            "compression": {"rank": rank, "rank_ratio": rank_ratio, "oversample": oversample,
+                            "n_iter": n_iter, "seed": seed, "include": _pattern_list(include),
+                            "exclude": _pattern_list(exclude)},
+            "router": None,
+        }
+        return cls(tasks, shared_sd, lowrank, dense, errors, info)
+
+    # --- use ------------------------------------------------------------------------------------
+
+    def _weights(self, weights, fn: str) -> Tensor:
+        if isinstance(weights, Tensor):
+            w = weights
+            if not w.is_floating_point():
+                raise TypeError(f"{fn}: weights must be a floating tensor, got {w.dtype}")
+        elif isinstance(weights, (list, tuple)):
+            bad = [x for x in weights if isinstance(x, bool) or not isinstance(x, Real)]
+            if bad:
+                raise TypeError(f"{fn}: weights must hold real numbers, got {bad[0]!r}")
+            w = torch.tensor([float(x) for x in weights], dtype=torch.float64)
+        else:
+            raise TypeError(f"{fn}: weights must be a tensor [T] or a list of T floats, got "
+                            f"{type(weights).__name__}")
+        if w.shape != (len(self._tasks),):
+            raise ValueError(f"{fn}: weights must have shape [T={len(self._tasks)}] (one per task "
+                             f"{self._tasks}), got {list(w.shape)}")
+        return w
+
+    def merged_state_dict(self, weights: Union[Tensor, Sequence[float]]) -> Dict[str, Tensor]:
+        """The merged model for one mixing-weight vector.
+
+        Semantics: θ(w) = θs + Σt w[t]·v̂t (non-twin tensors: θs).
+
+        Shape:
+            weights: [T] (a floating tensor, moved to each parameter's device, or a list)
+            returns: a new state dict with the shared expert's names, order, shapes, dtypes and
+                devices; every tensor owns its memory.
+
+        Each parameter is one `lowrank_merge_` or `dense_merge_` call (no loop over experts).
+        """
+        fn = "TwinCheckpoint.merged_state_dict"
+        w = self._weights(weights, fn)
+        on_device: Dict[torch.device, Tensor] = {}
+        out: Dict[str, Tensor] = {}
+        for name, s in self._shared.items():
+            if name not in self._lowrank and name not in self._dense:
+                out[name] = s.clone()
+                continue
+            # The ops write into `out` and reject a non-contiguous one.
+            buf = torch.empty_like(s, memory_format=torch.contiguous_format)
+            wd = on_device.setdefault(s.device, w.to(s.device))
+            if name in self._lowrank:
+                lr = self._lowrank[name]
+                out[name] = lowrank_merge_(buf, s, lr.U_cat, lr.S_cat, lr.V_cat, lr.ranks, wd)
+            else:
+                out[name] = dense_merge_(buf, s, self._dense[name], wd)
+        return out
+
+    def to(self, device: Union[str, torch.device]) -> "TwinCheckpoint":
+        """A copy of the twin with every tensor on `device` (tensors already there are shared)."""
+        lowrank = {name: LowRankDelta(lr.U_cat.to(device), lr.S_cat.to(device),
+                                      lr.V_cat.to(device), lr.ranks)
+                   for name, lr in self._lowrank.items()}
+        return type(self)(self._tasks, {k: v.to(device) for k, v in self._shared.items()},
+                          lowrank, {k: v.to(device) for k, v in self._dense.items()},
+                          self._errors, self._info)
+
+    def report(self) -> Dict[str, Any]:
+        """Compression quality and storage.
+
+        Returns a dict:
+            tasks: the task names.
+            errors: name -> {task: ||vt − v̂t||_F / ||vt||_F} per compressed matrix (computed at
+                build time with the factors as stored; 0 for a zero delta).
+            ranks: name -> the T ranks.
+            storage: bytes of the shared expert (`one_model_bytes`: one full model), of the
+                factors and of the dense deltas; `twin_bytes` (their sum, i.e. θs + Σt rt(m+n+1)
+                elements per matrix + T·numel per dense parameter); `experts_bytes` = T full
+                models; `storage_ratio` = twin_bytes / one_model_bytes; `ratio_vs_experts` =
+                twin_bytes / experts_bytes.
+        """
+        shared_bytes = sum(_nbytes(t) for t in self._shared.values())
+        lowrank_bytes = sum(_nbytes(lr.U_cat) + _nbytes(lr.S_cat) + _nbytes(lr.V_cat)
+                            for lr in self._lowrank.values())
+        dense_bytes = sum(_nbytes(d) for d in self._dense.values())
+        twin_bytes = shared_bytes + lowrank_bytes + dense_bytes
+        experts_bytes = len(self._tasks) * shared_bytes
+        return {
+            "tasks": list(self._tasks),
+            "errors": {name: dict(zip(self._tasks, errs)) for name, errs in self._errors.items()},
+            "ranks": {name: list(lr.ranks) for name, lr in self._lowrank.items()},
+            "storage": {
+                "one_model_bytes": shared_bytes,
+                "lowrank_bytes": lowrank_bytes,
+                "dense_bytes": dense_bytes,
+                "twin_bytes": twin_bytes,
+                "experts_bytes": experts_bytes,
+                "storage_ratio": twin_bytes / shared_bytes if shared_bytes else math.nan,
+                "ratio_vs_experts": twin_bytes / experts_bytes if experts_bytes else math.nan,
+            },
+        }
+
+    # --- save / load ----------------------------------------------------------------------------
+
+    def _file_tensors(self) -> Dict[str, Tensor]:
+        tensors = {f"shared/{name}": t for name, t in self._shared.items()}
+        for name, lr in self._lowrank.items():
+            tensors[f"lowrank/{name}/U_cat"] = lr.U_cat
+            tensors[f"lowrank/{name}/S_cat"] = lr.S_cat
+            tensors[f"lowrank/{name}/V_cat"] = lr.V_cat
+        for name, d in self._dense.items():
+            tensors[f"dense/{name}/deltas"] = d
+        return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Writes the twin to one .safetensors file (layout in the module docstring), atomically.
+
+        The file is written to a temporary file in the same directory, fsynced, then renamed
+        onto `path` (os.replace): a save that fails or is interrupted leaves any previous file at
+        `path` untouched and removes its temporary file.
+
+        Raises:
+            TypeError: path not a str or os.PathLike.
+            ValueError: path is a directory.
+            OSError: from the file system.
+        """
+        fn = "TwinCheckpoint.save"
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"{fn}: path must be a str or os.PathLike, got {type(path).__name__}")
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            raise ValueError(f"{fn}: path {path!r} is a directory")
+        directory = os.path.dirname(os.path.abspath(path))
+        header = {METADATA_KEY: json.dumps(self.metadata)}
+        tensors = self._file_tensors()
+        # Same directory, so os.replace is a rename within one file system (atomic); created
+        # with O_EXCL under an unguessable name, with the umask's permissions like any new file.
+        tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(8)}.tmp")
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        try:
+            save_file(tensors, tmp, metadata=header)
+            with open(tmp, "rb+") as f:
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+            raise
+        _fsync_dir(directory)
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike],
+             device: Optional[Union[str, torch.device]] = None) -> "TwinCheckpoint":
+        """Reads a twin saved by `save`, validating it against its metadata.
+
+        Args:
+            path: the .safetensors file.
+            device: where to put every tensor (default: CPU).
+
+        Raises:
+            TypeError: path not a str or os.PathLike.
+            ValueError (naming the path and the problem): not a file; not a safetensors file or
+                truncated; no `twinmerge` metadata or invalid JSON in it; an unknown format
+                version; malformed metadata; a tensor listed in the metadata missing from the
+                file, or an unexpected extra tensor; a shape or dtype that disagrees with the
+                metadata; ranks whose count is not T or whose sum is not the factors' K.
+        """
+        fn = "TwinCheckpoint.load"
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"{fn}: path must be a str or os.PathLike, got {type(path).__name__}")
+        path = os.fspath(path)
+
+        def bad(msg: str) -> ValueError:
+            return ValueError(f"{fn}: {path!r}: {msg}")
+
+        if not os.path.isfile(path):
+            raise ValueError(f"{fn}: {path!r} is not a file")
+        with ExitStack() as stack:
+            try:
+                f = stack.enter_context(safe_open(path, framework="pt", device="cpu"))
+            except Exception as e:  # SafetensorError: bad header, or data cut short
+                raise bad(f"not a valid safetensors file (truncated or corrupt?): "
+                          f"{type(e).__name__}: {e}") from e
+            raw = (f.metadata() or {}).get(METADATA_KEY)
+            if raw is None:
+                raise bad(f"no {METADATA_KEY!r} metadata in the safetensors header: not a twin "
+                          f"checkpoint")
+            try:
+                meta = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise bad(f"the {METADATA_KEY!r} metadata is not valid JSON: {e}") from e
+            info, tasks, specs = _parse_metadata(meta, bad)
+            expected = {}
+            for name, spec in specs["shared"].items():
+                expected[f"shared/{name}"] = (spec["shape"], spec["dtype"])
+            for name, spec in specs["lowrank"].items():
+                (m, n), K = spec["shape"], sum(spec["ranks"])
+                expected[f"lowrank/{name}/U_cat"] = ([m, K], spec["dtype"])
+                expected[f"lowrank/{name}/S_cat"] = ([K], spec["dtype"])
+                expected[f"lowrank/{name}/V_cat"] = ([n, K], spec["dtype"])
+            for name, spec in specs["dense"].items():
+                expected[f"dense/{name}/deltas"] = ([len(tasks)] + spec["shape"], spec["dtype"])
+            keys = list(f.keys())
+            missing = [k for k in expected if k not in set(keys)]
+            if missing:
+                raise bad(f"tensor {missing[0]!r} is listed in the metadata but missing from the "
+                          f"file" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+            extra = [k for k in keys if k not in expected]
+            if extra:
+                raise bad(f"unexpected tensor {extra[0]!r} not listed in the metadata"
+                          + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+            for name, spec in specs["lowrank"].items():
+                for factor, axis in (("U_cat", 1), ("S_cat", 0), ("V_cat", 1)):
+                    shape = list(f.get_slice(f"lowrank/{name}/{factor}").get_shape())
+                    K = sum(spec["ranks"])
+                    if len(shape) == axis + 1 and shape[axis] != K:
+                        raise bad(f"ranks {spec['ranks']} of {name!r} sum to {K}, but its "
+                                  f"{factor} has K = {shape[axis]} (shape {shape})")
+            tensors = {}
+            for key, (shape, dtype) in expected.items():
+                t = f.get_tensor(key)
+                if list(t.shape) != shape:
+                    raise bad(f"tensor {key!r} has shape {list(t.shape)}, the metadata says "
+                              f"{shape}")
+                if _dtype_name(t.dtype) != dtype:
+                    raise bad(f"tensor {key!r} has dtype {_dtype_name(t.dtype)}, the metadata "
+                              f"says {dtype}")
+                tensors[key] = t if device is None else t.to(device)
+        shared = {name: tensors[f"shared/{name}"] for name in specs["shared"]}
+        lowrank = {name: LowRankDelta(tensors[f"lowrank/{name}/U_cat"],
+                                      tensors[f"lowrank/{name}/S_cat"],
+                                      tensors[f"lowrank/{name}/V_cat"], tuple(spec["ranks"]))
+                   for name, spec in specs["lowrank"].items()}
+        dense = {name: tensors[f"dense/{name}/deltas"] for name in specs["dense"]}
+        errors = {name: spec["errors"] for name, spec in specs["lowrank"].items()}
+        return cls(tasks, shared, lowrank, dense, errors, info)
+
+
+def _parse_metadata(meta: Any, bad) -> Tuple[Dict[str, Any], List[str], Dict[str, Dict]]:
+    """Checks the structure of the JSON metadata; returns (info without tasks and tensors,
+    tasks, tensor specs). `bad(msg)` makes the ValueError that names the file."""
+    if not isinstance(meta, dict):
+        raise bad(f"the {METADATA_KEY!r} metadata must be a JSON object, got "
+                  f"{type(meta).__name__}")
+    version = meta.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise bad(f"the metadata has no integer format_version (got {version!r})")
+    if version != FORMAT_VERSION:
+        raise bad(f"unknown twin checkpoint format version {version}; this library "
+                  f"reads format version {FORMAT_VERSION}")
+    for key, kind in (("library_version", str), ("tasks", list), ("shared", dict),
+                      ("compression", dict), ("tensors", dict)):
+        if not isinstance(meta.get(key), kind):
+            raise bad(f"metadata field {key!r} must be a JSON {kind.__name__}, got "
+                      f"{meta.get(key)!r}")
+    if "router" not in meta or not (meta["router"] is None or isinstance(meta["router"], dict)):
+        raise bad(f"metadata field 'router' must be null or an object, got {meta.get('router')!r}")
+    tasks = meta["tasks"]
+    if not tasks or not all(isinstance(x, str) for x in tasks) or len(set(tasks)) != len(tasks):
+        raise bad(f"metadata field 'tasks' must be a non-empty list of distinct strings, got "
+                  f"{tasks!r}")
+    shared_cfg = meta["shared"]
+    method = shared_cfg.get("method")
+    if not (isinstance(method, str) and method in _SHARED_METHODS
+            and isinstance(shared_cfg.get("kwargs"), dict)):
+        raise bad(f"metadata field 'shared' must name a method in {sorted(_SHARED_METHODS)} and "
+                  f"its kwargs, got {shared_cfg!r}")
+    T = len(tasks)
+    specs: Dict[str, Dict[str, Dict]] = {}
+    for section in ("shared", "lowrank", "dense"):
+        entries = meta["tensors"].get(section)
+        if not isinstance(entries, dict):
+            raise bad(f"metadata field tensors.{section} must be an object, got {entries!r}")
+        specs[section] = {}
+        for name, spec in entries.items():
+            where = f"tensors.{section}[{name!r}]"
+            if not isinstance(spec, dict):
+                raise bad(f"metadata {where} must be an object, got {spec!r}")
+            shape, dtype = spec.get("shape"), spec.get("dtype")
+            if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool)
+                                                    and d >= 0 for d in shape)):
+                raise bad(f"metadata {where} has an invalid shape {shape!r}")
+            if dtype not in _DTYPES:
+                raise bad(f"metadata {where} has an unknown dtype {dtype!r}")
+            if section != "shared":
+                ref = specs["shared"].get(name)
+                if ref is None:
+                    raise bad(f"metadata {where} names a parameter that is not in "
+                              f"tensors.shared")
+                if ref["shape"] != shape or ref["dtype"] != dtype:
+                    raise bad(f"metadata {where} has shape {shape} and dtype {dtype}, but the "
+                              f"shared parameter has {ref['shape']} and {ref['dtype']}")
+            if section == "lowrank":
+                ranks, errors = spec.get("ranks"), spec.get("errors")
+                if len(shape) != 2:
+                    raise bad(f"metadata {where} must be a matrix, got shape {shape}")
+                if not (isinstance(ranks, list) and len(ranks) == T
+                        and all(isinstance(r, int) and not isinstance(r, bool) and r >= 0
+                                for r in ranks)):
+                    raise bad(f"metadata {where} must have ranks: a list of T={T} non-negative "
+                              f"ints, got {ranks!r}")
+                if not (isinstance(errors, list) and len(errors) == T
+                        and all(isinstance(e, (int, float)) and not isinstance(e, bool)
+                                for e in errors)):
+                    raise bad(f"metadata {where} must have errors: a list of T={T} numbers, got "
+                              f"{errors!r}")
+            specs[section][name] = spec
+    overlap = sorted(set(specs["lowrank"]) & set(specs["dense"]))
+    if overlap:
+        raise bad(f"parameter {overlap[0]!r} is listed both as low-rank and as dense")
+    info = {k: v for k, v in meta.items() if k not in ("tasks", "tensors")}
+    return info, list(tasks), specs
