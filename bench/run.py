@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import twinmerge_ext as tm
-from bench.timing import copy_bandwidth, gemm_rate, measure
+from bench.timing import copy_bandwidth, gemm_rate, measure, measure_all
 from twinmerge_ext import reference as ref
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -73,9 +73,8 @@ def bench_merge(m, n, T, r, dtype, device, env):
         return torch.addmm(base, U * (w.index_select(0, index).to(dtype) * S), V.T, out=out)
 
     _check("best plain torch", best_torch(), ref.lowrank_merge(base, U, S, V, ranks, w), dtype)
-    times = {k: measure(fn, device) for k, fn in
-             [("ours", ours), ("a_authors", authors), ("b_per_expert_addmm", per_expert_addmm),
-              ("c_best_torch", best_torch)]}
+    times = measure_all({"ours": ours, "a_authors": authors, "b_per_expert_addmm": per_expert_addmm,
+                         "c_best_torch": best_torch}, device)
     size = base.element_size()
     bytes_moved = size * (2 * m * n + K * (m + n))
     floor_ms = 1e3 * max(bytes_moved / env["copy_bandwidth"], 2 * m * n * K / env["gemm_rate"][str(dtype)])
@@ -99,8 +98,8 @@ def bench_mix(rows_per_b, B, m, n, T, r, dtype, device, env):
         return F.linear(x, W) + ((x @ V) * coef) @ U.T
 
     _check("best plain torch", best_torch(), ref.lowrank_mix_linear(x, W, None, U, S, V, ranks, rw), dtype)
-    times = {k: measure(fn, device) for k, fn in
-             [("ours", ours), ("base_gemm", lambda: F.linear(x, W)), ("c_best_torch", best_torch)]}
+    times = measure_all({"ours": ours, "base_gemm": lambda: F.linear(x, W),
+                         "c_best_torch": best_torch}, device)
     bound_ms = times["base_gemm"].median_ms * (1 + K * (m + n) / (m * n))
     return _row("lowrank_mix_linear", dict(rows=B * rows_per_b, B=B, m=m, n=n, T=T, r=r, K=K,
                                            dtype=str(dtype)), times, bound_ms, err,
@@ -120,10 +119,10 @@ def bench_svd(batch, m, n, r, device, env):
     lowrank = torch.svd_lowrank(A, q=r + 10, niter=2)
     ratio_lowrank = (err(lowrank[0][..., :r], lowrank[1][..., :r], lowrank[2][..., :r]).double()
                      / optimal).max().item()
-    times = {"ours": measure(lambda: tm.truncated_svd(A, r), device, runs=10),
-             "full_svd": measure(lambda: torch.linalg.svd(A, full_matrices=False), device, runs=3,
-                                 min_run_time=0.2),
-             "torch_svd_lowrank": measure(lambda: torch.svd_lowrank(A, q=r + 10, niter=2), device, runs=10)}
+    times = measure_all({"ours": lambda: tm.truncated_svd(A, r),
+                         "full_svd": lambda: torch.linalg.svd(A, full_matrices=False),
+                         "torch_svd_lowrank": lambda: torch.svd_lowrank(A, q=r + 10, niter=2)},
+                        device, rounds=3, runs=3)
     row = _row("truncated_svd", dict(batch=batch, m=m, n=n, r=r), times, None, None)
     row.update(error_ratio=ratio, error_ratio_svd_lowrank=ratio_lowrank)
     return row

@@ -3,7 +3,7 @@ torch.utils.benchmark on CPU. Every result is a Timing with the median and the s
 
 import dataclasses
 import statistics
-from typing import Callable
+from typing import Callable, Dict
 
 import torch
 import torch.utils.benchmark as tb
@@ -32,13 +32,12 @@ def _flush_l2(device):
     _flush_buffers[device].zero_()
 
 
-def measure(fn: Callable[[], object], device="cpu", warmup: int = 5, runs: int = 50,
-            min_run_time: float = 0.5) -> Timing:
-    """Times fn() on `device`: median and 10th/90th percentiles in milliseconds."""
-    device = torch.device(device)
+def _times(fn: Callable[[], object], device: torch.device, warmup: int, runs: int,
+           min_run_time: float):
+    """Raw per-call times in milliseconds."""
+    for _ in range(warmup):
+        fn()
     if device.type == "cuda":
-        for _ in range(warmup):
-            fn()
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(runs)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(runs)]
         for start, end in zip(starts, ends):
@@ -47,15 +46,36 @@ def measure(fn: Callable[[], object], device="cpu", warmup: int = 5, runs: int =
             fn()
             end.record()
         torch.cuda.synchronize(device)
-        times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
-    else:
-        for _ in range(warmup):
-            fn()
-        m = tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-        result = m.blocked_autorange(min_run_time=min_run_time)
-        times = sorted(t * 1e3 for t in result.times)
+        return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+    m = tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return [t * 1e3 for t in m.blocked_autorange(min_run_time=min_run_time).times]
+
+
+def _summary(times) -> Timing:
+    times = sorted(times)
     q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
     return Timing(statistics.median(times), q[0], q[-1], len(times))
+
+
+def measure(fn: Callable[[], object], device="cpu", warmup: int = 5, runs: int = 50,
+            min_run_time: float = 0.5) -> Timing:
+    """Times fn() on `device`: median and 10th/90th percentiles in milliseconds."""
+    return _summary(_times(fn, torch.device(device), warmup, runs, min_run_time))
+
+
+def measure_all(fns: Dict[str, Callable[[], object]], device="cpu", rounds: int = 7,
+                runs: int = 20, min_run_time: float = 0.1) -> Dict[str, Timing]:
+    """Times several implementations of one thing in interleaved rounds (a, b, c, a, b, c, ...),
+    so that drift of the clock or of neighbouring load hits all of them alike; the ratios
+    between them are what the benchmarks report."""
+    device = torch.device(device)
+    raw = {name: [] for name in fns}
+    for name, fn in fns.items():
+        _times(fn, device, warmup=3, runs=1, min_run_time=0.0)
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            raw[name] += _times(fn, device, 0, runs, min_run_time)
+    return {name: _summary(times) for name, times in raw.items()}
 
 
 def copy_bandwidth(device="cpu", nbytes: int = 256 << 20) -> float:
