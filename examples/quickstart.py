@@ -4,19 +4,22 @@ Four experts are fine-tuned from one base MLP on four different classification t
 merged (1) statically by task arithmetic and (2) by Twin-Merging: a shared expert plus each
 expert's exclusive knowledge compressed by truncated SVD, mixed per input. A mixed batch with
 inputs of every task is served two exact ways: factored (each row mixes in activation space with
-lowrank_mix_linear) and materialized (lowrank_merge_ into a preallocated weight buffer per task).
+lowrank_mix_linear) and materialized (lowrank_merge_ into one merged model per task).
 
 The mixing weights here are one-hot on each input's true task: the router that predicts them
 (twinmerge_ext issue #4) is not part of this example, so the Twin rows show what exact per-input
 merging recovers, not router accuracy.
 """
 
+import os
+import tempfile
 import time
 
 import torch
 import torch.nn.functional as F
 
 import twinmerge_ext as tm
+from twinmerge_ext import TwinCheckpoint
 
 torch.manual_seed(0)
 T, D, H, C, N = 4, 32, 64, 6, 4000  # tasks, input dim, hidden, classes, examples per task
@@ -59,20 +62,22 @@ start = time.perf_counter()
 experts = [finetune(base, x, y) for x, y in train]
 print(f"fine-tuned {T} experts in {time.perf_counter() - start:.1f}s")
 
-# Stage 1: shared expert by task arithmetic; exclusive knowledge v_t = θ_t − θ_s, compressed.
-lam, rank = 0.3, 16
-shared = {k: base[k] + lam * sum(e[k] - base[k] for e in experts) for k in base}
-twin = {}
-for name in LAYERS:
-    w = f"{name}.weight"
-    deltas = torch.stack([e[w] - shared[w] for e in experts])  # [T, m, n]
-    U, S, V = tm.truncated_svd(deltas, rank)                     # batched over the T experts
-    err = (tm.reconstruct_delta(U, S, V) - deltas).norm() / deltas.norm()
-    print(f"{w}: {tuple(deltas.shape[1:])} -> rank {S.shape[-1]} per expert, "
-          f"relative reconstruction error {err:.3f}")
-    twin[name] = dict(U=torch.cat(list(U), 1), S=torch.cat(list(S)), V=torch.cat(list(V), 1),
-                      ranks=[S.shape[-1]] * T,
-                      bias_deltas=torch.stack([e[f"{name}.bias"] - shared[f"{name}.bias"] for e in experts]))
+# Stage 1 (offline): shared expert by task arithmetic, exclusive knowledge v_t = θ_t − θ_s,
+# matrices compressed by truncated SVD, saved and loaded back as one checkpoint.
+lam, rank = 0.3, 8
+names = [f"task{t}" for t in range(T)]
+twin = TwinCheckpoint.build(base, dict(zip(names, experts)), shared="task_arithmetic",
+                            shared_kwargs={"scale": lam}, rank=rank)
+with tempfile.TemporaryDirectory() as tmp:
+    twin.save(os.path.join(tmp, "twin.safetensors"))
+    twin = TwinCheckpoint.load(os.path.join(tmp, "twin.safetensors"))
+report = twin.report()
+for name, errors in report["errors"].items():
+    print(f"{name}: {tuple(twin.shared[name].shape)} -> rank {report['ranks'][name][0]} per expert, "
+          f"relative reconstruction error {max(errors.values()):.3f} (worst task)")
+print(f"twin checkpoint: {report['storage']['storage_ratio']:.2f}x one model "
+      f"(the {T} experts: {T}x)")
+shared = twin.shared
 
 # Stage 2: a shuffled batch mixing all tasks; each row carries its own mixing weights.
 x = torch.cat([x for x, _ in test])
@@ -86,26 +91,19 @@ row_weights = F.one_hot(task_of, T).float()
 def twin_factored(x, row_weights):
     h = x
     for i, name in enumerate(LAYERS):
-        tw = twin[name]
-        h = tm.lowrank_mix_linear(h, shared[f"{name}.weight"], shared[f"{name}.bias"], tw["U"], tw["S"],
-                                  tw["V"], tw["ranks"], row_weights)
-        h = h + row_weights @ tw["bias_deltas"]  # biases are merged too, per row
+        lr = twin.lowrank[f"{name}.weight"]
+        h = tm.lowrank_mix_linear(h, shared[f"{name}.weight"], shared[f"{name}.bias"], lr.U_cat,
+                                  lr.S_cat, lr.V_cat, lr.ranks, row_weights)
+        h = h + row_weights @ twin.dense[f"{name}.bias"]  # biases are merged too, per row
         h = F.relu(h) if i == 0 else h
     return h
 
 
 def twin_materialized(x, task_of):
-    buffers = {k: torch.empty_like(v) for k, v in shared.items()}  # allocated once
     out = torch.empty(len(x), C)
-    for t in range(T):
-        w = F.one_hot(torch.tensor(t), T).float()
-        for name in LAYERS:
-            tw = twin[name]
-            tm.lowrank_merge_(buffers[f"{name}.weight"], shared[f"{name}.weight"], tw["U"], tw["S"],
-                              tw["V"], tw["ranks"], w)
-            tm.dense_merge_(buffers[f"{name}.bias"], shared[f"{name}.bias"], tw["bias_deltas"], w)
+    for t in range(T):  # one merged model per task present in the batch (lowrank_merge_ inside)
         rows = task_of == t
-        out[rows] = forward(buffers, x[rows])
+        out[rows] = forward(twin.merged_state_dict(F.one_hot(torch.tensor(t), T).float()), x[rows])
     return out
 
 
