@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import twinmerge_ext as tm
-from bench.timing import copy_bandwidth, gemm_rate, measure, measure_all
+from bench.timing import copy_bandwidth, gemm_rate, measure_all
 from twinmerge_ext import reference as ref
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -7,7 +7,7 @@ from torch.library import opcheck
 import twinmerge_ext as tm
 from twinmerge_ext import reference as ref
 
-from conftest import DEVICES, HAS_CUDA, RTOL, assert_close
+from conftest import DEVICES, RTOL, assert_close
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 RANKS = {1: [4], 3: [2, 0, 5], 8: [1, 3, 2, 4, 1, 2, 3, 1]}

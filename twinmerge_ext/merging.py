@@ -280,6 +280,33 @@ def _task_arithmetic_delta(taus: Iterable[Tensor], like: Tensor) -> Tensor:
     return total
 
 
+Combine = Callable[[Iterable[Tensor], Tensor], Tensor]
+
+
+def _sum_combine(scale: float) -> Combine:
+    return lambda taus, b: scale * _task_arithmetic_delta(taus, b)
+
+
+def _ties_combine(density: float, scale: float) -> Combine:
+    return lambda taus, b: scale * _ties_merge(torch.stack([_trim(tau, density) for tau in taus]))
+
+
+def _merge_task_vectors(fn: str, base: StateSource, experts: Experts, include: Patterns,
+                        exclude: Patterns, progress: bool, combine: Combine,
+                        transform: Callable[[str, str, Tensor], Tensor] = lambda n, k, tau: tau,
+                        ) -> Dict[str, Tensor]:
+    """θ = θ0 + combine(τ1..τT) per selected parameter, with τt = transform(name, key, θt − θ0)."""
+    with ExitStack() as stack:
+        ref = _Source(base, "base", fn, stack)
+        named = _open_experts(experts, fn, stack)
+
+        def merge(name: str, b: Tensor) -> Tensor:
+            taus = (transform(name, key, e - b) for key, e in _expert_tensors(name, b, named))
+            return b + combine(taus, b)
+
+        return _merge_per_tensor(fn, ref, named, include, exclude, progress, merge)
+
+
 def task_arithmetic(base: StateSource, experts: Experts, scale: float = 0.3, *,
                     include: Patterns = None, exclude: Patterns = None,
                     progress: bool = False) -> Dict[str, Tensor]:
@@ -306,16 +333,8 @@ def task_arithmetic(base: StateSource, experts: Experts, scale: float = 0.3, *,
             file; an invalid regex.
     """
     fn = "task_arithmetic"
-    scale = _real(scale, "scale", fn)
-    with ExitStack() as stack:
-        ref = _Source(base, "base", fn, stack)
-        named = _open_experts(experts, fn, stack)
-
-        def merge(name: str, b: Tensor) -> Tensor:
-            taus = (e - b for _, e in _expert_tensors(name, b, named))
-            return b + scale * _task_arithmetic_delta(taus, b)
-
-        return _merge_per_tensor(fn, ref, named, include, exclude, progress, merge)
+    combine = _sum_combine(_real(scale, "scale", fn))
+    return _merge_task_vectors(fn, base, experts, include, exclude, progress, combine)
 
 
 def ties(base: StateSource, experts: Experts, density: float = 0.2, scale: float = 1.0, *,
@@ -345,17 +364,8 @@ def ties(base: StateSource, experts: Experts, density: float = 0.2, scale: float
         TypeError, ValueError: as in task_arithmetic; ValueError if density is not in (0, 1].
     """
     fn = "ties"
-    density = _density(density, fn)
-    scale = _real(scale, "scale", fn)
-    with ExitStack() as stack:
-        ref = _Source(base, "base", fn, stack)
-        named = _open_experts(experts, fn, stack)
-
-        def merge(name: str, b: Tensor) -> Tensor:
-            taus = (e - b for _, e in _expert_tensors(name, b, named))
-            return b + scale * _ties_merge(torch.stack([_trim(tau, density) for tau in taus]))
-
-        return _merge_per_tensor(fn, ref, named, include, exclude, progress, merge)
+    combine = _ties_combine(_density(density, fn), _real(scale, "scale", fn))
+    return _merge_task_vectors(fn, base, experts, include, exclude, progress, combine)
 
 
 _DARE_THEN = {"task_arithmetic": {"scale": 0.3}, "ties": {"density": 0.2, "scale": 1.0}}
@@ -406,19 +416,10 @@ def dare(base: StateSource, experts: Experts, drop_rate: float, seed: int,
                         f"{unknown}")
     kwargs = {**_DARE_THEN[then], **then_kwargs}
     scale = _real(kwargs["scale"], "scale", fn)
-    density = _density(kwargs["density"], fn) if then == "ties" else 1.0
-    with ExitStack() as stack:
-        ref = _Source(base, "base", fn, stack)
-        named = _open_experts(experts, fn, stack)
-
-        def merge(name: str, b: Tensor) -> Tensor:
-            taus = (_dare_drop(e - b, name, key, seed, drop_rate)
-                    for key, e in _expert_tensors(name, b, named))
-            if then == "ties":
-                return b + scale * _ties_merge(torch.stack([_trim(t, density) for t in taus]))
-            return b + scale * _task_arithmetic_delta(taus, b)
-
-        return _merge_per_tensor(fn, ref, named, include, exclude, progress, merge)
+    combine = (_ties_combine(_density(kwargs["density"], fn), scale) if then == "ties"
+               else _sum_combine(scale))
+    return _merge_task_vectors(fn, base, experts, include, exclude, progress, combine,
+                               lambda name, key, tau: _dare_drop(tau, name, key, seed, drop_rate))
 
 
 def average(experts: Experts, base: Optional[StateSource] = None, *, include: Patterns = None,
