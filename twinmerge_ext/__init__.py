@@ -2,6 +2,7 @@
 
 from twinmerge_ext import merging
 from twinmerge_ext.checkpoint import LowRankDelta, TwinCheckpoint
+from twinmerge_ext.router import TwinRouter, fit_router, pooled_features
 from twinmerge_ext.ops import (
     dense_merge_,
     lowrank_merge_,
@@ -15,6 +16,9 @@ __version__ = "0.1.0"
 __all__ = [
     "LowRankDelta",
     "TwinCheckpoint",
+    "TwinRouter",
+    "fit_router",
+    "pooled_features",
     "merging",
     "dense_merge_",
     "lowrank_merge_",

@@ -1,0 +1,439 @@
+"""The Twin-Merging router (METHOD.md §1, Stage 2): which experts an input needs, and how much.
+
+- `TwinRouter`: the authors' MLP over pooled features of the shared expert, T logits per input.
+  `weights()` turns them into mixing weights `w(x) = softmax(router(x) / temperature)`, with an
+  optional top-k renormalization (the paper uses temperature 1 and no top-k).
+- `pooled_features`: the router's input, the shared expert's hidden states of one layer pooled
+  over the real (non-padding) tokens of each sequence.
+- `fit_router`: trains the router with cross-entropy on task ids and selects the epoch on a
+  held-out validation split of the given data. The authors' code selects it on the test set
+  (METHOD.md §2); this module never sees a test set.
+"""
+
+import copy
+import math
+from numbers import Integral, Real
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["TwinRouter", "fit_router", "pooled_features"]
+
+_POOLINGS = ("mean", "cls", "last")
+_CONFIG_KEYS = ("in_features", "tasks", "hidden", "dropout", "negative_slope")
+
+
+def _int_arg(value, arg: str, fn: str, minimum: Optional[int]) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"{fn}: {arg} must be an int, got {value!r} ({type(value).__name__})")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{fn}: {arg} must be >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _real_arg(value, arg: str, fn: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{fn}: {arg} must be a real number, got {value!r} "
+                        f"({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{fn}: {arg} must be finite, got {value!r}")
+    return value
+
+
+def _task_list(tasks, fn: str) -> List[str]:
+    tasks = list(tasks)
+    bad = [t for t in tasks if not isinstance(t, str)]
+    if bad:
+        raise TypeError(f"{fn}: task names must be str, got {bad[0]!r} ({type(bad[0]).__name__})")
+    if len(set(tasks)) != len(tasks):
+        raise ValueError(f"{fn}: task names must be unique, got {tasks!r}")
+    return tasks
+
+
+class TwinRouter(nn.Module):
+    """The router MLP of METHOD.md §1: pooled features -> one logit per task.
+
+    Semantics: logits = L3(drop(act(bn2(L2(drop(act(bn1(L1(x))))))))), act = LeakyReLU.
+    Shape: features [B, in_features] (floating) -> logits [B, T], T = len(tasks).
+
+    Args:
+        in_features: d, the width of the pooled features.
+        tasks: the task names, in logit order (logit t scores task tasks[t]).
+        hidden: h, the width of both hidden layers; None -> 2·d (the authors' size).
+        dropout: p of both Dropout layers, in [0, 1).
+        negative_slope: of both LeakyReLUs (0.01 as in the authors' code).
+
+    BatchNorm1d makes the output depend on the batch in training mode; call `.eval()` (as
+    `fit_router` and `from_config` return it) before routing inputs.
+    Errors: TypeError/ValueError naming the argument and its value.
+    """
+
+    def __init__(self, in_features: int, tasks: Sequence[str], hidden: Optional[int] = None,
+                 dropout: float = 0.5, negative_slope: float = 0.01):
+        super().__init__()
+        fn = "TwinRouter"
+        in_features = _int_arg(in_features, "in_features", fn, 1)
+        tasks = _task_list(tasks, fn)
+        if not tasks:
+            raise ValueError(f"{fn}: tasks must name at least one task, got []")
+        hidden = 2 * in_features if hidden is None else _int_arg(hidden, "hidden", fn, 1)
+        dropout = _real_arg(dropout, "dropout", fn)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"{fn}: dropout must be in [0, 1), got {dropout!r}")
+        negative_slope = _real_arg(negative_slope, "negative_slope", fn)
+
+        self.in_features = in_features
+        self.tasks = tasks
+        self.hidden = hidden
+        self.dropout = dropout
+        self.negative_slope = negative_slope
+        self.net = nn.Sequential(
+            nn.Linear(in_features, hidden), nn.BatchNorm1d(hidden),
+            nn.LeakyReLU(negative_slope), nn.Dropout(dropout),
+            nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden),
+            nn.LeakyReLU(negative_slope), nn.Dropout(dropout),
+            nn.Linear(hidden, len(tasks)),
+        )
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    def _check_features(self, features: Tensor, fn: str) -> None:
+        if not isinstance(features, Tensor):
+            raise TypeError(f"{fn}: features must be a Tensor, got {type(features).__name__}")
+        if features.dim() != 2 or features.shape[1] != self.in_features:
+            raise ValueError(f"{fn}: features must have shape [B, {self.in_features}], "
+                             f"got {list(features.shape)}")
+        if not features.is_floating_point():
+            raise TypeError(f"{fn}: features must be floating point, got {features.dtype}")
+
+    def forward(self, features: Tensor) -> Tensor:
+        """Semantics: logits[b, t] = router score of task t for input b.
+        Shape: features [B, d] -> logits [B, T], in the router's dtype.
+        """
+        self._check_features(features, "TwinRouter.forward")
+        weight = self.net[0].weight
+        return self.net(features.to(device=weight.device, dtype=weight.dtype))
+
+    def weights(self, features: Tensor, temperature: float = 1.0,
+                top_k: Optional[int] = None) -> Tensor:
+        """Mixing weights for the experts.
+
+        Semantics: w = softmax(logits / temperature); with top_k, w[b, t] = 0 outside the k
+        largest logits of row b and the rest renormalized to sum 1 (= softmax over those k).
+        Shape: features [B, d] -> w [B, T], rows sum to 1.
+        Errors: ValueError for temperature <= 0 or top_k outside [1, T].
+        """
+        fn = "TwinRouter.weights"
+        temperature = _real_arg(temperature, "temperature", fn)
+        if temperature <= 0:
+            raise ValueError(f"{fn}: temperature must be > 0, got {temperature!r}")
+        if top_k is not None:
+            top_k = _int_arg(top_k, "top_k", fn, 1)
+            if top_k > self.num_tasks:
+                raise ValueError(f"{fn}: top_k must be in [1, T={self.num_tasks}], got {top_k}")
+        logits = self(features) / temperature
+        if top_k is None or top_k == self.num_tasks:
+            return torch.softmax(logits, dim=-1)
+        # Renormalizing the softmax over the kept entries is exactly a softmax over their
+        # logits; computing it that way avoids dividing by a tiny sum of probabilities.
+        top, idx = logits.topk(top_k, dim=-1)
+        return torch.zeros_like(logits).scatter(-1, idx, torch.softmax(top, dim=-1))
+
+    def config(self) -> Dict[str, Any]:
+        """The constructor arguments as a JSON-serializable dict (for checkpoints)."""
+        return {"in_features": self.in_features, "tasks": list(self.tasks), "hidden": self.hidden,
+                "dropout": self.dropout, "negative_slope": self.negative_slope}
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any],
+                    state_dict: Optional[Mapping[str, Tensor]] = None) -> "TwinRouter":
+        """Rebuilds a router from `config()` and (optionally) its `state_dict()`, in eval mode.
+
+        Errors: ValueError for missing or unknown config keys; load_state_dict's RuntimeError for
+        a state dict that does not fit (strict loading).
+        """
+        fn = "TwinRouter.from_config"
+        if not isinstance(cfg, Mapping):
+            raise TypeError(f"{fn}: cfg must be a mapping, got {type(cfg).__name__}")
+        missing = [k for k in ("in_features", "tasks") if k not in cfg]
+        unknown = sorted(set(cfg) - set(_CONFIG_KEYS))
+        if missing or unknown:
+            raise ValueError(f"{fn}: cfg is missing keys {missing} / has unknown keys {unknown}; "
+                             f"expected keys {list(_CONFIG_KEYS)}")
+        router = cls(**dict(cfg))
+        if state_dict is not None:
+            router.load_state_dict(state_dict, strict=True)
+        return router.eval()
+
+
+def _describe(x) -> str:
+    if isinstance(x, Tensor):
+        return f"{list(x.shape)} {x.dtype}"
+    return type(x).__name__
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def pooled_features(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                    layer: int = -1, pooling: str = "mean") -> Tensor:
+    """The router's input: one layer of a transformers model's hidden states, pooled per sequence.
+
+    Semantics (mean): f[b] = Σ_l m[b,l]·H[b,l,:] / Σ_l m[b,l], H = hidden_states[layer];
+    "cls": H at the first non-padding token; "last": H at the last non-padding token.
+    Shape: input_ids [B, L] (int), attention_mask [B, L] (0 = padding) -> f [B, d], float32.
+
+    `model` is any module whose forward takes input_ids, attention_mask and
+    output_hidden_states=True and returns `hidden_states` (index 0 = embeddings, -1 = last layer).
+    It runs under torch.no_grad and in eval mode (its dropout would make features random); each
+    submodule's train/eval flag is restored afterwards. Inputs are moved to the model's device.
+    Errors: ValueError for bad shapes, an unknown pooling, a layer out of range, or rows whose
+    mask is all zero (named).
+    """
+    fn = "pooled_features"
+    if pooling not in _POOLINGS:
+        raise ValueError(f"{fn}: pooling must be one of {list(_POOLINGS)}, got {pooling!r}")
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
+        raise ValueError(f"{fn}: input_ids must be a 2-D tensor [B, L], got "
+                         f"{_describe(input_ids)}")
+    if not isinstance(attention_mask, Tensor) or attention_mask.shape != input_ids.shape:
+        raise ValueError(f"{fn}: attention_mask must be a tensor of input_ids' shape "
+                         f"{list(input_ids.shape)}, got "
+                         f"{_describe(attention_mask)}")
+    layer = _int_arg(layer, "layer", fn, None)
+    mask = attention_mask != 0
+    empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"{fn}: attention_mask rows {empty} have no non-padding token; "
+                         "there is nothing to pool")
+
+    device = _model_device(model)
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                        output_hidden_states=True)
+    finally:
+        for m, training in flags:
+            m.training = training
+    if isinstance(out, Mapping):
+        hidden_states = out.get("hidden_states")
+    else:
+        hidden_states = getattr(out, "hidden_states", None)
+    if hidden_states is None:
+        raise ValueError(f"{fn}: the model's output has no hidden_states "
+                         f"(got {type(out).__name__}); it must honour output_hidden_states=True")
+    n = len(hidden_states)
+    if not -n <= layer < n:
+        raise ValueError(f"{fn}: layer must be in [{-n}, {n}) for {n} hidden states, got {layer}")
+    h = hidden_states[layer].float()
+    mask = mask.to(h.device)
+    if pooling == "mean":
+        m = mask.to(h.dtype).unsqueeze(-1)
+        return (h * m).sum(dim=1) / m.sum(dim=1)
+    positions = torch.arange(mask.shape[1], device=h.device).expand_as(mask)
+    if pooling == "cls":
+        # The first real token, so left-padded batches pool the same token as right-padded ones.
+        idx = torch.where(mask, positions, mask.shape[1]).min(dim=1).values
+    else:
+        idx = torch.where(mask, positions, -1).max(dim=1).values
+    return h[torch.arange(h.shape[0], device=h.device), idx]
+
+
+def _task_features(extract: Callable[[Any], Tensor], batches: Iterable[Any], task: str,
+                   limit: int, fn: str) -> Tensor:
+    chunks, count = [], 0
+    for batch in batches:
+        f = extract(batch)
+        if not isinstance(f, Tensor) or f.dim() != 2 or not f.is_floating_point():
+            raise ValueError(f"{fn}: features of task {task!r} must be a floating 2-D tensor "
+                             f"[b, d], got {_describe(f)}")
+        chunks.append(f.detach())
+        count += f.shape[0]
+        # Features cost a forward pass of the shared model: stop once there are enough.
+        if count >= limit:
+            break
+    if not chunks:
+        return torch.empty(0, 0)
+    if len({c.shape[1] for c in chunks}) != 1:
+        raise ValueError(f"{fn}: features of task {task!r} have varying widths "
+                         f"{sorted({c.shape[1] for c in chunks})}")
+    return torch.cat([c.to(chunks[0].device) for c in chunks])[:limit]
+
+
+def fit_router(features_fn_or_model: Union[nn.Module, Callable[[Any], Tensor]],
+               data: Mapping[str, Iterable[Any]], epochs: int = 10, lr: float = 5e-4,
+               weight_decay: float = 0.01, batch_size: int = 64, val_fraction: float = 0.2,
+               hidden: Optional[int] = None, dropout: float = 0.5, seed: int = 0,
+               max_items_per_task: int = 1000, device: Optional[Union[str, torch.device]] = None,
+               progress: bool = False, layer: int = -1,
+               pooling: str = "mean") -> Tuple[TwinRouter, Dict[str, Any]]:
+    """Trains a `TwinRouter` to predict each input's task; selects the epoch on held-out data.
+
+    Semantics: minimize CE(router(f(x)), task(x)) with AdamW over the train split; return the
+    state after the epoch of highest validation accuracy (ties -> the earliest epoch).
+    Shape: features f(x) [b, d] per batch; the router maps [B, d] -> [B, T], T = len(data).
+
+    Features: if `features_fn_or_model` is an nn.Module and a batch is a mapping with
+    "input_ids" and "attention_mask", f = pooled_features(model, ..., layer, pooling) (the shared
+    expert stays frozen); otherwise f = features_fn_or_model(batch). Features are computed once.
+    Data: task name -> iterable of batches; the task order gives the logit order. Batches are
+    read until max_items_per_task items are featurized; every task is then subsampled (seeded)
+    to the same count, min over tasks of min(items, max_items_per_task), so classes are
+    balanced. Each task's items are split (seeded, stratified) into round(n·val_fraction)
+    validation and the rest training items.
+    Determinism: the same seed, data and device give the same router; shuffles and splits use a
+    private torch.Generator, and init/dropout run inside torch.random.fork_rng, so the global
+    RNG state is untouched.
+    device: where the router trains; None -> where the features were computed.
+
+    Returns (router in eval mode, report) with report = {"tasks", "best_epoch" (0-based index
+    into the per-epoch lists), "val_accuracy" (at best_epoch), "val_accuracy_per_task",
+    "train_loss" (mean per epoch), "val_accuracy_per_epoch", "n_train", "n_val",
+    "n_items_per_task"}.
+    Errors: ValueError for fewer than 2 tasks, a task too small for non-empty train and
+    validation splits (named), or bad hyper-parameters (named, with the value); TypeError for
+    wrongly typed arguments.
+    """
+    fn = "fit_router"
+    if not isinstance(data, Mapping):
+        raise TypeError(f"{fn}: data must be a mapping task name -> iterable of batches, "
+                        f"got {type(data).__name__}")
+    tasks = _task_list(data.keys(), fn)
+    if len(tasks) < 2:
+        raise ValueError(f"{fn}: data must hold at least 2 tasks to route between, got {tasks!r}")
+    epochs = _int_arg(epochs, "epochs", fn, 1)
+    batch_size = _int_arg(batch_size, "batch_size", fn, 2)
+    max_items_per_task = _int_arg(max_items_per_task, "max_items_per_task", fn, 2)
+    seed = _int_arg(seed, "seed", fn, 0)
+    lr = _real_arg(lr, "lr", fn)
+    if lr <= 0:
+        raise ValueError(f"{fn}: lr must be > 0, got {lr!r}")
+    weight_decay = _real_arg(weight_decay, "weight_decay", fn)
+    if weight_decay < 0:
+        raise ValueError(f"{fn}: weight_decay must be >= 0, got {weight_decay!r}")
+    val_fraction = _real_arg(val_fraction, "val_fraction", fn)
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"{fn}: val_fraction must be in (0, 1), got {val_fraction!r}")
+    if hidden is not None:
+        _int_arg(hidden, "hidden", fn, 1)
+    dropout = _real_arg(dropout, "dropout", fn)
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{fn}: dropout must be in [0, 1), got {dropout!r}")
+    if pooling not in _POOLINGS:
+        raise ValueError(f"{fn}: pooling must be one of {list(_POOLINGS)}, got {pooling!r}")
+    if not callable(features_fn_or_model):
+        raise TypeError(f"{fn}: features_fn_or_model must be an nn.Module or a callable, "
+                        f"got {type(features_fn_or_model).__name__}")
+
+    def extract(batch):
+        if (isinstance(features_fn_or_model, nn.Module) and isinstance(batch, Mapping)
+                and "input_ids" in batch and "attention_mask" in batch):
+            return pooled_features(features_fn_or_model, batch["input_ids"],
+                                   batch["attention_mask"], layer=layer, pooling=pooling)
+        with torch.no_grad():
+            return features_fn_or_model(batch)
+
+    feats = {t: _task_features(extract, data[t], t, max_items_per_task, fn) for t in tasks}
+    for t in tasks:
+        n = feats[t].shape[0]
+        n_val = round(n * val_fraction)
+        if n_val < 1 or n - n_val < 1:
+            raise ValueError(f"{fn}: task {t!r} has {n} items, too few for non-empty train and "
+                             f"validation splits at val_fraction={val_fraction} "
+                             f"(round({n}·{val_fraction}) = {n_val} validation items)")
+    widths = {t: feats[t].shape[1] for t in tasks}
+    if len(set(widths.values())) != 1:
+        raise ValueError(f"{fn}: all tasks must give features of one width, got {widths}")
+    d = widths[tasks[0]]
+    device = torch.device(device) if device is not None else feats[tasks[0]].device
+
+    g = torch.Generator().manual_seed(seed)
+    n_per_task = min(f.shape[0] for f in feats.values())
+    n_val = round(n_per_task * val_fraction)
+    x_tr, y_tr, x_va, y_va = [], [], [], []
+    for i, t in enumerate(tasks):
+        f = feats[t].to(device=device, dtype=torch.float32)
+        perm = torch.randperm(f.shape[0], generator=g)[:n_per_task].to(device)
+        x_va.append(f[perm[:n_val]])
+        x_tr.append(f[perm[n_val:]])
+        y_va.append(torch.full((n_val,), i, dtype=torch.long, device=device))
+        y_tr.append(torch.full((n_per_task - n_val,), i, dtype=torch.long, device=device))
+    x_tr, y_tr, x_va, y_va = (torch.cat(v) for v in (x_tr, y_tr, x_va, y_va))
+    n_train = x_tr.shape[0]
+
+    fork_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    train_loss, val_acc_per_epoch = [], []
+    best_epoch, best_state, best_per_task = 0, None, None
+    with torch.random.fork_rng(devices=fork_devices):
+        # Seed only the generators that fork_rng restores (torch.manual_seed would also reseed
+        # every other GPU's generator, which fork_rng does not save).
+        torch.random.default_generator.manual_seed(seed)
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        router = TwinRouter(d, tasks, hidden=hidden, dropout=dropout).to(device)
+        opt = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=weight_decay)
+        epoch_iter = range(epochs)
+        if progress:
+            from tqdm.auto import tqdm
+            epoch_iter = tqdm(epoch_iter, desc=fn, unit="epoch")
+        for epoch in epoch_iter:
+            router.train()
+            perm = torch.randperm(n_train, generator=g).to(device)
+            starts = list(range(0, n_train, batch_size))
+            # BatchNorm cannot train on a batch of one item: fold a trailing singleton into
+            # the previous batch.
+            if len(starts) > 1 and n_train - starts[-1] == 1:
+                starts.pop()
+            total = 0.0
+            for j, s in enumerate(starts):
+                e = starts[j + 1] if j + 1 < len(starts) else n_train
+                idx = perm[s:e]
+                loss = F.cross_entropy(router(x_tr[idx]), y_tr[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.item() * idx.numel()
+            train_loss.append(total / n_train)
+
+            router.eval()
+            with torch.no_grad():
+                correct = router(x_va).argmax(dim=-1) == y_va
+            acc = correct.float().mean().item()
+            val_acc_per_epoch.append(acc)
+            if progress:
+                epoch_iter.set_postfix(train_loss=train_loss[-1], val_acc=acc)
+            # Strictly greater: ties keep the earliest epoch.
+            if best_state is None or acc > val_acc_per_epoch[best_epoch]:
+                best_epoch = epoch
+                best_state = copy.deepcopy(router.state_dict())
+                best_per_task = {t: correct[y_va == i].float().mean().item()
+                                 for i, t in enumerate(tasks)}
+
+    router.load_state_dict(best_state)
+    router.eval()
+    report = {
+        "tasks": list(tasks),
+        "best_epoch": best_epoch,
+        "val_accuracy": val_acc_per_epoch[best_epoch],
+        "val_accuracy_per_task": best_per_task,
+        "train_loss": train_loss,
+        "val_accuracy_per_epoch": val_acc_per_epoch,
+        "n_train": n_train,
+        "n_val": x_va.shape[0],
+        "n_items_per_task": n_per_task,
+    }
+    return router, report
