@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from twinmerge_ext import checkpoint, merging
+from twinmerge_ext import TwinRouter, checkpoint, merging
 from twinmerge_ext.checkpoint import FORMAT_VERSION, TwinCheckpoint
 
 from conftest import HAS_CUDA, assert_close
@@ -57,6 +57,9 @@ def twin_tensors(twin):
         out.update({f"lowrank/{k}/U_cat": lr.U_cat, f"lowrank/{k}/S_cat": lr.S_cat,
                     f"lowrank/{k}/V_cat": lr.V_cat})
     out.update({f"dense/{k}/deltas": v for k, v in twin.dense.items()})
+    out.update({f"heads/{t}/{k}": v for t, h in twin.heads.items() for k, v in h.items()})
+    if twin.router is not None:
+        out.update({f"router/{k}": v for k, v in twin.router.state_dict().items()})
     return out
 
 
@@ -534,3 +537,136 @@ def test_save_rejects_a_directory(saved, tmp_path):
     twin, _ = saved
     with pytest.raises(ValueError, match="is a directory"):
         twin.save(tmp_path)
+
+
+# --- task heads ---------------------------------------------------------------------------------
+
+def with_heads(models, widths):
+    """Adds a classifier of a task-specific width to each state dict (and one to the base)."""
+    out = {}
+    for (name, sd), width in zip(models.items(), widths):
+        g = torch.Generator().manual_seed(100 + width)
+        out[name] = {**sd, "classifier.weight": torch.randn(width, 5, generator=g),
+                     "classifier.bias": torch.randn(width, generator=g)}
+    return out
+
+
+def test_heads_are_kept_per_task_and_never_merged(setup):
+    base, experts = setup
+    base_h = with_heads({"base": base}, [2])["base"]
+    experts_h = with_heads(experts, [3, 2, 4])
+    twin = TwinCheckpoint.build(base_h, experts_h, rank_ratio=1.0, heads=r"^classifier\.")
+    plain = TwinCheckpoint.build(base, experts, rank_ratio=1.0)
+    assert "classifier.weight" not in twin.shared  # the base's head is dropped
+    headed_tensors = {k: v for k, v in twin_tensors(twin).items()
+                                  if not k.startswith("heads/")}
+    for k, v in twin_tensors(plain).items():
+        assert torch.equal(headed_tensors[k], v), k
+    for task, width in zip(TASKS, [3, 2, 4]):
+        assert torch.equal(twin.heads[task]["classifier.weight"],
+                           experts_h[task]["classifier.weight"])
+        assert twin.heads[task]["classifier.bias"].shape == (width,)
+    w = torch.tensor([0.2, 0.1, 0.7])
+    sd = twin.merged_state_dict(w)  # argmax -> qqp's head
+    assert torch.equal(sd["classifier.weight"], experts_h["qqp"]["classifier.weight"])
+    sd = twin.merged_state_dict(w, head="sst2")
+    assert torch.equal(sd["classifier.bias"], experts_h["sst2"]["classifier.bias"])
+    assert torch.equal(twin.merged_state_dict(w, head=1)["classifier.bias"],
+                       experts_h["mnli"]["classifier.bias"])
+    storage = twin.report()["storage"]
+    assert storage["heads_bytes"] == 4 * (3 * 6 + 2 * 6 + 4 * 6)
+    assert storage["one_model_bytes"] == storage["shared_bytes"] + storage["heads_bytes"] / 3
+
+
+def test_heads_round_trip_and_old_files_without_heads(setup, tmp_path):
+    base, experts = setup
+    twin = TwinCheckpoint.build(base, with_heads(experts, [3, 2, 4]), rank=2,
+                                heads=["^classifier\\."])
+    twin.save(tmp_path / "h.safetensors")
+    loaded = TwinCheckpoint.load(tmp_path / "h.safetensors")
+    assert_twins_equal(twin, loaded)
+    assert loaded.metadata["heads"] == ["^classifier\\."]
+    # A file from before heads existed: no "heads" keys at all.
+    plain = tmp_path / "plain.safetensors"
+    TwinCheckpoint.build(base, experts, rank=2).save(plain)
+
+    def drop(h):
+        del h["heads"], h["tensors"]["heads"]
+    rewrite(plain, tmp_path / "old.safetensors", meta=drop)
+    old = TwinCheckpoint.load(tmp_path / "old.safetensors")
+    assert dict(old.heads) == {} and old.metadata["heads"] is None
+
+
+def test_head_errors(setup):
+    base, experts = setup
+    with pytest.raises(ValueError, match=r"heads '\^nothing' match no tensor of experts\['sst2'\]"):
+        TwinCheckpoint.build(base, experts, heads="^nothing")
+    odd = with_heads(experts, [3, 2, 4])
+    odd["qqp"]["classifier.extra"] = torch.zeros(1)
+    with pytest.raises(ValueError, match="experts must have the same head tensors"):
+        TwinCheckpoint.build(base, odd, heads="^classifier")
+    twin = TwinCheckpoint.build(base, experts, rank=1)
+    with pytest.raises(ValueError, match="head='sst2' given, but the twin has no task heads"):
+        twin.merged_state_dict([1.0, 0.0, 0.0], head="sst2")
+    headed = TwinCheckpoint.build(base, with_heads(experts, [3, 2, 4]), rank=1, heads="^classifier")
+    with pytest.raises(ValueError, match="unknown task 'cola'"):
+        headed.merged_state_dict([1.0, 0.0, 0.0], head="cola")
+    with pytest.raises(ValueError, match=r"task index must be in \[0, 3\), got 3"):
+        headed.merged_state_dict([1.0, 0.0, 0.0], head=3)
+
+
+# --- the attached router ------------------------------------------------------------------------
+
+def trained_like_router(tasks=TASKS, seed=0):
+    torch.manual_seed(seed)
+    router = TwinRouter(8, tasks, hidden=6, layer=-2, pooling="cls")
+    router.net[1].running_mean.uniform_()  # non-default buffers must round-trip too
+    router.net[1].num_batches_tracked.fill_(7)
+    return router.eval()
+
+
+def test_router_round_trip(saved, tmp_path):
+    twin, _ = saved
+    router = trained_like_router()
+    with_router = twin.with_router(router, info={"val_accuracy": 0.97})
+    assert twin.router is None  # the original is untouched
+    assert with_router.router is not router and not with_router.router.training
+    path = tmp_path / "routed.safetensors"
+    with_router.save(path)
+    loaded = TwinCheckpoint.load(path)
+    assert_twins_equal(with_router, loaded)
+    assert loaded.metadata["router"] == {"config": router.config(),
+                                         "info": {"val_accuracy": 0.97}}
+    assert (loaded.router.layer, loaded.router.pooling) == (-2, "cls")
+    x = torch.randn(5, 8)
+    assert torch.equal(loaded.router.weights(x), router.weights(x))
+    assert loaded.to("cpu").router is not loaded.router
+
+
+def test_router_errors(saved, tmp_path):
+    twin, path = saved
+    with pytest.raises(TypeError, match="router must be a TwinRouter"):
+        twin.with_router(torch.nn.Linear(2, 3))
+    with pytest.raises(ValueError, match=r"router.tasks must be the twin's tasks in order"):
+        twin.with_router(trained_like_router(list(reversed(TASKS))))
+    with pytest.raises(TypeError, match="info must be JSON-serializable"):
+        twin.with_router(trained_like_router(), info={"x": torch.zeros(1)})
+    routed = tmp_path / "routed.safetensors"
+    twin.with_router(trained_like_router()).save(routed)
+    cases = {
+        "missing": (dict(tensors=lambda d: d.pop("router/net.0.weight")),
+                    r"tensor 'router/net.0.weight' is listed in the metadata but missing"),
+        "config": (dict(meta=lambda h: h["router"]["config"].update(hidden=0)),
+                   r"router.config is not a valid TwinRouter config: .*hidden must be >= 1"),
+        "tasks": (dict(meta=lambda h: h["router"]["config"].update(tasks=["a", "b", "c"])),
+                  r"the router routes tasks \['a', 'b', 'c'\], the twin has"),
+        "shape": (dict(tensors=lambda d: d.update({"router/net.0.weight": torch.zeros(6, 9)})),
+                  r"tensor 'router/net.0.weight' has shape \[6, 9\], the metadata says \[6, 8\]"),
+        "no_config": (dict(meta=lambda h: h.update(router={"info": {}})),
+                      r"'router' must hold a 'config' object"),
+    }
+    for case, (edit, match) in cases.items():
+        dst = tmp_path / f"{case}.safetensors"
+        rewrite(routed, dst, **edit)
+        with pytest.raises(ValueError, match=match):
+            TwinCheckpoint.load(dst)

@@ -3,6 +3,7 @@
 from twinmerge_ext import merging
 from twinmerge_ext.checkpoint import LowRankDelta, TwinCheckpoint
 from twinmerge_ext.router import TwinRouter, fit_router, pooled_features
+from twinmerge_ext.module import TwinMergedModule
 from twinmerge_ext.ops import (
     dense_merge_,
     lowrank_merge_,
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 __all__ = [
     "LowRankDelta",
     "TwinCheckpoint",
+    "TwinMergedModule",
     "TwinRouter",
     "fit_router",
     "pooled_features",

@@ -20,9 +20,16 @@ Devices and dtypes: the SVDs run on `device` (default: the device of each base t
 back to the device of the shared expert, which is the base's (CPU for a file), in the parameter's
 dtype. `TwinCheckpoint.to(device)` moves a whole twin.
 
+Task heads (`heads=` regexes, e.g. a classifier whose width differs per task) are neither
+merged nor compressed: each task keeps its own tensors, and whoever serves the twin picks one
+task's head per input (`TwinMergedModule`: the router's argmax).
+
+A trained `TwinRouter` can travel in the same file (`with_router`), so one file serves.
+
 File format (version 1): one .safetensors file holding the tensors `shared/<name>`,
-`lowrank/<name>/U_cat`, `lowrank/<name>/S_cat`, `lowrank/<name>/V_cat` and `dense/<name>/deltas`,
-and in its metadata header a single key `twinmerge` holding JSON:
+`lowrank/<name>/U_cat`, `lowrank/<name>/S_cat`, `lowrank/<name>/V_cat`, `dense/<name>/deltas`,
+`heads/<task>/<name>` and `router/<name>` (the router's state dict), and in its metadata header
+a single key `twinmerge` holding JSON:
 
     {"format_version": 1, "library_version": "0.1.0", "tasks": [...],
      "shared": {"method": "task_arithmetic", "kwargs": {"scale": 0.3}},
@@ -31,8 +38,12 @@ and in its metadata header a single key `twinmerge` holding JSON:
      "tensors": {"shared": {name: {"shape": [...], "dtype": "float32"}, ...},
                  "lowrank": {name: {"shape": [m, n], "dtype": ..., "ranks": [T ints],
                                     "errors": [T floats]}, ...},
-                 "dense": {name: {"shape": [...], "dtype": ...}, ...}},
-     "router": null}
+                 "dense": {name: {"shape": [...], "dtype": ...}, ...},
+                 "heads": {task: {name: {"shape": [...], "dtype": ...}, ...}, ...}},
+     "heads": null or [regex, ...],
+     "router": null or {"config": TwinRouter.config(), "info": {...}}}
+
+Files written before heads existed (no "heads" keys) load with no heads.
 """
 
 import copy
@@ -57,6 +68,7 @@ import twinmerge_ext
 from twinmerge_ext import merging
 from twinmerge_ext.merging import Patterns, StateSource
 from twinmerge_ext.ops import dense_merge_, lowrank_merge_, reconstruct_delta, truncated_svd
+from twinmerge_ext.router import TwinRouter
 
 __all__ = ["FORMAT_VERSION", "LowRankDelta", "TwinCheckpoint"]
 
@@ -215,6 +227,24 @@ def _relative_errors(deltas: Tensor, U: Tensor, S: Tensor, V: Tensor, name: str,
     return errors
 
 
+def _extract_heads(experts: Mapping[str, StateSource], is_head, patterns: Patterns,
+                   fn: str) -> Dict[str, Dict[str, Tensor]]:
+    """Each expert's head tensors (copies), checked to have the same names in every expert."""
+    out: Dict[str, Dict[str, Tensor]] = {}
+    with ExitStack() as stack:
+        for label, task, src in merging._open_experts(experts, fn, stack):
+            names = [k for k in src.keys() if is_head(k)]
+            if not names:
+                raise ValueError(f"{fn}: heads {patterns!r} match no tensor of {label}")
+            out[task] = {name: src.get_copy(name) for name in names}
+    first_task, first = next(iter(out.items()))
+    for task, head in out.items():
+        if list(head) != list(first):
+            raise ValueError(f"{fn}: experts must have the same head tensors; "
+                             f"{first_task!r} has {list(first)}, {task!r} has {list(head)}")
+    return out
+
+
 def _nbytes(t: Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -245,20 +275,27 @@ class TwinCheckpoint:
         shared: name -> tensor, θs (every tensor of the model, base's names and order).
         lowrank: name -> LowRankDelta (U_cat [m, K], S_cat [K], V_cat [n, K], ranks).
         dense: name -> deltas [T, *shape].
+        heads: task -> {name: tensor}, each task's own head (empty without `heads=`).
+        router: the attached TwinRouter (eval mode), or None.
         metadata: the JSON metadata (a fresh copy), as `save` writes it.
     """
 
     def __init__(self, tasks: Sequence[str], shared: Mapping[str, Tensor],
                  lowrank: Mapping[str, LowRankDelta], dense: Mapping[str, Tensor],
-                 errors: Mapping[str, Sequence[float]], info: Mapping[str, Any]):
+                 errors: Mapping[str, Sequence[float]], info: Mapping[str, Any],
+                 heads: Optional[Mapping[str, Mapping[str, Tensor]]] = None,
+                 router: Optional[TwinRouter] = None):
         """Low level: use `build` or `load`. `info` is the metadata without its "tensors"
         section, which is derived from the tensors and `errors` (name -> T floats)."""
         self._tasks = list(tasks)
         self._shared = dict(shared)
         self._lowrank = dict(lowrank)
         self._dense = dict(dense)
+        self._heads = {task: dict(h) for task, h in (heads or {}).items()}
+        self._router = router
         self._errors = {name: [float(e) for e in errs] for name, errs in errors.items()}
         self._info = copy.deepcopy(dict(info))
+        self._info.setdefault("heads", None)
 
     # --- read API -------------------------------------------------------------------------------
 
@@ -279,6 +316,41 @@ class TwinCheckpoint:
         return MappingProxyType(self._dense)
 
     @property
+    def heads(self) -> Mapping[str, Mapping[str, Tensor]]:
+        return MappingProxyType({t: MappingProxyType(h) for t, h in self._heads.items()})
+
+    @property
+    def router(self) -> Optional[TwinRouter]:
+        return self._router
+
+    def with_router(self, router: TwinRouter,
+                    info: Optional[Mapping[str, Any]] = None) -> "TwinCheckpoint":
+        """A twin sharing this one's tensors, with `router` attached (saved with it).
+
+        `router` must route exactly this twin's tasks, in order; a deep copy in eval mode is
+        kept. `info` is any JSON-serializable summary kept next to it (e.g. fit_router's
+        validation accuracy).
+
+        Raises:
+            TypeError: router not a TwinRouter, or info not JSON-serializable.
+            ValueError: router.tasks differ from the twin's tasks.
+        """
+        fn = "TwinCheckpoint.with_router"
+        if not isinstance(router, TwinRouter):
+            raise TypeError(f"{fn}: router must be a TwinRouter, got {type(router).__name__}")
+        if list(router.tasks) != self._tasks:
+            raise ValueError(f"{fn}: router.tasks must be the twin's tasks in order, "
+                             f"{self._tasks}, got {list(router.tasks)}")
+        try:
+            info = json.loads(json.dumps(dict(info or {}), allow_nan=False))
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"{fn}: info must be JSON-serializable, got {info!r}: {e}") from e
+        new_info = copy.deepcopy(self._info)
+        new_info["router"] = {"config": router.config(), "info": info}
+        return type(self)(self._tasks, self._shared, self._lowrank, self._dense, self._errors,
+                          new_info, self._heads, copy.deepcopy(router).eval())
+
+    @property
     def metadata(self) -> Dict[str, Any]:
         info = copy.deepcopy(self._info)
         meta = {key: info.pop(key) for key in ("format_version", "library_version")}
@@ -294,15 +366,22 @@ class TwinCheckpoint:
             "dense": {name: {"shape": list(self._shared[name].shape),
                              "dtype": _dtype_name(self._shared[name].dtype)}
                       for name in self._dense},
+            "heads": {task: {name: {"shape": list(t.shape), "dtype": _dtype_name(t.dtype)}
+                             for name, t in head.items()}
+                      for task, head in self._heads.items()},
         }
+        meta["heads"] = info.pop("heads")
         meta["router"] = info.pop("router")
         meta.update(info)  # keys this version does not know, kept from a loaded file
         return meta
 
     def __repr__(self) -> str:
+        heads = f", heads={len(next(iter(self._heads.values())))} tensors/task" \
+            if self._heads else ""
+        router = ", router" if self._router is not None else ""
         return (f"TwinCheckpoint(tasks={self._tasks}, shared={len(self._shared)} tensors, "
-                f"lowrank={len(self._lowrank)} matrices, dense={len(self._dense)} tensors, "
-                f"method={self._info['shared']['method']!r})")
+                f"lowrank={len(self._lowrank)} matrices, dense={len(self._dense)} tensors"
+                f"{heads}{router}, method={self._info['shared']['method']!r})")
 
     # --- build ----------------------------------------------------------------------------------
 
@@ -311,7 +390,7 @@ class TwinCheckpoint:
               shared: str = "task_arithmetic", shared_kwargs: Optional[Mapping[str, Any]] = None,
               rank: Optional[int] = None, rank_ratio: float = 0.1, include: Patterns = None,
               exclude: Patterns = None, device: Optional[Union[str, torch.device]] = None,
-              oversample: int = 10, n_iter: int = 2, seed: int = 0,
+              oversample: int = 10, n_iter: int = 2, seed: int = 0, heads: Patterns = None,
               progress: bool = False) -> "TwinCheckpoint":
         """Builds the twin: shared expert, exclusive deltas, low-rank compression.
 
@@ -336,6 +415,11 @@ class TwinCheckpoint:
             device: where the SVDs run (default: each base tensor's device); results are stored
                 on the shared expert's (= base's) device.
             oversample, n_iter, seed: of `truncated_svd` (rank ≥ min(m, n) is exact).
+            heads: regexes (re.search) naming each task's own head tensors, e.g. r"^classifier\\.".
+                They are taken from each expert as they are (shapes may differ between tasks,
+                e.g. a different number of labels), never merged; the base's tensors of those
+                names are dropped, so the shared state has none. Every expert must have the
+                same head names.
             progress: tqdm progress bars (the shared merge, then the compression).
 
         Returns:
@@ -345,7 +429,8 @@ class TwinCheckpoint:
             TypeError: experts not a mapping, a non-str task name, shared_kwargs that the method
                 does not take or that are not JSON-serializable, non-int rank/oversample/...
             ValueError: unknown shared method, no experts, rank < 1, rank_ratio not in (0, 1],
-                a delta with NaN/Inf; and whatever `merging` rejects (missing or extra parameters,
+                a delta with NaN/Inf, heads patterns matching nothing in an expert or different
+                names in two experts; and whatever `merging` rejects (missing or extra parameters,
                 shape/dtype mismatches, bad paths, bad regexes).
         """
         fn = "TwinCheckpoint.build"
@@ -361,6 +446,15 @@ class TwinCheckpoint:
         seed = _int_arg(seed, "seed", fn, 0)
         work_device = torch.device(device) if device is not None else None
         selected = merging._selector(include, exclude, fn)
+        head_patterns = merging._patterns(heads, "heads", fn)
+        task_heads: Dict[str, Dict[str, Tensor]] = {}
+        if head_patterns:
+            def is_head(name: str) -> bool:
+                return any(p.search(name) for p in head_patterns)
+
+            task_heads = _extract_heads(experts, is_head, heads, fn)
+            base = merging._Subset(base, is_head)
+            experts = {task: merging._Subset(src, is_head) for task, src in experts.items()}
 
         shared_sd = method(base=base, experts=experts, include=include, exclude=exclude,
                            progress=progress, **(shared_kwargs or {}))
@@ -416,9 +510,10 @@ class TwinCheckpoint:
             "compression": {"rank": rank, "rank_ratio": rank_ratio, "oversample": oversample,
                             "n_iter": n_iter, "seed": seed, "include": _pattern_list(include),
                             "exclude": _pattern_list(exclude)},
+            "heads": _pattern_list(heads),
             "router": None,
         }
-        return cls(tasks, shared_sd, lowrank, dense, errors, info)
+        return cls(tasks, shared_sd, lowrank, dense, errors, info, task_heads)
 
     # --- use ------------------------------------------------------------------------------------
 
@@ -440,20 +535,38 @@ class TwinCheckpoint:
                              f"{self._tasks}), got {list(w.shape)}")
         return w
 
-    def merged_state_dict(self, weights: Union[Tensor, Sequence[float]]) -> Dict[str, Tensor]:
+    def task_index(self, task: Union[str, int], fn: str = "TwinCheckpoint.task_index") -> int:
+        """The position of a task given by name or index (errors name the known tasks)."""
+        if isinstance(task, str):
+            if task not in self._tasks:
+                raise ValueError(f"{fn}: unknown task {task!r}; the twin's tasks are "
+                                 f"{self._tasks}")
+            return self._tasks.index(task)
+        if isinstance(task, bool) or not isinstance(task, Integral):
+            raise TypeError(f"{fn}: a task must be a name or an index, got {task!r}")
+        if not 0 <= task < len(self._tasks):
+            raise ValueError(f"{fn}: task index must be in [0, {len(self._tasks)}), got {task}")
+        return int(task)
+
+    def merged_state_dict(self, weights: Union[Tensor, Sequence[float]],
+                          head: Optional[Union[str, int]] = None) -> Dict[str, Tensor]:
         """The merged model for one mixing-weight vector.
 
-        Semantics: θ(w) = θs + Σt w[t]·v̂t (non-twin tensors: θs).
+        Semantics: θ(w) = θs + Σt w[t]·v̂t (non-twin tensors: θs), plus the head of task `head`
+        (default: argmax w, the router's choice) when the twin has task heads.
 
         Shape:
             weights: [T] (a floating tensor, moved to each parameter's device, or a list)
+            head: a task name or index (only for a twin with heads)
             returns: a new state dict with the shared expert's names, order, shapes, dtypes and
-                devices; every tensor owns its memory.
+                devices, then the head's tensors; every tensor owns its memory.
 
         Each parameter is one `lowrank_merge_` or `dense_merge_` call (no loop over experts).
         """
         fn = "TwinCheckpoint.merged_state_dict"
         w = self._weights(weights, fn)
+        if head is not None and not self._heads:
+            raise ValueError(f"{fn}: head={head!r} given, but the twin has no task heads")
         on_device: Dict[torch.device, Tensor] = {}
         out: Dict[str, Tensor] = {}
         for name, s in self._shared.items():
@@ -468,6 +581,9 @@ class TwinCheckpoint:
                 out[name] = lowrank_merge_(buf, s, lr.U_cat, lr.S_cat, lr.V_cat, lr.ranks, wd)
             else:
                 out[name] = dense_merge_(buf, s, self._dense[name], wd)
+        if self._heads:
+            t = self.task_index(head, fn) if head is not None else int(w.argmax())
+            out.update((name, h.clone()) for name, h in self._heads[self._tasks[t]].items())
         return out
 
     def to(self, device: Union[str, torch.device]) -> "TwinCheckpoint":
@@ -475,9 +591,11 @@ class TwinCheckpoint:
         lowrank = {name: LowRankDelta(lr.U_cat.to(device), lr.S_cat.to(device),
                                       lr.V_cat.to(device), lr.ranks)
                    for name, lr in self._lowrank.items()}
+        heads = {task: {k: v.to(device) for k, v in h.items()} for task, h in self._heads.items()}
+        router = copy.deepcopy(self._router).to(device) if self._router is not None else None
         return type(self)(self._tasks, {k: v.to(device) for k, v in self._shared.items()},
                           lowrank, {k: v.to(device) for k, v in self._dense.items()},
-                          self._errors, self._info)
+                          self._errors, self._info, heads, router)
 
     def report(self) -> Dict[str, Any]:
         """Compression quality and storage.
@@ -487,29 +605,36 @@ class TwinCheckpoint:
             errors: name -> {task: ||vt − v̂t||_F / ||vt||_F} per compressed matrix (computed at
                 build time with the factors as stored; 0 for a zero delta).
             ranks: name -> the T ranks.
-            storage: bytes of the shared expert (`one_model_bytes`: one full model), of the
-                factors and of the dense deltas; `twin_bytes` (their sum, i.e. θs + Σt rt(m+n+1)
-                elements per matrix + T·numel per dense parameter); `experts_bytes` = T full
-                models; `storage_ratio` = twin_bytes / one_model_bytes; `ratio_vs_experts` =
-                twin_bytes / experts_bytes.
+            storage: bytes of the shared expert (`shared_bytes`), of the factors, of the dense
+                deltas and of the T task heads; `twin_bytes` (their sum, i.e. θs + Σt rt(m+n+1)
+                elements per matrix + T·numel per dense parameter + the heads);
+                `one_model_bytes` = θs plus one task's head (the mean head size): one full model;
+                `experts_bytes` = T full models; `storage_ratio` = twin_bytes / one_model_bytes;
+                `ratio_vs_experts` = twin_bytes / experts_bytes.
         """
         shared_bytes = sum(_nbytes(t) for t in self._shared.values())
         lowrank_bytes = sum(_nbytes(lr.U_cat) + _nbytes(lr.S_cat) + _nbytes(lr.V_cat)
                             for lr in self._lowrank.values())
         dense_bytes = sum(_nbytes(d) for d in self._dense.values())
-        twin_bytes = shared_bytes + lowrank_bytes + dense_bytes
-        experts_bytes = len(self._tasks) * shared_bytes
+        heads_bytes = sum(_nbytes(t) for h in self._heads.values() for t in h.values())
+        twin_bytes = shared_bytes + lowrank_bytes + dense_bytes + heads_bytes
+        # An expert is the shared architecture plus its own head.
+        T = len(self._tasks)
+        one_model_bytes = shared_bytes + heads_bytes / T
+        experts_bytes = T * shared_bytes + heads_bytes
         return {
             "tasks": list(self._tasks),
             "errors": {name: dict(zip(self._tasks, errs)) for name, errs in self._errors.items()},
             "ranks": {name: list(lr.ranks) for name, lr in self._lowrank.items()},
             "storage": {
-                "one_model_bytes": shared_bytes,
+                "shared_bytes": shared_bytes,
+                "one_model_bytes": one_model_bytes,
                 "lowrank_bytes": lowrank_bytes,
                 "dense_bytes": dense_bytes,
+                "heads_bytes": heads_bytes,
                 "twin_bytes": twin_bytes,
                 "experts_bytes": experts_bytes,
-                "storage_ratio": twin_bytes / shared_bytes if shared_bytes else math.nan,
+                "storage_ratio": twin_bytes / one_model_bytes if one_model_bytes else math.nan,
                 "ratio_vs_experts": twin_bytes / experts_bytes if experts_bytes else math.nan,
             },
         }
@@ -524,6 +649,12 @@ class TwinCheckpoint:
             tensors[f"lowrank/{name}/V_cat"] = lr.V_cat
         for name, d in self._dense.items():
             tensors[f"dense/{name}/deltas"] = d
+        for task, head in self._heads.items():
+            for name, t in head.items():
+                tensors[f"heads/{task}/{name}"] = t
+        if self._router is not None:
+            for name, t in self._router.state_dict().items():
+                tensors[f"router/{name}"] = t
         return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
 
     def save(self, path: Union[str, os.PathLike]) -> None:
@@ -617,6 +748,13 @@ class TwinCheckpoint:
                 expected[f"lowrank/{name}/V_cat"] = ([n, K], spec["dtype"])
             for name, spec in specs["dense"].items():
                 expected[f"dense/{name}/deltas"] = ([len(tasks)] + spec["shape"], spec["dtype"])
+            for task, head in specs["heads"].items():
+                for name, spec in head.items():
+                    expected[f"heads/{task}/{name}"] = (spec["shape"], spec["dtype"])
+            router = _router_from_metadata(info["router"], tasks, bad)
+            if router is not None:
+                for name, t in router.state_dict().items():
+                    expected[f"router/{name}"] = (list(t.shape), _dtype_name(t.dtype))
             keys = list(f.keys())
             missing = [k for k in expected if k not in set(keys)]
             if missing:
@@ -649,8 +787,32 @@ class TwinCheckpoint:
                                       tensors[f"lowrank/{name}/V_cat"], tuple(spec["ranks"]))
                    for name, spec in specs["lowrank"].items()}
         dense = {name: tensors[f"dense/{name}/deltas"] for name in specs["dense"]}
+        heads = {task: {name: tensors[f"heads/{task}/{name}"] for name in head}
+                 for task, head in specs["heads"].items()}
+        if router is not None:
+            router.load_state_dict({k[len("router/"):]: v for k, v in tensors.items()
+                                    if k.startswith("router/")})
+            router.to(device or "cpu").eval()
         errors = {name: spec["errors"] for name, spec in specs["lowrank"].items()}
-        return cls(tasks, shared, lowrank, dense, errors, info)
+        return cls(tasks, shared, lowrank, dense, errors, info, heads, router)
+
+
+def _router_from_metadata(meta: Any, tasks: List[str], bad) -> Optional[TwinRouter]:
+    """An untrained TwinRouter of the saved architecture (its tensors are checked against it),
+    or None."""
+    if meta is None:
+        return None
+    cfg = meta.get("config")
+    if not isinstance(cfg, dict) or not isinstance(meta.get("info", {}), dict):
+        raise bad(f"metadata field 'router' must hold a 'config' object and an 'info' object, "
+                  f"got {meta!r}")
+    try:
+        router = TwinRouter.from_config(cfg)
+    except (TypeError, ValueError) as e:
+        raise bad(f"metadata field router.config is not a valid TwinRouter config: {e}") from e
+    if list(router.tasks) != tasks:
+        raise bad(f"the router routes tasks {list(router.tasks)}, the twin has {tasks}")
+    return router
 
 
 def _parse_metadata(meta: Any, bad) -> Tuple[Dict[str, Any], List[str], Dict[str, Dict]]:
@@ -684,6 +846,9 @@ def _parse_metadata(meta: Any, bad) -> Tuple[Dict[str, Any], List[str], Dict[str
                   f"its kwargs, got {shared_cfg!r}")
     T = len(tasks)
     specs: Dict[str, Dict[str, Dict]] = {}
+    heads = meta.get("heads")
+    if not (heads is None or (isinstance(heads, list) and all(isinstance(p, str) for p in heads))):
+        raise bad(f"metadata field 'heads' must be null or a list of regex strings, got {heads!r}")
     for section in ("shared", "lowrank", "dense"):
         entries = meta["tensors"].get(section)
         if not isinstance(entries, dict):
@@ -725,5 +890,36 @@ def _parse_metadata(meta: Any, bad) -> Tuple[Dict[str, Any], List[str], Dict[str
     overlap = sorted(set(specs["lowrank"]) & set(specs["dense"]))
     if overlap:
         raise bad(f"parameter {overlap[0]!r} is listed both as low-rank and as dense")
+    specs["heads"] = _parse_heads(meta["tensors"].get("heads", {}), tasks, specs["shared"], bad)
     info = {k: v for k, v in meta.items() if k not in ("tasks", "tensors")}
     return info, list(tasks), specs
+
+
+def _parse_heads(entries: Any, tasks: List[str], shared: Dict[str, Dict], bad) -> Dict[str, Dict]:
+    """tensors.heads: task -> {name: spec}; every task, the same names, none of them shared."""
+    if not isinstance(entries, dict):
+        raise bad(f"metadata field tensors.heads must be an object, got {entries!r}")
+    if entries and sorted(entries) != sorted(tasks):
+        raise bad(f"metadata tensors.heads must hold every task {tasks} or none, got "
+                  f"{sorted(entries)}")
+    names = None
+    for task in tasks if entries else []:
+        head = entries[task]
+        if not isinstance(head, dict) or not head:
+            raise bad(f"metadata tensors.heads[{task!r}] must be a non-empty object, got {head!r}")
+        if names is not None and list(head) != names:
+            raise bad(f"metadata tensors.heads: tasks have different head tensors "
+                      f"({names} vs {list(head)} for {task!r})")
+        names = list(head)
+        for name, spec in head.items():
+            where = f"tensors.heads[{task!r}][{name!r}]"
+            if name in shared:
+                raise bad(f"metadata {where} is also a shared tensor")
+            shape, dtype = (spec.get("shape"), spec.get("dtype")) if isinstance(spec, dict) \
+                else (None, None)
+            if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool)
+                                                    and d >= 0 for d in shape)):
+                raise bad(f"metadata {where} has an invalid shape {shape!r}")
+            if dtype not in _DTYPES:
+                raise bad(f"metadata {where} has an unknown dtype {dtype!r}")
+    return {task: entries[task] for task in tasks} if entries else {}

@@ -46,16 +46,30 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+class _Derived:
+    """A state computed from other sources, tensor by tensor (heads filtered out, LoRA products).
+
+    Subclasses implement `open(fn, label, stack)`, returning an object with keys(), meta(name)
+    -> (shape, dtype) and get(name) -> Tensor; `_Source` accepts them like a state dict."""
+
+    def open(self, fn: str, label: str, stack: ExitStack):
+        raise NotImplementedError
+
+
 class _Source:
     """A state dict or a lazily opened safetensors file, read one tensor at a time."""
 
     def __init__(self, source: StateSource, label: str, fn: str, stack: ExitStack):
         self.label = label
         self._dict: Optional[Mapping[str, Tensor]] = None
+        self._derived = None
         if isinstance(source, torch.nn.Module):
             raise TypeError(f"{fn}: {label} must be a state dict or a .safetensors path, got an "
                             f"nn.Module ({type(source).__name__}); pass module.state_dict()")
-        if isinstance(source, Mapping):
+        if isinstance(source, _Derived):
+            self._derived = source.open(fn, label, stack)
+            self._keys = list(self._derived.keys())
+        elif isinstance(source, Mapping):
             for key, value in source.items():
                 if not isinstance(key, str) or not isinstance(value, Tensor):
                     raise TypeError(f"{fn}: {label} must map parameter names to tensors, got "
@@ -81,6 +95,8 @@ class _Source:
 
     def meta(self, name: str) -> Tuple[Tuple[int, ...], torch.dtype]:
         """(shape, dtype) of a parameter, from the file header when the source is a file."""
+        if self._derived is not None:
+            return self._derived.meta(name)
         if self._dict is not None:
             t = self._dict[name]
             return tuple(t.shape), t.dtype
@@ -92,11 +108,27 @@ class _Source:
 
     def get(self, name: str) -> Tensor:
         """The tensor, read-only: a state dict's own tensor, or a fresh one read from the file."""
+        if self._derived is not None:
+            return self._derived.get(name)
         return self._dict[name] if self._dict is not None else self._file.get_tensor(name)
 
     def get_copy(self, name: str) -> Tensor:
         """A tensor the caller may keep: safetensors reads are already fresh copies."""
-        return self._dict[name].clone() if self._dict is not None else self._file.get_tensor(name)
+        if self._dict is None and self._derived is None:
+            return self._file.get_tensor(name)
+        return self.get(name).clone()
+
+
+class _Subset(_Derived):
+    """`source` without the tensors whose names `drop` accepts (task heads, for the shared merge)."""
+
+    def __init__(self, source: StateSource, drop: Callable[[str], bool]):
+        self.source, self.drop = source, drop
+
+    def open(self, fn: str, label: str, stack: ExitStack) -> "_Source":
+        inner = _Source(self.source, label, fn, stack)
+        inner._keys = [k for k in inner.keys() if not self.drop(k)]
+        return inner
 
 
 _Expert = Tuple[str, str, _Source]  # (label for errors, key for DARE's generators, source)

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 __all__ = ["TwinRouter", "fit_router", "pooled_features"]
 
 _POOLINGS = ("mean", "cls", "last")
-_CONFIG_KEYS = ("in_features", "tasks", "hidden", "dropout", "negative_slope")
+_CONFIG_KEYS = ("in_features", "tasks", "hidden", "dropout", "negative_slope", "layer", "pooling")
 
 
 def _int_arg(value, arg: str, fn: str, minimum: Optional[int]) -> int:
@@ -65,6 +65,8 @@ class TwinRouter(nn.Module):
         hidden: h, the width of both hidden layers; None -> 2·d (the authors' size).
         dropout: p of both Dropout layers, in [0, 1).
         negative_slope: of both LeakyReLUs (0.01 as in the authors' code).
+        layer, pooling: how its features are made from the shared expert (`pooled_features`);
+            kept with the router so that whoever serves it (TwinMergedModule) pools the same way.
 
     BatchNorm1d makes the output depend on the batch in training mode; call `.eval()` (as
     `fit_router` and `from_config` return it) before routing inputs.
@@ -72,7 +74,8 @@ class TwinRouter(nn.Module):
     """
 
     def __init__(self, in_features: int, tasks: Sequence[str], hidden: Optional[int] = None,
-                 dropout: float = 0.5, negative_slope: float = 0.01):
+                 dropout: float = 0.5, negative_slope: float = 0.01, layer: int = -1,
+                 pooling: str = "mean"):
         super().__init__()
         fn = "TwinRouter"
         in_features = _int_arg(in_features, "in_features", fn, 1)
@@ -84,12 +87,17 @@ class TwinRouter(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"{fn}: dropout must be in [0, 1), got {dropout!r}")
         negative_slope = _real_arg(negative_slope, "negative_slope", fn)
+        layer = _int_arg(layer, "layer", fn, None)
+        if pooling not in _POOLINGS:
+            raise ValueError(f"{fn}: pooling must be one of {list(_POOLINGS)}, got {pooling!r}")
 
         self.in_features = in_features
         self.tasks = tasks
         self.hidden = hidden
         self.dropout = dropout
         self.negative_slope = negative_slope
+        self.layer = layer
+        self.pooling = pooling
         self.net = nn.Sequential(
             nn.Linear(in_features, hidden), nn.BatchNorm1d(hidden),
             nn.LeakyReLU(negative_slope), nn.Dropout(dropout),
@@ -147,7 +155,8 @@ class TwinRouter(nn.Module):
     def config(self) -> Dict[str, Any]:
         """The constructor arguments as a JSON-serializable dict (for checkpoints)."""
         return {"in_features": self.in_features, "tasks": list(self.tasks), "hidden": self.hidden,
-                "dropout": self.dropout, "negative_slope": self.negative_slope}
+                "dropout": self.dropout, "negative_slope": self.negative_slope,
+                "layer": self.layer, "pooling": self.pooling}
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any],
@@ -384,7 +393,8 @@ def fit_router(features_fn_or_model: Union[nn.Module, Callable[[Any], Tensor]],
         if device.type == "cuda":
             with torch.cuda.device(device):
                 torch.cuda.manual_seed(seed)
-        router = TwinRouter(d, tasks, hidden=hidden, dropout=dropout).to(device)
+        router = TwinRouter(d, tasks, hidden=hidden, dropout=dropout, layer=layer,
+                            pooling=pooling).to(device)
         opt = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=weight_decay)
         epoch_iter = range(epochs)
         if progress:
