@@ -2,6 +2,7 @@
 
 from twinmerge_ext import merging
 from twinmerge_ext.checkpoint import LowRankDelta, TwinCheckpoint
+from twinmerge_ext.lora import LoraExpert
 from twinmerge_ext.router import TwinRouter, fit_router, pooled_features
 from twinmerge_ext.module import TwinMergedModule
 from twinmerge_ext.ops import (
@@ -15,6 +16,7 @@ from twinmerge_ext.ops import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "LoraExpert",
     "LowRankDelta",
     "TwinCheckpoint",
     "TwinMergedModule",

@@ -33,8 +33,8 @@ a single key `twinmerge` holding JSON:
 
     {"format_version": 1, "library_version": "0.1.0", "tasks": [...],
      "shared": {"method": "task_arithmetic", "kwargs": {"scale": 0.3}},
-     "compression": {"rank": null, "rank_ratio": 0.1, "oversample": 10, "n_iter": 2, "seed": 0,
-                     "include": null, "exclude": null},
+     "compression": {"rank": null, "rank_ratio": 0.1, "lora_exact_rank": false,
+                     "oversample": 10, "n_iter": 2, "seed": 0, "include": null, "exclude": null},
      "tensors": {"shared": {name: {"shape": [...], "dtype": "float32"}, ...},
                  "lowrank": {name: {"shape": [m, n], "dtype": ..., "ranks": [T ints],
                                     "errors": [T floats]}, ...},
@@ -66,6 +66,7 @@ from torch import Tensor
 
 import twinmerge_ext
 from twinmerge_ext import merging
+from twinmerge_ext.lora import LoraExpert
 from twinmerge_ext.merging import Patterns, StateSource
 from twinmerge_ext.ops import dense_merge_, lowrank_merge_, reconstruct_delta, truncated_svd
 from twinmerge_ext.router import TwinRouter
@@ -388,7 +389,8 @@ class TwinCheckpoint:
     @classmethod
     def build(cls, base: StateSource, experts: Mapping[str, StateSource],
               shared: str = "task_arithmetic", shared_kwargs: Optional[Mapping[str, Any]] = None,
-              rank: Optional[int] = None, rank_ratio: float = 0.1, include: Patterns = None,
+              rank: Optional[int] = None, rank_ratio: Optional[float] = None,
+              include: Patterns = None,
               exclude: Patterns = None, device: Optional[Union[str, torch.device]] = None,
               oversample: int = 10, n_iter: int = 2, seed: int = 0, heads: Patterns = None,
               progress: bool = False) -> "TwinCheckpoint":
@@ -396,6 +398,11 @@ class TwinCheckpoint:
 
         Semantics: θs = merging.<shared>(θ0, {θt}); vt = θt − θs per selected floating parameter;
         2-D vt -> truncated SVD, rank r = clamp(rank or floor(rank_ratio·min(m, n)), 1, min(m, n)).
+        LoRA experts (`LoraExpert`) enter as θ0 + scale·B A, products, never A and B merged
+        apart. When every expert is a LoRA adapter and the shared merge is linear
+        (task_arithmetic, average), each vt of a matrix lies in the span of the adapters'
+        products, of rank R ≤ Σt rt: with neither rank nor rank_ratio given it is stored at
+        rank R, exactly; it is re-truncated only if asked (rank or rank_ratio).
 
         Works one parameter at a time: peak memory is the shared model plus one parameter's T
         deltas (in float32) and their factors. The T deltas of a matrix are decomposed in one
@@ -409,7 +416,7 @@ class TwinCheckpoint:
                 the method's defaults filled in, in the metadata.
             rank: the rank of every matrix (clamped to [1, min(m, n)]); overrides rank_ratio.
             rank_ratio: in (0, 1]; r = floor(rank_ratio·min(m, n)), at least 1. The paper's
-                "90% sparsity" is 0.1.
+                "90% sparsity" is 0.1, the default (except for the exact LoRA case above).
             include, exclude: regexes selecting the twin parameters, as in `merging` (they are
                 also passed to the shared merge: unselected parameters keep the base's values).
             device: where the SVDs run (default: each base tensor's device); results are stored
@@ -438,9 +445,14 @@ class TwinCheckpoint:
         method, effective_kwargs = _shared_config(shared, shared_kwargs, fn)
         if rank is not None:
             rank = _int_arg(rank, "rank", fn, 1)
-        rank_ratio = merging._real(rank_ratio, "rank_ratio", fn)
+        loras = [e if isinstance(e, LoraExpert) else None for e in experts.values()]
+        lora_exact = (rank is None and rank_ratio is None and all(loras)
+                      and shared in ("task_arithmetic", "average"))
+        rank_ratio = merging._real(0.1 if rank_ratio is None else rank_ratio, "rank_ratio", fn)
         if not 0.0 < rank_ratio <= 1.0:
             raise ValueError(f"{fn}: rank_ratio must be in (0, 1], got {rank_ratio!r}")
+        experts = {task: e.bind(base) if isinstance(e, LoraExpert) else e
+                   for task, e in experts.items()}
         oversample = _int_arg(oversample, "oversample", fn, 0)
         n_iter = _int_arg(n_iter, "n_iter", fn, 0)
         seed = _int_arg(seed, "seed", fn, 0)
@@ -489,7 +501,11 @@ class TwinCheckpoint:
                                      f"NaN/Inf entries")
                 if s.dim() == 2 and s.numel() > 0:
                     m, n = s.shape
-                    r = _rank_for(m, n, rank, rank_ratio)
+                    lora_ranks = [lora.rank(name) for lora in loras] if lora_exact else [None]
+                    if None in lora_ranks:
+                        r = _rank_for(m, n, rank, rank_ratio)
+                    else:  # the span of the adapters' products: exact at rank Σ rt
+                        r = _rank_for(m, n, sum(lora_ranks), rank_ratio)
                     U, S, V = truncated_svd(deltas, r, oversample, n_iter, seed)
                     U, S, V = U.to(s.dtype), S.to(s.dtype), V.to(s.dtype)
                     errors[name] = _relative_errors(deltas, U, S, V, name, tasks, fn)
@@ -507,7 +523,8 @@ class TwinCheckpoint:
             "format_version": FORMAT_VERSION,
             "library_version": twinmerge_ext.__version__,
             "shared": {"method": shared, "kwargs": effective_kwargs},
-            "compression": {"rank": rank, "rank_ratio": rank_ratio, "oversample": oversample,
+            "compression": {"rank": rank, "rank_ratio": rank_ratio, "lora_exact_rank": lora_exact,
+                            "oversample": oversample,
                             "n_iter": n_iter, "seed": seed, "include": _pattern_list(include),
                             "exclude": _pattern_list(exclude)},
             "heads": _pattern_list(heads),
