@@ -5,7 +5,6 @@ import collections
 import hashlib
 import io
 import json
-import lzma
 import os
 import sys
 import tarfile
