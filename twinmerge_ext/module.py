@@ -108,41 +108,33 @@ class _TwinLayer:
 
 
 class _TwinLinear(_TwinLayer):
-    def _twin_forward(self, ctx, x):
-        rw = ctx.row_weights
-        B = rw.shape[0]
-        _check_batch(self, x, B)
-        if "weight" in self._twin_lowrank:
-            U, S, V = self._twin_factors("weight")
-            y = lowrank_mix_linear(x, self.weight, self.bias, U, S, V, self._twin_ranks["weight"],
-                                   rw)
-        else:
-            y = F.linear(x, self.weight, self.bias)
-        db = self._twin_dense("bias")
-        if db is not None:
-            y = y + _row_view(_mix_dense(rw, db), B, y.dim(), db.shape[1:]).to(y.dtype)
-        return y
-
-
-class _TwinConv1D(_TwinLayer):
-    """transformers' Conv1D: y = x W + b with W [n_in, n_out] (a transposed Linear)."""
+    def _twin_as_linear(self):
+        """(W [m, n], U_cat [m, K], S_cat, V_cat [n, K]) of y = x Wᵀ + b, the op's layout."""
+        U, S, V = self._twin_factors("weight")
+        return self.weight, U, S, V
 
     def _twin_forward(self, ctx, x):
         rw = ctx.row_weights
         B = rw.shape[0]
         _check_batch(self, x, B)
         if "weight" in self._twin_lowrank:
-            # W = U diag(s) Vᵀ with U [n_in, K], V [n_out, K]: as a Linear, weight Wᵀ and the
-            # factors swap roles.
-            U, S, V = self._twin_factors("weight")
-            y = lowrank_mix_linear(x, self.weight.T, self.bias, V, S, U,
-                                   self._twin_ranks["weight"], rw)
+            W, U, S, V = self._twin_as_linear()
+            y = lowrank_mix_linear(x, W, self.bias, U, S, V, self._twin_ranks["weight"], rw)
         else:
-            y = torch.matmul(x, self.weight) + self.bias
+            y = self._twin_plain(x)
         db = self._twin_dense("bias")
         if db is not None:
             y = y + _row_view(_mix_dense(rw, db), B, y.dim(), db.shape[1:]).to(y.dtype)
         return y
+
+
+class _TwinConv1D(_TwinLinear):
+    """transformers' Conv1D: y = x W + b with W [n_in, n_out], a transposed Linear."""
+
+    def _twin_as_linear(self):
+        # W = U diag(s) Vᵀ with U [n_in, K], V [n_out, K]: as a Linear the factors swap roles.
+        U, S, V = self._twin_factors("weight")
+        return self.weight.T, V, S, U
 
 
 class _TwinEmbedding(_TwinLayer):
