@@ -433,3 +433,16 @@ def test_factored_mode_names_a_layer_whose_input_is_not_batch_first():
         x.reshape(-1, 4), *(twin.merged_state_dict(w)[k] for k in ("proj.weight", "proj.bias"))))
     with pytest.raises(ValueError, match="output leaf 0 .* is not batched along dimension 0"):
         wrapped(x, mix_weights=torch.rand(2, 2))  # but its output cannot be split by row
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["factored", "materialize", "group"])
+def test_cuda_serves_the_same_rows_as_cpu(bert_case, mode):
+    _, _, twin = bert_case
+    ids, mask = _inputs(6, seed=15)
+    rw = _weights(6, seed=15)
+    cpu = _logits(TwinMergedModule(_bert(), twin, mode=mode), ids, mask, mix_weights=rw)
+    gpu_model = TwinMergedModule(_bert().cuda(), twin.to("cuda"), mode=mode)
+    got = _logits(gpu_model, ids.cuda(), mask.cuda(), mix_weights=rw.cuda())
+    _close(got.cpu(), cpu, rtol=1e-4, atol=1e-4)
