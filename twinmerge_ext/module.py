@@ -357,7 +357,8 @@ class TwinMergedModule(nn.Module):
     Tensor inputs whose first dimension is B are the batched ones (sliced per sub-batch in the
     materialize and group modes); outputs are returned in input order.
 
-    After a call, `last_call` holds {"mode", "weights" [B, T], "head_tasks", and for auto the
+    One call at a time per wrapper: the routing state of a call lives on the wrapper (use one
+    wrapper per thread). After a call, `last_call` holds {"mode", "weights" [B, T], "head_tasks", and for auto the
     cost estimates, for group the group of each row}.
 
     Errors: ValueError/TypeError naming the argument and its value (bad mode, a twin that does not
