@@ -597,6 +597,16 @@ def test_heads_round_trip_and_old_files_without_heads(setup, tmp_path):
     assert dict(old.heads) == {} and old.metadata["heads"] is None
 
 
+def test_head_names_may_come_in_any_order(setup):
+    base, experts = setup
+    headed = with_heads(experts, [3, 2, 4])
+    # Like a safetensors file, which lists its tensors sorted: bias before weight.
+    headed["mnli"] = dict(sorted(headed["mnli"].items()))
+    twin = TwinCheckpoint.build(base, headed, rank=1, heads="^classifier")
+    assert all(list(h) == ["classifier.weight", "classifier.bias"] for h in twin.heads.values())
+    assert torch.equal(twin.heads["mnli"]["classifier.bias"], headed["mnli"]["classifier.bias"])
+
+
 def test_head_errors(setup):
     base, experts = setup
     with pytest.raises(ValueError, match=r"heads '\^nothing' match no tensor of experts\['sst2'\]"):

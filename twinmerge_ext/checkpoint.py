@@ -240,10 +240,11 @@ def _extract_heads(experts: Mapping[str, StateSource], is_head, patterns: Patter
             out[task] = {name: src.get_copy(name) for name in names}
     first_task, first = next(iter(out.items()))
     for task, head in out.items():
-        if list(head) != list(first):
+        if set(head) != set(first):
             raise ValueError(f"{fn}: experts must have the same head tensors; "
-                             f"{first_task!r} has {list(first)}, {task!r} has {list(head)}")
-    return out
+                             f"{first_task!r} has {sorted(first)}, {task!r} has {sorted(head)}")
+    # One order for every task (files, e.g. safetensors, may list tensors in another order).
+    return {task: {name: head[name] for name in first} for task, head in out.items()}
 
 
 def _nbytes(t: Tensor) -> int:
@@ -924,10 +925,10 @@ def _parse_heads(entries: Any, tasks: List[str], shared: Dict[str, Dict], bad) -
         head = entries[task]
         if not isinstance(head, dict) or not head:
             raise bad(f"metadata tensors.heads[{task!r}] must be a non-empty object, got {head!r}")
-        if names is not None and list(head) != names:
+        if names is not None and set(head) != set(names):
             raise bad(f"metadata tensors.heads: tasks have different head tensors "
-                      f"({names} vs {list(head)} for {task!r})")
-        names = list(head)
+                      f"({sorted(names)} vs {sorted(head)} for {task!r})")
+        names = names or list(head)
         for name, spec in head.items():
             where = f"tensors.heads[{task!r}][{name!r}]"
             if name in shared:
@@ -939,4 +940,5 @@ def _parse_heads(entries: Any, tasks: List[str], shared: Dict[str, Dict], bad) -
                 raise bad(f"metadata {where} has an invalid shape {shape!r}")
             if dtype not in _DTYPES:
                 raise bad(f"metadata {where} has an unknown dtype {dtype!r}")
-    return {task: entries[task] for task in tasks} if entries else {}
+    return {task: {name: entries[task][name] for name in names} for task in tasks} \
+        if entries else {}
