@@ -109,7 +109,7 @@ def test_parsers(cache):
 
 
 def test_era_boundaries():
-    assert [sum(y > b for b in data._ERAS) for y in (1860, 1861, 1932, 1980, 1981)] == [0, 1, 1, 2, 3]
+    assert [data._era(y) for y in (1790, 1860, 1861, 1932, 1933, 1980, 1981)] == [0, 0, 1, 1, 2, 2, 3]
 
 
 def test_fetch_uses_a_verified_cached_file_without_a_client(cache, monkeypatch):

@@ -116,6 +116,19 @@ def test_lora_twin_serves_exactly(adapters):
                                    rtol=1e-4, atol=1e-4)
 
 
+def test_merging_takes_a_bound_adapter(adapters):
+    from twinmerge_ext import merging
+    base = _bert().state_dict()
+    lora = LoraExpert(adapters["a"])
+    with pytest.raises(TypeError, match=r"experts\['a'\] is a LoraExpert, an adapter without its "
+                                        r"base: pass experts\['a'\].bind\(base\)"):
+        merging.task_arithmetic(base, {"a": lora})
+    merged = merging.task_arithmetic(base, {"a": lora.bind(base)}, scale=1.0)
+    want = _peft_merged(adapters["a"])
+    for k, v in want.items():
+        torch.testing.assert_close(merged[k], v, rtol=1e-5, atol=1e-5, msg=k)
+
+
 def test_lora_errors(adapters, tmp_path):
     with pytest.raises(ValueError, match="not a PEFT adapter directory"):
         LoraExpert(tmp_path)

@@ -7,7 +7,8 @@ the deltas (Σ wt Bt · Σ wt At has cross terms Bi·Aj, METHOD.md §2); here ev
 product, one tensor at a time, so an adapter never costs more memory than one dense matrix.
 
 `LoraExpert(path)` reads an adapter directory written by PEFT's `save_pretrained` through peft
-itself (its config, weights and pattern rules). Pass it to `TwinCheckpoint.build` as an expert.
+itself (its config, weights and pattern rules). Pass it to `TwinCheckpoint.build` as an expert,
+or `lora.bind(base)` to the functions of `merging`.
 """
 
 import math
@@ -25,7 +26,7 @@ __all__ = ["LoraExpert"]
 _PREFIX = "base_model.model."
 
 
-class LoraExpert(merging._Derived):
+class LoraExpert:
     """A PEFT LoRA adapter directory, used as the expert θ0 + scale·B A.
 
     Semantics: for a target weight W (Linear: [out, in]), θt[W] = θ0[W] + scale·B A with

