@@ -223,6 +223,60 @@ def test_group_with_enough_groups_is_exact_and_fewer_groups_use_group_means(bert
     _close(got, _reference_bert(twin, ids, mask, means[groups], head_tasks=rw.argmax(-1)))
 
 
+def test_groups_is_the_plan_of_group_mode_and_serving_it_by_hand_gives_the_same_output(
+        bert_case):
+    _, _, twin = bert_case
+    ids, mask = _inputs(8, seed=14)
+    rw = _weights(8, seed=14)
+    wrapped = TwinMergedModule(_bert(), twin, mode="group", n_groups=4)
+    want = _logits(wrapped, ids, mask, mix_weights=rw)
+    member, centers = wrapped.groups(rw)
+    assert torch.equal(member, wrapped.last_call["groups"])
+    assert centers.shape == (int(member.max()) + 1, 3)
+    # A server's own execution of the plan: each group in one-row calls with its [T] weights.
+    wrapped.mode = "materialize"
+    for g in range(centers.shape[0]):
+        for b in (member == g).nonzero().flatten().tolist():
+            got = _logits(wrapped, ids[b:b + 1], mask[b:b + 1], mix_weights=centers[g],
+                          head_tasks=rw[b:b + 1].argmax(-1))
+            _close(got, want[b:b + 1])
+    with pytest.raises(ValueError, match=r"groups: weights must be a \[B, T=3\]"):
+        wrapped.groups(rw[0])
+    with pytest.raises(ValueError, match="NaN"):
+        wrapped.groups(torch.full((2, 3), float("nan")))
+
+
+def test_materialize_merges_once_for_repeated_weights_and_again_after_any_change(
+        bert_case, monkeypatch):
+    _, _, twin = bert_case
+    ids, mask = _inputs(3, seed=15)
+    w = torch.tensor([0.2, 0.5, 0.3])
+    wrapped = TwinMergedModule(_bert(), twin, mode="materialize")
+    calls = []
+    real = tm.module.lowrank_merge_
+    monkeypatch.setattr(tm.module, "lowrank_merge_", lambda *a: calls.append(1) or real(*a))
+    first = _logits(wrapped, ids, mask, mix_weights=w)
+    per_merge = len(calls)
+    assert per_merge > 0
+    _close(_logits(wrapped, ids, mask, mix_weights=w.clone()), first)
+    assert len(calls) == per_merge  # same weights, nothing changed: the buffers are reused
+    other = torch.tensor([0.6, 0.2, 0.2])
+    _close(_logits(wrapped, ids, mask, mix_weights=other),
+           _reference_bert(twin, ids, mask, other.expand(3, 3)))
+    assert len(calls) == 2 * per_merge
+    # θs changed in place (as load_state_dict or an optimizer would): merged again, correctly.
+    layer = wrapped.module.bert.encoder.layer[0].attention.self.query
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    got = _logits(wrapped, ids, mask, mix_weights=other)
+    assert len(calls) == 3 * per_merge
+    with torch.no_grad():
+        layer.weight.sub_(1.0)
+    _close(_logits(wrapped, ids, mask, mix_weights=other),
+           _reference_bert(twin, ids, mask, other.expand(3, 3)))
+    assert not torch.allclose(got, first)
+
+
 def test_one_vector_equals_the_same_row_everywhere(bert_case):
     _, _, twin = bert_case
     ids, mask = _inputs(4, seed=5)

@@ -321,6 +321,10 @@ def _concat_outputs(outs: List[Any], counts: List[int], what: str):
     return pytree.tree_unflatten(merged, spec)
 
 
+def _describe_tensor(v) -> str:
+    return f"{v.dtype} {list(v.shape)}" if isinstance(v, Tensor) else repr(v)
+
+
 def _first_batched(args, kwargs) -> Optional[Tensor]:
     for v in list(args) + list(kwargs.values()):
         if isinstance(v, Tensor) and v.dim() >= 1:
@@ -434,6 +438,7 @@ class TwinMergedModule(nn.Module):
         self._patch_heads(twin, fn)
         self._buffers_ready = False
         self._merge_buffers = nn.Module()
+        self._merged_key: Optional[tuple] = None
 
     # --- construction ---------------------------------------------------------------------------
 
@@ -667,7 +672,36 @@ class TwinMergedModule(nn.Module):
         return {name: getattr(self._merge_buffers, f"b{i}")
                 for i, (name, _, _, _) in enumerate(self._mixed)}
 
+    def _merge_sources(self) -> List[Tensor]:
+        """Every tensor a merge reads or writes: θs, the factors or deltas, the buffers."""
+        out = []
+        for i, (_, layer, attr, kind) in enumerate(self._mixed):
+            out.append(getattr(layer, attr))
+            out.extend(layer._twin_factors(attr) if kind == "lowrank"
+                       else (layer._twin_dense(attr),))
+            out.append(getattr(self._merge_buffers, f"b{i}"))
+        return out
+
+    def _merge_key(self, w: Tensor) -> Optional[tuple]:
+        """What a merge's result depends on: the weights' values and the identity and version
+        counter of every tensor it touches (an in-place change or a replaced parameter changes
+        it). None when it cannot be told cheaply: weights on an accelerator (reading them would
+        synchronize, which CUDA-graph capture forbids) or inference tensors (no version
+        counter); those calls always merge."""
+        if w.device.type != "cpu":
+            return None
+        try:
+            return (tuple(w.tolist()),) + tuple((id(t), t._version) for t in self._merge_sources())
+        except RuntimeError:
+            return None
+
     def _merge_into(self, buffers: Dict[str, Tensor], w: Tensor) -> Dict[str, Tensor]:
+        """Merges θ(w) into the buffers, unless they already hold it (same weights, nothing
+        changed since): a server calling with one weight vector per batch merges once."""
+        key = self._merge_key(w)
+        if key is not None and key == self._merged_key:
+            return buffers
+        self._merged_key = None
         with torch.no_grad():
             for name, layer, attr, kind in self._mixed:
                 p, buf = getattr(layer, attr), buffers[name]
@@ -677,6 +711,8 @@ class TwinMergedModule(nn.Module):
                     lowrank_merge_(buf, p, U, S, V, layer._twin_ranks[attr], wd)
                 else:
                     dense_merge_(buf, p, layer._twin_dense(attr), wd)
+        if key is not None:
+            self._merged_key = self._merge_key(w)  # the buffers' versions moved on
         return buffers
 
     def _run_merged(self, args, kwargs, rw: Tensor, head_tasks: Optional[Tensor],
@@ -689,7 +725,7 @@ class TwinMergedModule(nn.Module):
             groups = [(None, rw[0])]
         else:
             if group:
-                member, centers = self._groups(rw)
+                member, centers = self.groups(rw)
                 self.last_call["groups"] = member
             else:
                 centers, member = torch.unique(rw, dim=0, return_inverse=True)
@@ -724,11 +760,31 @@ class TwinMergedModule(nn.Module):
         inverse[perm] = torch.arange(B, device=perm.device)
         return _map_rows(lambda v: v[inverse.to(v.device)], B, out)
 
-    def _groups(self, rw: Tensor) -> Tuple[Tensor, Tensor]:
-        """The paper's groups: argmax bins, KMeans on the weights inside each bin, n_groups in
-        all (at least one per bin; a bin with no more distinct rows than its share keeps each
-        distinct row as its own group, exactly). Returns (group of each row [B], group mean
-        weights [G, T])."""
+    def groups(self, weights: Tensor, n_groups: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+        """The groups of mode="group": the paper's group-wise variant, as a plan a server can
+        run itself (e.g. each group's rows in several length-bucketed batches, all with the
+        group's weights: after the first, calls with the same [T] weights reuse the merge).
+
+        Semantics: rows binned by the argmax of their weights, KMeans on the weights inside each
+        bin, n_groups groups in all (default: the wrapper's; at least one per bin; a bin with no
+        more distinct rows than its share keeps each distinct row as its own group, exactly).
+        Shape: weights [B, T] -> (group of each row [B] int64, group mean weights [G, T]).
+        Deterministic for the wrapper's seed. Errors: ValueError for weights of the wrong shape
+        or with NaN/Inf.
+        """
+        fn = "TwinMergedModule.groups"
+        if not isinstance(weights, Tensor) or weights.dim() != 2:
+            raise ValueError(f"{fn}: weights must be a [B, T={len(self.tasks)}] tensor, got "
+                             f"{_describe_tensor(weights)}")
+        rw = self._check_weights(weights, None, fn)
+        if rw.shape[0] == 0:
+            raise ValueError(f"{fn}: weights has no rows")
+        if not torch.isfinite(rw).all():
+            raise ValueError(f"{fn}: weights has NaN/Inf entries")
+        if n_groups is None:
+            n_groups = self.n_groups
+        elif isinstance(n_groups, bool) or not isinstance(n_groups, Integral) or n_groups < 1:
+            raise ValueError(f"{fn}: n_groups must be None or an int >= 1, got {n_groups!r}")
         w = rw.detach().double().cpu()
         bins = w.argmax(-1)
         uniques = {}
@@ -737,7 +793,7 @@ class TwinMergedModule(nn.Module):
             u, inv = torch.unique(w[rows], dim=0, return_inverse=True)
             uniques[t] = (rows, u, inv)
         share = {t: 1 for t in uniques}
-        spare = self.n_groups - len(uniques)
+        spare = n_groups - len(uniques)
         while spare > 0:
             # D'Hondt: the next group goes to the bin with the most distinct rows per group.
             open_bins = [t for t in uniques if share[t] < uniques[t][1].shape[0]]
