@@ -271,6 +271,29 @@ def test_pooled_features_masked_mean(bert):
                                h[-1][torch.arange(4), last])
 
 
+def test_pooled_features_of_several_layers_concatenate_and_travel_in_the_config(bert):
+    ids, mask = _padded([3, 9, 5, 1], 1, 100)
+    one = [pooled_features(bert, ids, mask, layer=i) for i in (0, -1)]
+    both = pooled_features(bert, ids, mask, layer=[0, -1])
+    assert both.shape == (4, 64)
+    torch.testing.assert_close(both, torch.cat(one, 1))
+    torch.testing.assert_close(pooled_features(bert, ids, mask, layer=(-1, 0), pooling="cls"),
+                               torch.cat([pooled_features(bert, ids, mask, layer=i,
+                                                          pooling="cls") for i in (-1, 0)], 1))
+    r = TwinRouter(64, ["a", "b"], layer=[0, -1])
+    assert r.layer == (0, -1)
+    cfg = json.loads(json.dumps(r.config()))
+    assert cfg["layer"] == [0, -1]
+    assert TwinRouter.from_config(cfg, r.state_dict()).layer == (0, -1)
+    with pytest.raises(ValueError, match=r"layer must be in \[-3, 3\) for 3 hidden states, got 5"):
+        pooled_features(bert, ids, mask, layer=[0, 5])
+    with pytest.raises(ValueError, match=r"layer must be an int or a non-empty sequence"):
+        TwinRouter(64, ["a", "b"], layer=[])
+    with pytest.raises(TypeError, match=r"layer must be an int, got 1.5"):
+        fit_router(lambda f: f, {"a": [torch.randn(4, 8)], "b": [torch.randn(4, 8)]},
+                   layer=[0, 1.5])
+
+
 def test_pooled_features_left_padding(bert):
     ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])

@@ -3,8 +3,8 @@
 - `TwinRouter`: the authors' MLP over pooled features of the shared expert, T logits per input.
   `weights()` turns them into mixing weights `w(x) = softmax(router(x) / temperature)`, with an
   optional top-k renormalization (the paper uses temperature 1 and no top-k).
-- `pooled_features`: the router's input, the shared expert's hidden states of one layer pooled
-  over the real (non-padding) tokens of each sequence.
+- `pooled_features`: the router's input, the shared expert's hidden states of one layer (or
+  several, concatenated) pooled over the real (non-padding) tokens of each sequence.
 - `fit_router`: trains the router with cross-entropy on task ids and selects the epoch on a
   held-out validation split of the given data. The authors' code selects it on the test set
   (METHOD.md §2); this module never sees a test set.
@@ -31,6 +31,16 @@ def _int_arg(value, arg: str, fn: str, minimum: Optional[int]) -> int:
     if minimum is not None and value < minimum:
         raise ValueError(f"{fn}: {arg} must be >= {minimum}, got {value!r}")
     return int(value)
+
+
+def _layer_arg(value, fn: str) -> Union[int, Tuple[int, ...]]:
+    """layer: one hidden-state index, or a non-empty sequence of them (features concatenated)."""
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError(f"{fn}: layer must be an int or a non-empty sequence of ints, "
+                             f"got {value!r}")
+        return tuple(_int_arg(v, "layer", fn, None) for v in value)
+    return _int_arg(value, "layer", fn, None)
 
 
 def _real_arg(value, arg: str, fn: str) -> float:
@@ -65,8 +75,9 @@ class TwinRouter(nn.Module):
         hidden: h, the width of both hidden layers; None -> 2·d (the authors' size).
         dropout: p of both Dropout layers, in [0, 1).
         negative_slope: of both LeakyReLUs (0.01 as in the authors' code).
-        layer, pooling: how its features are made from the shared expert (`pooled_features`);
-            kept with the router so that whoever serves it (TwinMergedModule) pools the same way.
+        layer, pooling: how its features are made from the shared expert (`pooled_features`;
+            layer may be a sequence of layers, their pooled states concatenated); kept with the
+            router so that whoever serves it (TwinMergedModule) pools the same way.
 
     BatchNorm1d makes the output depend on the batch in training mode; call `.eval()` (as
     `fit_router` and `from_config` return it) before routing inputs.
@@ -74,8 +85,8 @@ class TwinRouter(nn.Module):
     """
 
     def __init__(self, in_features: int, tasks: Sequence[str], hidden: Optional[int] = None,
-                 dropout: float = 0.5, negative_slope: float = 0.01, layer: int = -1,
-                 pooling: str = "mean"):
+                 dropout: float = 0.5, negative_slope: float = 0.01,
+                 layer: Union[int, Sequence[int]] = -1, pooling: str = "mean"):
         super().__init__()
         fn = "TwinRouter"
         in_features = _int_arg(in_features, "in_features", fn, 1)
@@ -87,7 +98,7 @@ class TwinRouter(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"{fn}: dropout must be in [0, 1), got {dropout!r}")
         negative_slope = _real_arg(negative_slope, "negative_slope", fn)
-        layer = _int_arg(layer, "layer", fn, None)
+        layer = _layer_arg(layer, fn)
         if pooling not in _POOLINGS:
             raise ValueError(f"{fn}: pooling must be one of {list(_POOLINGS)}, got {pooling!r}")
 
@@ -156,7 +167,8 @@ class TwinRouter(nn.Module):
         """The constructor arguments as a JSON-serializable dict (for checkpoints)."""
         return {"in_features": self.in_features, "tasks": list(self.tasks), "hidden": self.hidden,
                 "dropout": self.dropout, "negative_slope": self.negative_slope,
-                "layer": self.layer, "pooling": self.pooling}
+                "layer": list(self.layer) if isinstance(self.layer, tuple) else self.layer,
+                "pooling": self.pooling}
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any],
@@ -195,12 +207,14 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def pooled_features(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
-                    layer: int = -1, pooling: str = "mean") -> Tensor:
-    """The router's input: one layer of a transformers model's hidden states, pooled per sequence.
+                    layer: Union[int, Sequence[int]] = -1, pooling: str = "mean") -> Tensor:
+    """The router's input: a transformers model's hidden states, pooled per sequence.
 
     Semantics (mean): f[b] = Σ_l m[b,l]·H[b,l,:] / Σ_l m[b,l], H = hidden_states[layer];
-    "cls": H at the first non-padding token; "last": H at the last non-padding token.
-    Shape: input_ids [B, L] (int), attention_mask [B, L] (0 = padding) -> f [B, d], float32.
+    "cls": H at the first non-padding token; "last": H at the last non-padding token. With a
+    sequence of layers, f = the concatenation of each layer's pooled state, in that order.
+    Shape: input_ids [B, L] (int), attention_mask [B, L] (0 = padding) -> f [B, d·len(layers)],
+    float32.
 
     `model` is any module whose forward takes input_ids, attention_mask and
     output_hidden_states=True and returns `hidden_states` (index 0 = embeddings, -1 = last layer).
@@ -219,7 +233,7 @@ def pooled_features(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
         raise ValueError(f"{fn}: attention_mask must be a tensor of input_ids' shape "
                          f"{list(input_ids.shape)}, got "
                          f"{_describe(attention_mask)}")
-    layer = _int_arg(layer, "layer", fn, None)
+    layer = _layer_arg(layer, fn)
     mask = attention_mask != 0
     empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
     if empty:
@@ -246,19 +260,26 @@ def pooled_features(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
     return pool_hidden_states(hidden_states, mask, layer, pooling, fn)
 
 
-def pool_hidden_states(hidden_states: Sequence[Tensor], attention_mask: Tensor, layer: int = -1,
-                       pooling: str = "mean", fn: str = "pool_hidden_states") -> Tensor:
+def pool_hidden_states(hidden_states: Sequence[Tensor], attention_mask: Tensor,
+                       layer: Union[int, Sequence[int]] = -1, pooling: str = "mean",
+                       fn: str = "pool_hidden_states") -> Tensor:
     """The pooling of `pooled_features`, on hidden states already computed (one forward can
     serve several (layer, pooling) choices).
 
     Shape: hidden_states: a sequence of [B, L, d] (index 0 = embeddings); attention_mask [B, L]
-    -> [B, d] float32.
+    -> [B, d] float32 ([B, d·len(layer)] for a sequence of layers).
     """
     if pooling not in _POOLINGS:
         raise ValueError(f"{fn}: pooling must be one of {list(_POOLINGS)}, got {pooling!r}")
+    layer = _layer_arg(layer, fn)
     n = len(hidden_states)
-    if not -n <= layer < n:
-        raise ValueError(f"{fn}: layer must be in [{-n}, {n}) for {n} hidden states, got {layer}")
+    for i in (layer if isinstance(layer, tuple) else (layer,)):
+        if not -n <= i < n:
+            raise ValueError(f"{fn}: layer must be in [{-n}, {n}) for {n} hidden states, "
+                             f"got {i}")
+    if isinstance(layer, tuple):
+        return torch.cat([pool_hidden_states(hidden_states, attention_mask, i, pooling, fn)
+                          for i in layer], dim=-1)
     h = hidden_states[layer].float()
     mask = (attention_mask != 0).to(h.device)
     if pooling == "mean":
@@ -299,7 +320,7 @@ def fit_router(features_fn_or_model: Union[nn.Module, Callable[[Any], Tensor]],
                weight_decay: float = 0.01, batch_size: int = 64, val_fraction: float = 0.2,
                hidden: Optional[int] = None, dropout: float = 0.5, seed: int = 0,
                max_items_per_task: int = 1000, device: Optional[Union[str, torch.device]] = None,
-               progress: bool = False, layer: int = -1,
+               progress: bool = False, layer: Union[int, Sequence[int]] = -1,
                pooling: str = "mean") -> Tuple[TwinRouter, Dict[str, Any]]:
     """Trains a `TwinRouter` to predict each input's task; selects the epoch on held-out data.
 
@@ -355,6 +376,7 @@ def fit_router(features_fn_or_model: Union[nn.Module, Callable[[Any], Tensor]],
         raise ValueError(f"{fn}: dropout must be in [0, 1), got {dropout!r}")
     if pooling not in _POOLINGS:
         raise ValueError(f"{fn}: pooling must be one of {list(_POOLINGS)}, got {pooling!r}")
+    layer = _layer_arg(layer, fn)
     if not callable(features_fn_or_model):
         raise TypeError(f"{fn}: features_fn_or_model must be an nn.Module or a callable, "
                         f"got {type(features_fn_or_model).__name__}")
