@@ -14,13 +14,20 @@ METHODS = {"expert", "average", "task_arithmetic", "ties", "dare", "twin", "twin
            "twin_oracle", "twin_rank1"}
 
 
-def test_quick_demo_runs_and_reports(tmp_path):
-    out = tmp_path / "results"
+TIMED = {"task_arithmetic", "twin", "twin_group", "twin_rank1"}
+
+
+def _demo(out, *flags):
     run = subprocess.run([sys.executable, "-m", "twinmerge_ext.demo", "--quick", "--out",
-                          str(out)], capture_output=True, text=True, timeout=1200,
+                          str(out), *flags], capture_output=True, text=True, timeout=1200,
                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
-    res = json.loads((out / "results.json").read_text())
+    return run, json.loads((out / "results.json").read_text())
+
+
+def test_quick_demo_runs_and_reports_and_a_rerun_reuses_every_result(tmp_path):
+    out = tmp_path / "results"
+    run, res = _demo(out, "--recompute")
     assert (out / "results.png").stat().st_size > 1000
     md = (out / "results.md").read_text()
     assert "Twin-Merging (per row, exact)" in md and md in run.stdout
@@ -32,9 +39,19 @@ def test_quick_demo_runs_and_reports(tmp_path):
     for m in METHODS - {"expert"}:
         for protocol in ("standard", "routed"):
             assert 0.0 <= res["methods"][m][protocol]["normalized_mean"] <= 200.0
-        assert res["methods"][m]["seconds_per_1000"] > 0
-    assert res["router"]["val_accuracy"] > 0.6
+        assert (res["methods"][m].get("seconds_per_1000", 0) > 0) == (m in TIMED)
+    assert res["router"]["val_accuracy"] > 0.6 and res["router"]["seconds_per_1000"] > 0
     assert res["storage_mb"]["twin_over_one_model"] <= 1 + 0.2 * len(tasks)
     assert res["timing"]["authors_style_seconds_per_1000"] > 0
+    assert res["evaluation_cache"]["reused"] == 0 and res["evaluation_cache"]["computed"] > 0
     # Hyper-parameters were chosen (on validation splits) from the quick grids.
     assert res["methods"]["task_arithmetic"]["hyperparameters"]["scale"] in (0.3, 1.0)
+
+    # A rerun reuses every score (the same numbers), and measures the timings again.
+    _, again = _demo(tmp_path / "again")
+    assert again["evaluation_cache"] == {"reused": res["evaluation_cache"]["computed"],
+                                         "computed": 0}
+    for m in METHODS:
+        assert again["methods"][m]["standard"] == res["methods"][m]["standard"]
+        assert again["methods"][m]["routed"] == res["methods"][m]["routed"]
+    assert again["router"]["test_accuracy_per_task"] == res["router"]["test_accuracy_per_task"]

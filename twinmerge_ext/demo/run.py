@@ -4,6 +4,12 @@ and write the table.
 
 Every choice is made on validation splits; the test splits are only scored. The router trains
 on at most `router_items` training items per task.
+
+Caches (under --cache): the experts, keyed by model, data and hyper-parameters; the twins and
+every score, router feature and weight (`EvalCache`), keyed also by the code of twinmerge_ext and
+the torch and transformers versions, so a rerun recomputes only what changed (`--recompute`:
+everything but the experts). Timings are never cached: every run measures them on a sample of
+the stream, in interleaved rounds.
 """
 
 import argparse
@@ -16,7 +22,6 @@ import os
 import platform
 import random
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -26,7 +31,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import twinmerge_ext
-from twinmerge_ext import TwinCheckpoint, TwinMergedModule, fit_router, merging
+from twinmerge_ext import TwinCheckpoint, TwinMergedModule, TwinRouter, fit_router, merging
 from twinmerge_ext.demo import data as demo_data
 from twinmerge_ext.router import pool_hidden_states
 
@@ -46,15 +51,20 @@ class Config:
     lr: float = 1e-4
     router_items: int = 1000
     router_epochs: int = 20
-    router_lrs: Tuple[float, ...] = (5e-4, 2e-3)
+    router_lrs: Tuple[float, ...] = (5e-4,)
     eval_batch: int = 32
     n_groups: int = 20
-    authors_sample: int = 64
+    authors_sample: int = 48
     ta_scales: Tuple[float, ...] = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
     ties_grid: Tuple[Tuple[float, float], ...] = ((0.2, 0.5), (0.2, 1.0), (0.5, 0.5), (0.5, 1.0))
     dare_grid: Tuple[Tuple[float, float], ...] = ((0.5, 0.3), (0.9, 0.3), (0.9, 0.5))
-    router_features: Tuple[Tuple[int, str], ...] = ((-1, "mean"), (-2, "mean"), (-1, "cls"))
+    # (layer or layers concatenated, pooling) of θs's hidden states (0 = embeddings, 6 = last)
+    router_features: Tuple[Tuple[object, str], ...] = ((-2, "mean"), ((0, 3, 6), "mean"))
+    router_hidden: int = 768    # the authors' 2·d for one layer of MiniLM; caps concatenations
     grid_val_items: int = 100   # per task, for the static merges' hyper-parameter grids
+    timing_items: int = 512     # the first items of the test stream, timed for every method
+    timing_rounds: int = 2
+    recompute: bool = False     # ignore the evaluation cache (and the cached twins)
     seed: int = 0
     quick: bool = False
 
@@ -64,7 +74,8 @@ class Config:
                    router_items=120, router_epochs=6, router_lrs=(5e-4,), n_groups=4,
                    authors_sample=8,
                    ta_scales=(0.3, 1.0), ties_grid=((0.2, 1.0),), dare_grid=((0.5, 0.3),),
-                   router_features=((-1, "mean"),), grid_val_items=24, quick=True, **kw)
+                   router_features=((-1, "mean"),), grid_val_items=24, timing_items=64,
+                   timing_rounds=1, quick=True, **kw)
 
 
 # --- model and data -----------------------------------------------------------------------------
@@ -125,15 +136,24 @@ def _digest(*parts) -> str:
     return h.hexdigest()[:16]
 
 
+def expert_key(task: str, train: Encoded, cfg: Config) -> str:
+    """What an expert depends on: model, task, training data and hyper-parameters."""
+    return _digest(MODEL_ID, task, train.ids.tolist(), train.labels.tolist(), cfg.steps,
+                   cfg.batch, cfg.lr, cfg.max_length, cfg.seed)
+
+
 def fine_tune(task: str, train: Encoded, num_labels: int, cfg: Config, cache_dir: str,
-              log: Callable[[str], None]) -> Dict[str, torch.Tensor]:
+              log: Callable[[str], None],
+              seconds: Optional[Dict[str, Optional[float]]] = None) -> Dict[str, torch.Tensor]:
     """One expert: the pretrained model fine-tuned on the task (word embeddings frozen), cached
-    as safetensors keyed by model, data and hyper-parameters."""
-    key = _digest(MODEL_ID, task, train.ids.tolist(), train.labels.tolist(), cfg.steps,
-                  cfg.batch, cfg.lr, cfg.max_length, cfg.seed)
-    path = os.path.join(cache_dir, "experts", f"{task}-{key}.safetensors")
+    as safetensors keyed by model, data and hyper-parameters (`seconds[task]`: the training
+    time, None when cached)."""
+    seconds = {} if seconds is None else seconds
+    path = os.path.join(cache_dir, "experts",
+                        f"{task}-{expert_key(task, train, cfg)}.safetensors")
     if os.path.isfile(path):
         log(f"expert {task}: cached ({os.path.basename(path)})")
+        seconds[task] = None
         return load_file(path)
     from tqdm.auto import tqdm
     model = _new_model(num_labels, cfg.seed)
@@ -150,7 +170,8 @@ def fine_tune(task: str, train: Encoded, num_labels: int, cfg: Config, cache_dir
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    log(f"expert {task}: {cfg.steps} steps in {time.perf_counter() - t0:.0f} s")
+    seconds[task] = time.perf_counter() - t0
+    log(f"expert {task}: {cfg.steps} steps in {seconds[task]:.0f} s")
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
@@ -161,6 +182,34 @@ def fine_tune(task: str, train: Encoded, num_labels: int, cfg: Config, cache_dir
 
 # --- serving and scoring ------------------------------------------------------------------------
 
+# A forward's fixed cost (dispatch, small ops) in padded-token equivalents: the cost model of
+# `length_buckets`. Measured here: a batch of 32 rows costs about 3 ms more as two halves.
+BUCKET_OVERHEAD = 128
+
+
+def length_buckets(lengths: Sequence[int], overhead: int = BUCKET_OVERHEAD) -> List[List[int]]:
+    """A batch's rows (indices) split into micro-batches of similar length.
+
+    Semantics: the rows sorted by length, cut into contiguous runs minimizing
+    Σ_runs (rows · longest) + overhead · runs, the padded tokens computed plus a fixed cost per
+    forward (exact dynamic programme, O(n²) for n rows). Each row's output is the one it has in
+    the padded batch (padding is masked); only the padding is not computed.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    ls = [int(lengths[i]) for i in order]
+    best, cut = [0.0] + [math.inf] * len(ls), [0] * (len(ls) + 1)
+    for j in range(1, len(ls) + 1):
+        for i in range(j):
+            cost = best[i] + (j - i) * ls[j - 1] + overhead
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    runs, j = [], len(ls)
+    while j > 0:
+        runs.append(order[cut[j]:j])
+        j = cut[j]
+    return runs[::-1]
+
+
 @dataclass
 class Stream:
     """The test (or validation) splits of every task as one shuffled stream."""
@@ -169,11 +218,22 @@ class Stream:
     labels: torch.Tensor
     tasks: torch.Tensor     # the true task of each item
 
-    def batches(self, size: int):
-        for s in range(0, len(self.labels), size):
-            sl = slice(s, s + size)
-            ids, mask = _trim(self.ids[sl], self.mask[sl])
-            yield sl, ids, mask
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def head(self, n: int) -> "Stream":
+        return Stream(self.ids[:n], self.mask[:n], self.labels[:n], self.tasks[:n])
+
+    def batches(self, size: int, rows: Optional[torch.Tensor] = None):
+        """(rows, ids, mask) micro-batches: the stream (or `rows` of it, in order) served in
+        batches of `size` as they arrive, each run as length-bucketed micro-batches."""
+        rows = torch.arange(len(self)) if rows is None else rows
+        lengths = self.mask.sum(1)
+        for s in range(0, len(rows), size):
+            batch = rows[s:s + size]
+            for run in length_buckets(lengths[batch].tolist()):
+                idx = batch[run]
+                yield (idx,) + _trim(self.ids[idx], self.mask[idx])
 
 
 def make_stream(parts: Sequence[Encoded], seed: int) -> Stream:
@@ -203,86 +263,124 @@ class StaticServer:
         self.b = torch.stack([F.pad(h["classifier.bias"], (0, width - h["classifier.bias"].shape[0]),
                                     value=-math.inf) for h in heads])
 
-    def pooled(self, ids, mask):
-        return self.model.bert(input_ids=ids, attention_mask=mask).pooler_output
+    def __call__(self, ids, mask, head_tasks):
+        """Predictions [b, H] for head_tasks [b, H]: one body pass, H heads per row."""
+        return self.predict(self.model.bert(input_ids=ids, attention_mask=mask).pooler_output,
+                            head_tasks)
 
-    def logits(self, pooled, head_tasks):
-        """BertForSequenceClassification's head (dropout is off in eval), one task per row."""
-        return torch.einsum("bd,bkd->bk", pooled, self.W[head_tasks]) + self.b[head_tasks]
-
-
-def _router_features(model, e: Encoded, candidates) -> Dict[Tuple[int, str], torch.Tensor]:
-    """pooled_features for every (layer, pooling) candidate, one forward of θs per batch."""
-    out: Dict[Tuple[int, str], List[torch.Tensor]] = {c: [] for c in candidates}
-    was_training = model.training
-    model.eval()
-    with torch.inference_mode():
-        for s in range(0, len(e.ids), 64):
-            mask = e.mask[s:s + 64]
-            states = model(input_ids=e.ids[s:s + 64], attention_mask=mask,
-                           output_hidden_states=True).hidden_states
-            for layer, pooling in candidates:
-                out[(layer, pooling)].append(pool_hidden_states(states, mask, layer, pooling))
-    model.train(was_training)
-    return {c: torch.cat(v) for c, v in out.items()}
+    def predict(self, pooled, head_tasks):
+        """BertForSequenceClassification's head (dropout is off in eval), H heads per row."""
+        logits = torch.einsum("bd,bhkd->bhk", pooled, self.W[head_tasks]) + self.b[head_tasks]
+        return logits.argmax(-1)
 
 
-@contextmanager
-def _timer(acc: List[float]):
-    t0 = time.perf_counter()
-    yield
-    acc.append(time.perf_counter() - t0)
+def _heads(stream: Stream, idx: torch.Tensor, routed: Optional[torch.Tensor]) -> torch.Tensor:
+    """Per row: [true task] (standard protocol), or [true task, routed task]."""
+    cols = [stream.tasks[idx]] + ([] if routed is None else [routed[idx]])
+    return torch.stack(cols, 1)
 
 
-def evaluate_static(server: StaticServer, stream: Stream, T: int,
-                    routed: Optional[torch.Tensor] = None) -> Dict[str, object]:
-    """Scores with the task's own head (standard) and, given routed tasks, the router's."""
-    standard, by_router, seconds = [], [], []
-    with torch.inference_mode():
-        for sl, ids, mask in stream.batches(32):
-            with _timer(seconds):
-                pooled = server.pooled(ids, mask)
-                standard.append(server.logits(pooled, stream.tasks[sl]).argmax(-1))
-            if routed is not None:  # the same body output, another head per row
-                by_router.append(server.logits(pooled, routed[sl]).argmax(-1))
-    out = {"standard": _scores(torch.cat(standard), stream, T), "seconds": sum(seconds)}
-    if routed is not None:
-        out["routed"] = _scores(torch.cat(by_router), stream, T)
+def _protocols(pred: torch.Tensor, stream: Stream, T: int) -> Dict[str, List[float]]:
+    out = {"standard": _scores(pred[:, 0], stream, T)}
+    if pred.shape[1] > 1:
+        out["routed"] = _scores(pred[:, 1], stream, T)
     return out
 
 
-def evaluate_twin(wrapped: TwinMergedModule, stream: Stream, weights: torch.Tensor, T: int,
-                  mode: str) -> Dict[str, object]:
-    """Scores a twin served with given per-row weights, standard and routed heads.
+def serve_static(server: StaticServer, stream: Stream, routed: Optional[torch.Tensor] = None,
+                 size: int = 32) -> torch.Tensor:
+    """Predictions [N, H] of a static merge on the stream in batches of `size`."""
+    pred = torch.empty(len(stream), 1 if routed is None else 2, dtype=torch.long)
+    with torch.inference_mode():
+        for idx, ids, mask in stream.batches(size):
+            pred[idx] = server(ids, mask, _heads(stream, idx, routed))
+    return pred
 
-    factored: the stream in mixed batches of 32, every row exact. group: the paper's group-wise
-    serving: the whole stream grouped at once (n_groups merges), each group run as one batch.
+
+def serve_static_routing(server: StaticServer, stream: Stream, router: TwinRouter,
+                         size: int = 32) -> Tuple[torch.Tensor, torch.Tensor]:
+    """For a body that is the twin's θs: (predictions [N, 2], the router's weights [N, T]) from
+    one pass, the router reading this pass's hidden states: the twin's first pass and the
+    static model's forward are the same computation (what `TwinMergedModule.route` computes,
+    which the run checks on a sample)."""
+    pred = torch.empty(len(stream), 2, dtype=torch.long)
+    weights = torch.empty(len(stream), router.num_tasks)
+    with torch.inference_mode():
+        for idx, ids, mask in stream.batches(size):
+            out = server.model.bert(input_ids=ids, attention_mask=mask,
+                                    output_hidden_states=True)
+            w = router.weights(pool_hidden_states(out.hidden_states, mask, router.layer,
+                                                  router.pooling))
+            weights[idx] = w
+            pred[idx] = server.predict(out.pooler_output,
+                                       torch.stack([stream.tasks[idx], w.argmax(-1)], 1))
+    return pred, weights
+
+
+def serve_twin(wrapped: TwinMergedModule, stream: Stream, weights: torch.Tensor, mode: str,
+               size: int = 32, n_groups: Optional[int] = None) -> torch.Tensor:
+    """Predictions [N, 2] (true task's head, router's argmax task's head) of a twin.
+
+    factored: the stream in mixed batches, every row exact with its own weights. group: the
+    paper's group-wise serving: the whole stream grouped at once (`wrapped.groups`, n_groups
+    merges), each group's rows served in batches with the group's mean weights (one merge per
+    group: the wrapper reuses it while the weights repeat).
     """
-    wrapped.mode = mode
-    standard, routed, seconds = [], [], []
-    chunks = stream.batches(32) if mode != "group" else [
-        (slice(None),) + _trim(stream.ids, stream.mask)]
+    routed = weights.argmax(-1)
+    pred = torch.empty(len(stream), 2, dtype=torch.long)
     with torch.inference_mode():
-        for sl, ids, mask in chunks:
-            w = weights[sl]
-            # One pass, two heads per row: the router's argmax task's and the true task's.
-            heads = torch.stack([w.argmax(-1), stream.tasks[sl]], 1)
-            with _timer(seconds):
-                pred = wrapped(input_ids=ids, attention_mask=mask, mix_weights=w,
-                               head_tasks=heads).logits.argmax(-1)
-            routed.append(pred[:, 0])
-            standard.append(pred[:, 1])
-    return {"standard": _scores(torch.cat(standard), stream, T),
-            "routed": _scores(torch.cat(routed), stream, T), "seconds": sum(seconds)}
+        if mode == "factored":
+            wrapped.mode = "factored"
+            jobs = [(stream.batches(size), None)]
+        else:
+            member, centers = wrapped.groups(weights, n_groups)
+            wrapped.mode = "materialize"
+            jobs = [(stream.batches(size, (member == g).nonzero().flatten()), centers[g])
+                    for g in range(centers.shape[0])]
+        for batches, center in jobs:
+            for idx, ids, mask in batches:
+                w = weights[idx] if center is None else center
+                pred[idx] = wrapped(input_ids=ids, attention_mask=mask, mix_weights=w,
+                                    head_tasks=_heads(stream, idx, routed)).logits.argmax(-1)
+    return pred
 
 
-def route_stream(wrapped: TwinMergedModule, stream: Stream) -> Tuple[torch.Tensor, float]:
-    weights, seconds = [], []
+def route_stream(wrapped: TwinMergedModule, stream: Stream, size: int = 32) -> torch.Tensor:
+    """The router's weights [N, T] for the stream (the first of the paper's two passes)."""
+    weights = torch.empty(len(stream), len(wrapped.tasks))
     with torch.inference_mode():
-        for _, ids, mask in stream.batches(32):
-            with _timer(seconds):
-                weights.append(wrapped.route(input_ids=ids, attention_mask=mask))
-    return torch.cat(weights), sum(seconds)
+        for idx, ids, mask in stream.batches(size):
+            weights[idx] = wrapped.route(input_ids=ids, attention_mask=mask)
+    return weights
+
+
+def _router_features(model, e: Encoded, candidates) -> Dict[str, torch.Tensor]:
+    """pool_hidden_states for every (layers, pooling) candidate, one forward of θs per batch."""
+    out: Dict[str, List[torch.Tensor]] = {_feature_name(c): [] for c in candidates}
+    lengths = e.mask.sum(1)
+    with torch.inference_mode():
+        for s in range(0, len(e.ids), 64):
+            for run in length_buckets(lengths[s:s + 64].tolist()):
+                idx = s + torch.tensor(run)
+                ids, mask = _trim(e.ids[idx], e.mask[idx])
+                states = model(input_ids=ids, attention_mask=mask,
+                               output_hidden_states=True).hidden_states
+                for layer, pooling in candidates:
+                    out[_feature_name((layer, pooling))].append(
+                        (idx, pool_hidden_states(states, mask, layer, pooling)))
+    result = {}
+    for name, parts in out.items():
+        f = torch.empty(len(e.ids), parts[0][1].shape[1])
+        for idx, v in parts:
+            f[idx] = v
+        result[name] = f
+    return result
+
+
+def _feature_name(candidate) -> str:
+    layer, pooling = candidate
+    layers = layer if isinstance(layer, (tuple, list)) else (layer,)
+    return "+".join(str(x) for x in layers) + ":" + pooling
 
 
 def time_authors_style(twin: TwinCheckpoint, weights: torch.Tensor, stream: Stream,
@@ -293,21 +391,116 @@ def time_authors_style(twin: TwinCheckpoint, weights: torch.Tensor, stream: Stre
              for name, lr in twin.lowrank.items()}
     dense.update(twin.dense)
     model = copy.deepcopy(_skeleton())
-    seconds = []
+    seconds = 0.0
     with torch.inference_mode():
         for i in range(n):
-            with _timer(seconds):
-                merged = {}
-                for name, s in twin.shared.items():
-                    if name in dense:
-                        p = s.clone()
-                        for t in range(len(twin.tasks)):
-                            p += weights[i, t] * dense[name][t]
-                        merged[name] = p
-                model.load_state_dict(merged, strict=False)
-                ids, mask = _trim(stream.ids[i:i + 1], stream.mask[i:i + 1])
-                model.bert(input_ids=ids, attention_mask=mask)
-    return sum(seconds) / n
+            t0 = time.perf_counter()
+            merged = {}
+            for name, s in twin.shared.items():
+                if name in dense:
+                    p = s.clone()
+                    for t in range(len(twin.tasks)):
+                        p += weights[i, t] * dense[name][t]
+                    merged[name] = p
+            model.load_state_dict(merged, strict=False)
+            ids, mask = _trim(stream.ids[i:i + 1], stream.mask[i:i + 1])
+            model.bert(input_ids=ids, attention_mask=mask)
+            seconds += time.perf_counter() - t0
+    return seconds / n
+
+
+def time_interleaved(jobs: Dict[str, Callable[[Stream], object]], stream: Stream, rounds: int,
+                     warmup_items: int = 32) -> Dict[str, float]:
+    """Seconds of each job serving `stream`: the fastest of `rounds` rounds that run every job
+    in turn (so a slow spell of the machine does not fall on one method only), after one
+    untimed warm-up of each on the first `warmup_items` items (lazy buffers, first merges)."""
+    for job in jobs.values():
+        job(stream.head(warmup_items))
+    best = {k: math.inf for k in jobs}
+    for _ in range(rounds):
+        for k, job in jobs.items():
+            t0 = time.perf_counter()
+            job(stream)
+            best[k] = min(best[k], time.perf_counter() - t0)
+    return best
+
+
+# --- the evaluation cache -----------------------------------------------------------------------
+
+def tensor_digest(*tensors: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{list(t.shape)}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=1)
+def code_digest() -> str:
+    """twinmerge_ext's code (every file of the package, the compiled extension included) and
+    the versions of torch and transformers: what every cached result also depends on."""
+    import transformers
+    h = hashlib.sha256(f"{torch.__version__} {transformers.__version__}".encode())
+    root = os.path.dirname(twinmerge_ext.__file__)
+    for d, dirs, files in sorted(os.walk(root)):
+        dirs[:] = sorted(x for x in dirs if x != "__pycache__")
+        for f in sorted(files):
+            if f.endswith((".py", ".so", ".pyd")):
+                h.update(f.encode())
+                with open(os.path.join(d, f), "rb") as fh:
+                    h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
+class EvalCache:
+    """The run's deterministic results (scores, router features, weights), stored under
+    `directory` keyed by everything they depend on: the code (`code_digest`), the experts, the
+    data and the hyper-parameters. A rerun recomputes only what changed; timings are never
+    cached. Disabled, it computes everything and overwrites what it stored."""
+
+    def __init__(self, directory: str, enabled: bool = True):
+        self.dir, self.enabled = directory, enabled
+        self.hits = self.misses = 0
+
+    def _path(self, kind: str, parts, ext: str) -> str:
+        return os.path.join(self.dir, f"{kind}-{_digest(code_digest(), kind, parts)}.{ext}")
+
+    def _get(self, path: str, read, compute, write):
+        if self.enabled and os.path.isfile(path):
+            try:
+                value = read(path)
+                self.hits += 1
+                return value
+            except Exception:  # a damaged entry is recomputed and replaced
+                pass
+        self.misses += 1
+        value = compute()
+        os.makedirs(self.dir, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        try:
+            write(value, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return value
+
+    def json(self, kind: str, parts, compute: Callable[[], object]):
+        def write(value, tmp):
+            with open(tmp, "w") as f:
+                json.dump(value, f)
+
+        def read(path):
+            with open(path) as f:
+                return json.load(f)
+        return self._get(self._path(kind, parts, "json"), read, compute, write)
+
+    def tensors(self, kind: str, parts,
+                compute: Callable[[], Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+        return self._get(self._path(kind, parts, "safetensors"), load_file, compute,
+                         lambda value, tmp: save_file(
+                             {k: v.contiguous() for k, v in value.items()}, tmp))
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -328,8 +521,11 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> Dict[str, object]:
     enc = {n: {s: _encode(tok, getattr(tasks[n], s).texts, getattr(tasks[n], s).labels,
                           cfg.max_length) for s in ("train", "val", "test")} for n in names}
 
-    experts = {n: fine_tune(n, enc[n]["train"], len(tasks[n].label_names), cfg, cfg.cache, log)
-               for n in names}
+    fine_tune_seconds: Dict[str, Optional[float]] = {}
+    experts = {n: fine_tune(n, enc[n]["train"], len(tasks[n].label_names), cfg, cfg.cache, log,
+                            fine_tune_seconds) for n in names}
+    expert_ids = [expert_key(n, enc[n]["train"], cfg) for n in names]
+    memo = EvalCache(os.path.join(cfg.cache, "evals"), enabled=not cfg.recompute)
     base = {k: v for k, v in _new_model(2, cfg.seed).state_dict().items()}
     heads = [{k: v for k, v in experts[n].items() if k.startswith("classifier.")} for n in names]
     bodies = {n: {k: v for k, v in sd.items() if not k.startswith("classifier.")}
@@ -338,26 +534,39 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> Dict[str, object]:
     val = make_stream([enc[n]["val"] for n in names], cfg.seed)
     grid_val = make_stream([_head(enc[n]["val"], cfg.grid_val_items) for n in names], cfg.seed)
     test = make_stream([enc[n]["test"] for n in names], cfg.seed + 1)
+    key = {name: tensor_digest(st.ids, st.mask, st.labels, st.tasks)
+           for name, st in (("val", val), ("grid_val", grid_val), ("test", test))}
 
     results: Dict[str, Dict[str, object]] = {}
     log("experts on their own tasks")
-    expert_scores = []
-    for t, n in enumerate(names):
-        server = StaticServer(bodies[n], heads)
-        sub = Stream(test.ids[test.tasks == t], test.mask[test.tasks == t],
-                     test.labels[test.tasks == t], test.tasks[test.tasks == t])
-        expert_scores.append(evaluate_static(server, sub, T)["standard"][t])
+
+    def own_task(t: int, n: str) -> float:
+        rows = (test.tasks == t).nonzero().flatten()
+        sub = Stream(test.ids[rows], test.mask[rows], test.labels[rows], test.tasks[rows])
+        pred = serve_static(StaticServer(bodies[n], heads), sub)[:, 0]
+        return float((pred == sub.labels).float().mean())
+    expert_scores = [memo.json("expert", [expert_ids[t], key["test"], t],
+                               functools.partial(own_task, t, n)) for t, n in enumerate(names)]
     results["expert"] = {"standard": expert_scores, "routed": expert_scores}
 
-    def static(label: str, method: Callable, grid: Sequence[dict]) -> Dict[str, object]:
-        best, best_acc = None, -1.0
-        for kw in grid:
+    def static(label: str, method: Callable, grid: Sequence[dict]):
+        """The grid point of best mean validation accuracy; its body (merged only if needed)."""
+        best: Dict[str, object] = {}
+
+        def score(kw):
             body = method(base_body, bodies, **kw)
-            acc = float(np.mean(evaluate_static(StaticServer(body, heads), grid_val, T)["standard"]))
-            if acc > best_acc:
-                best, best_acc = (kw, body), acc
-        log(f"{label}: chosen {best[0]} (validation {best_acc:.3f})")
-        return best
+            pred = serve_static(StaticServer(body, heads), grid_val)[:, 0]
+            acc = float(np.mean(_scores(pred, grid_val, T)))
+            best.setdefault("bodies", {})[json.dumps(kw, sort_keys=True)] = body
+            return acc
+        accs = [memo.json("grid", [label, kw, expert_ids, key["grid_val"], cfg.seed],
+                          functools.partial(score, kw)) for kw in grid]
+        i = int(np.argmax(accs))  # ties: the first grid point
+        kw = grid[i]
+        made = best.get("bodies", {}).get(json.dumps(kw, sort_keys=True))
+        log(f"{label}: chosen {kw} (validation {accs[i]:.3f})")
+        return kw, (lambda: made) if made is not None else (
+            lambda: method(base_body, bodies, **kw))
 
     chosen = {}
     for label, method, grid in (
@@ -372,54 +581,119 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> Dict[str, object]:
     scale = chosen["task_arithmetic"][0]["scale"]
     full_experts = {n: {**bodies[n], **{k: v for k, v in experts[n].items()
                                         if k.startswith("classifier.")}} for n in names}
-    twins = {}
+    twins, twin_ids = {}, {}
     for label, kw in (("twin", {"rank_ratio": 0.1}), ("twin_rank1", {"rank": 1})):
+        twin_ids[label] = _digest(code_digest(), expert_ids, scale, kw, HEAD)
+        path = os.path.join(cfg.cache, "twins", f"{label}-{twin_ids[label]}.safetensors")
         t0 = time.perf_counter()
-        twins[label] = TwinCheckpoint.build(base, full_experts, shared_kwargs={"scale": scale},
-                                            heads=HEAD, **kw)
-        log(f"{label}: built in {time.perf_counter() - t0:.1f} s, storage ratio "
+        twins[label] = None
+        if os.path.isfile(path) and not cfg.recompute:
+            try:
+                twins[label] = TwinCheckpoint.load(path)
+                how = "loaded"
+            except Exception as e:  # damaged: built again and replaced
+                log(f"{label}: cached twin unreadable ({e}); building it again")
+        if twins[label] is None:
+            twins[label] = TwinCheckpoint.build(base, full_experts,
+                                                shared_kwargs={"scale": scale}, heads=HEAD, **kw)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            twins[label].save(path)
+            how = "built"
+        log(f"{label}: {how} in {time.perf_counter() - t0:.1f} s, storage ratio "
             f"{twins[label].report()['storage']['storage_ratio']:.2f} models")
 
     wrapped = TwinMergedModule(_new_model(2, cfg.seed).eval(), twins["twin"], mode="factored",
                                n_groups=cfg.n_groups, seed=cfg.seed).eval()
-    # The router's features: one forward of θs per item, every layer kept, pooled per candidate.
-    cands = list(cfg.router_features)
-    feats = {n: _router_features(wrapped.module, _head(enc[n]["train"], cfg.router_items), cands)
-             for n in names}
-    val_feats = _router_features(wrapped.module, Encoded(val.ids, val.mask, val.labels), cands)
+    # The router's features: one forward of θs per item, every candidate pooled from it.
+    cands = [(tuple(layer) if isinstance(layer, (list, tuple)) else layer, pooling)
+             for layer, pooling in cfg.router_features]
+
+    def features(e: Encoded, what: str):
+        return memo.tensors("features", [twin_ids["twin"], what, tensor_digest(e.ids, e.mask),
+                                         [_feature_name(c) for c in cands]],
+                            lambda: _router_features(wrapped.module, e, cands))
+    feats = {n: features(_head(enc[n]["train"], cfg.router_items), f"train:{n}") for n in names}
+    val_feats = features(Encoded(val.ids, val.mask, val.labels), "val")
     best = None
     for (layer, pooling), lr in [(c, lr) for c in cands for lr in cfg.router_lrs]:
-        data = {n: [feats[n][(layer, pooling)]] for n in names}
-        router, rep = fit_router(lambda f: f, data, epochs=cfg.router_epochs, lr=lr,
-                                 seed=cfg.seed, max_items_per_task=cfg.router_items)
-        router.layer, router.pooling = layer, pooling
+        name = _feature_name((layer, pooling))
+        router, rep = fit_router(lambda f: f, {n: [feats[n][name]] for n in names},
+                                 epochs=cfg.router_epochs, lr=lr, seed=cfg.seed,
+                                 max_items_per_task=cfg.router_items, layer=layer,
+                                 pooling=pooling, hidden=cfg.router_hidden)
         with torch.no_grad():
-            acc = float((router(val_feats[(layer, pooling)]).argmax(-1)
-                         == val.tasks).float().mean())
-        log(f"router layer={layer} pooling={pooling} lr={lr}: validation accuracy {acc:.3f}")
+            acc = float((router(val_feats[name]).argmax(-1) == val.tasks).float().mean())
+        log(f"router {name} lr={lr}: validation accuracy {acc:.3f}")
         if best is None or acc > best[0]:
             best = (acc, router, rep, layer, pooling, lr)
     _, router, router_rep, layer, pooling, router_lr = best
     wrapped.router = router
-    w_test, route_seconds = route_stream(wrapped, test)
+    router_id = _digest(twin_ids["twin"], tensor_digest(*router.state_dict().values()),
+                        router.config())
+    log("scoring the test stream")
+    # The shared expert θs is task arithmetic's body (same merge, same scale): one pass over the
+    # test stream scores task arithmetic and gives the router's weights.
+    ta_kw, ta_body = chosen["task_arithmetic"]
+    ta_body = ta_body()
+    shared = twins["twin"].shared
+    if not all(torch.equal(v, shared[k]) for k, v in ta_body.items() if k in shared):
+        raise RuntimeError("twinmerge-demo: the twin's shared expert differs from task "
+                           "arithmetic's body at the same scale")
+
+    def ta_pass():
+        pred, w = serve_static_routing(StaticServer(ta_body, heads), test, router)
+        return {"pred": pred, "w": w}
+    first = memo.tensors("ta-pass", [router_id, expert_ids, ta_kw, key["test"]], ta_pass)
+    w_test = first["w"]
     router_acc = _scores(w_test.argmax(-1), Stream(test.ids, test.mask, test.tasks, test.tasks), T)
-
     routed = w_test.argmax(-1)
+    w_key = tensor_digest(w_test)
     for label, (kw, body) in chosen.items():
-        results[label] = {**evaluate_static(StaticServer(body, heads), test, T, routed),
+        results[label] = {**(_protocols(first["pred"], test, T) if label == "task_arithmetic"
+                             else memo.json("static", [label, kw, expert_ids, key["test"], w_key],
+                                            lambda: _protocols(serve_static(
+                                                StaticServer(body(), heads), test, routed),
+                                                test, T))),
                           "hyperparameters": kw}
-    results["twin"] = evaluate_twin(wrapped, test, w_test, T, "factored")
-    results["twin_group"] = evaluate_twin(wrapped, test, w_test, T, "group")
-    # Diagnostic, not a method: one-hot weights on the TRUE task (what a perfect router would
-    # give), served exactly (group mode with one group per task): the gap to it is routing.
-    oracle = F.one_hot(test.tasks, T).float()
-    results["twin_oracle"] = evaluate_twin(wrapped, test, oracle, T, "group")
     rank1 = TwinMergedModule(_new_model(2, cfg.seed).eval(), twins["twin_rank1"],
-                             mode="factored").eval()
-    results["twin_rank1"] = evaluate_twin(rank1, test, w_test, T, "factored")
-    authors = time_authors_style(twins["twin"], w_test, test, cfg.authors_sample)
+                             mode="factored", seed=cfg.seed).eval()
+    # oracle: a diagnostic, not a method: one-hot weights on the TRUE task (what a perfect router
+    # would give), served exactly (group mode, one group per task): the gap to it is routing.
+    oracle = F.one_hot(test.tasks, T).float()
+    for label, model, weights, mode in (("twin", wrapped, w_test, "factored"),
+                                        ("twin_group", wrapped, w_test, "group"),
+                                        ("twin_oracle", wrapped, oracle, "group"),
+                                        ("twin_rank1", rank1, w_test, "factored")):
+        results[label] = memo.json(
+            "twin", [label, twin_ids["twin_rank1" if model is rank1 else "twin"], mode,
+                     cfg.n_groups, cfg.seed, tensor_digest(weights), key["test"]],
+            lambda: _protocols(serve_twin(model, test, weights, mode), test, T))
+    log(f"evaluation cache: {memo.hits} results reused, {memo.misses} computed")
 
-    n_items = len(test.labels)
+    # Timing, never cached: every served method on the same first items of the stream, in
+    # interleaved rounds. Group-wise serving groups the sample with n_groups scaled to its size
+    # (the same merges per item as on the whole stream; at least one group per argmax bin).
+    sample = test.head(min(cfg.timing_items, len(test)))
+    w_s = w_test[:len(sample)]
+    ta_server = StaticServer(ta_body, heads)
+    check = sample.head(64)  # the public router pass gives the weights the shared pass gave
+    torch.testing.assert_close(route_stream(wrapped, check), w_test[:len(check)])
+    sample_groups = max(1, round(cfg.n_groups * len(sample) / len(test)))
+
+    log(f"timing on {len(sample)} items, {cfg.timing_rounds} interleaved rounds")
+    routed_s = routed[:len(sample)]
+    seconds = time_interleaved({
+        "router": lambda st: route_stream(wrapped, st),
+        "task_arithmetic": lambda st: serve_static(ta_server, st, routed_s[:len(st)]),
+        "twin": lambda st: serve_twin(wrapped, st, w_s[:len(st)], "factored"),
+        "twin_group": lambda st: serve_twin(wrapped, st, w_s[:len(st)], "group",
+                                            n_groups=sample_groups),
+        "twin_rank1": lambda st: serve_twin(rank1, st, w_s[:len(st)], "factored")},
+        sample, cfg.timing_rounds)
+    groups_used = int(wrapped.groups(w_s, sample_groups)[1].shape[0])
+    authors = time_authors_style(twins["twin"], w_test, test, cfg.authors_sample)
+    per_1000 = {k: 1000 * v / len(sample) for k, v in seconds.items()}
+
     table = {}
     for label, r in results.items():
         row = {}
@@ -428,12 +702,12 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> Dict[str, object]:
             row[protocol] = {"accuracy": dict(zip(names, r[protocol])),
                              "normalized": dict(zip(names, norm)),
                              "normalized_mean": float(np.mean(norm))}
-        if "seconds" in r:
-            row["seconds_per_1000"] = 1000 * r["seconds"] / n_items
+        if label in per_1000:
+            row["seconds_per_1000"] = per_1000[label]
         if "hyperparameters" in r:
             row["hyperparameters"] = r["hyperparameters"]
         table[label] = row
-    ta_time = table["task_arithmetic"]["seconds_per_1000"]
+    ta_time = per_1000["task_arithmetic"]
     report = twins["twin"].report()["storage"]
     one_model_mb = report["one_model_bytes"] / 2**20
     # Extra FLOPs of the factored path in the Linear layers (embeddings are gathers, not GEMMs).
@@ -444,24 +718,28 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> Dict[str, object]:
         "config": {**asdict(cfg), "model": MODEL_ID},
         "tasks": names,
         "expert_accuracy": dict(zip(names, expert_scores)),
+        "fine_tune_seconds": fine_tune_seconds,
         "methods": table,
-        "router": {"layer": layer, "pooling": pooling, "lr": router_lr,
+        "router": {"layer": list(layer) if isinstance(layer, tuple) else layer,
+                   "pooling": pooling, "lr": router_lr,
                    "test_accuracy_per_task": dict(zip(names, router_acc)),
                    "val_accuracy": best[0], "fit_report": {k: router_rep[k] for k in (
                        "best_epoch", "val_accuracy", "n_items_per_task")},
-                   "seconds_per_1000": 1000 * route_seconds / n_items},
+                   "seconds_per_1000": per_1000["router"]},
         "storage_mb": {"one_model": one_model_mb, "experts": report["experts_bytes"] / 2**20,
                        "twin": report["twin_bytes"] / 2**20,
                        "twin_rank1": twins["twin_rank1"].report()["storage"]["twin_bytes"] / 2**20,
                        "twin_over_one_model": report["storage_ratio"]},
-        "timing": {"twin_over_task_arithmetic": table["twin"]["seconds_per_1000"] / ta_time,
-                   "group_over_task_arithmetic":
-                       table["twin_group"]["seconds_per_1000"] / ta_time,
+        "timing": {"items": len(sample), "rounds": cfg.timing_rounds,
+                   "group_wise_groups": groups_used,
+                   "twin_over_task_arithmetic": per_1000["twin"] / ta_time,
+                   "group_over_task_arithmetic": per_1000["twin_group"] / ta_time,
+                   "authors_style_items": cfg.authors_sample,
                    "authors_style_seconds_per_1000": 1000 * authors,
-                   "twin_speedup_over_authors": 1000 * authors / table["twin"]["seconds_per_1000"],
-                   "group_speedup_over_authors":
-                       1000 * authors / table["twin_group"]["seconds_per_1000"],
+                   "twin_speedup_over_authors": 1000 * authors / per_1000["twin"],
+                   "group_speedup_over_authors": 1000 * authors / per_1000["twin_group"],
                    "factored_linear_flops_bound": 1 + bound},
+        "evaluation_cache": {"reused": memo.hits, "computed": memo.misses},
         "environment": {"torch": torch.__version__, "twinmerge_ext": twinmerge_ext.__version__,
                         "python": platform.python_version(), "machine": platform.machine(),
                         "threads": torch.get_num_threads(),
@@ -508,20 +786,33 @@ def markdown(out: Dict[str, object]) -> str:
     s, tm = out["storage_mb"], out["timing"]
     lines += [f"- storage: twin {s['twin']:.1f} MB ({s['twin_over_one_model']:.2f} single models), "
               f"rank 1 {s['twin_rank1']:.1f} MB, the {len(names)} experts {s['experts']:.1f} MB",
-              f"- router pass: {rt['seconds_per_1000']:.2f} s per 1000 items",
-              "- forward per 1000 items (router pass excluded): " + ", ".join(
+              f"- time per 1000 items, measured on the first {tm['items']} items of the "
+              f"stream (fastest of {tm['rounds']} interleaved rounds; static merges all cost "
+              f"what task arithmetic does): router pass {rt['seconds_per_1000']:.2f} s; "
+              "forward (router pass excluded): " + ", ".join(
                   f"{_LABELS[k]} {v['seconds_per_1000']:.2f} s" for k, v in out["methods"].items()
-                  if "seconds_per_1000" in v),
+                  if "seconds_per_1000" in v) + f" (group-wise: {tm['group_wise_groups']} groups "
+              f"on the sample: at least the merges per item of {out['config']['n_groups']} "
+              "on the whole stream)",
               f"- Twin per-row / task arithmetic: {tm['twin_over_task_arithmetic']:.2f}× "
               f"(linear-layer FLOP bound {tm['factored_linear_flops_bound']:.2f}×); group-wise "
               f"{tm['group_over_task_arithmetic']:.2f}×",
-              f"- authors' style (dense deltas merged per sample, batch 1): "
+              f"- authors' style (dense deltas merged per sample, batch 1; first "
+              f"{tm['authors_style_items']} items): "
               f"{tm['authors_style_seconds_per_1000']:.1f} s per 1000 items; Twin per-row is "
               f"{tm['twin_speedup_over_authors']:.1f}× faster, group-wise "
-              f"{tm['group_speedup_over_authors']:.1f}×", ""]
+              f"{tm['group_speedup_over_authors']:.1f}×",
+              "- every batch of 32 is run as length-bucketed micro-batches (`length_buckets`), "
+              "for every method alike", ""]
     env = out["environment"]
+    ec = out["evaluation_cache"]
+    trained = {k: v for k, v in out["fine_tune_seconds"].items() if v is not None}
     lines += [f"torch {env['torch']}, {env['threads']} threads, {env['machine']}, {env['date']}; "
-              f"wall time {out['wall_seconds']:.0f} s", ""]
+              f"wall time {out['wall_seconds']:.0f} s ("
+              + (f"{len(trained)} experts fine-tuned in {sum(trained.values()):.0f} s"
+                 if trained else "experts cached")
+              + f"; evaluation cache: {ec['reused']} results reused, {ec['computed']} computed)",
+              ""]
     return "\n".join(lines)
 
 
@@ -530,7 +821,7 @@ def plot(out: Dict[str, object], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     names, methods = out["tasks"], list(out["methods"])
-    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(names)), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(names)) + 3, 4))
     width = 0.8 / len(methods)
     for i, m in enumerate(methods):
         vals = [out["methods"][m]["routed"]["normalized"][n] for n in names]
@@ -538,7 +829,7 @@ def plot(out: Dict[str, object], path: str) -> None:
     ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, rotation=30, ha="right")
     ax.set_ylabel("normalized score (routed heads)")
     ax.axhline(100, color="k", lw=0.5)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -563,8 +854,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--quick", action="store_true", help="2 tasks, tiny settings (a minute or two)")
     p.add_argument("--tasks", nargs="+", choices=list(demo_data.TASKS), help="a subset of tasks")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--recompute", action="store_true",
+                   help="recompute every score, feature and twin instead of reusing the "
+                        "evaluation cache (experts stay cached; timings are always measured)")
     args = p.parse_args(argv)
-    kw = {"out": args.out, "cache": args.cache, "seed": args.seed}
+    kw = {"out": args.out, "cache": args.cache, "seed": args.seed, "recompute": args.recompute}
     cfg = Config.quick_config(**kw) if args.quick else Config(**kw)
     if args.tasks:
         cfg.tasks = tuple(args.tasks)

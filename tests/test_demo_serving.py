@@ -1,0 +1,115 @@
+"""The demo's serving helpers: length-bucketed micro-batches, the stream, the evaluation cache."""
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+
+from twinmerge_ext.demo import run as demo
+
+
+def _cost(runs, lengths, overhead):
+    return sum(len(r) * max(lengths[i] for i in r) + overhead for r in runs)
+
+
+def _brute_force(lengths, overhead):
+    """The cheapest partition of the sorted rows into contiguous runs, by enumeration."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    best = math.inf
+    for mask in range(2 ** (len(order) - 1)):
+        runs, start = [], 0
+        for j in range(1, len(order)):
+            if mask >> (j - 1) & 1:
+                runs.append(order[start:j])
+                start = j
+        runs.append(order[start:])
+        best = min(best, _cost(runs, lengths, overhead))
+    return best
+
+
+@pytest.mark.parametrize("overhead", [0, 5, 40, 1000])
+def test_length_buckets_is_an_optimal_partition_of_every_row(overhead):
+    g = torch.Generator().manual_seed(overhead)
+    for n in (1, 2, 7, 10):
+        lengths = torch.randint(1, 64, (n,), generator=g).tolist()
+        runs = demo.length_buckets(lengths, overhead)
+        assert sorted(itertools.chain(*runs)) == list(range(n))
+        assert _cost(runs, lengths, overhead) == _brute_force(lengths, overhead)
+    # No overhead: every distinct length its own run; a huge one: one run.
+    assert len(demo.length_buckets([3, 3, 9, 1], 0)) == 3
+    assert len(demo.length_buckets([3, 3, 9, 1], 10**6)) == 1
+
+
+def test_stream_batches_cover_each_row_once_trimmed_to_its_micro_batch():
+    g = torch.Generator().manual_seed(0)
+    n, L = 70, 12
+    lengths = torch.randint(1, L + 1, (n,), generator=g)
+    mask = (torch.arange(L) < lengths[:, None]).long()
+    ids = torch.randint(1, 50, (n, L), generator=g) * mask
+    s = demo.Stream(ids, mask, torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long))
+    seen = []
+    for idx, bids, bmask in s.batches(32):
+        assert bids.shape == bmask.shape == (len(idx), int(lengths[idx].max()))
+        assert torch.equal(bids, ids[idx, :bids.shape[1]])
+        seen += idx.tolist()
+    assert sorted(seen) == list(range(n))
+    # Rows stay within their batch of 32 (a batch is what has arrived).
+    assert all(len(set((idx // 32).tolist())) == 1 for idx, _, _ in s.batches(32))
+    sub = torch.tensor([5, 3, 60])
+    assert sorted(itertools.chain(*(i.tolist() for i, _, _ in s.batches(2, sub)))) == [3, 5, 60]
+
+
+def test_eval_cache_reuses_only_identical_keys_and_recovers_from_damage(tmp_path):
+    cache = demo.EvalCache(str(tmp_path))
+    calls = []
+
+    def compute(v):
+        calls.append(v)
+        return {"score": v}
+    assert cache.json("k", ["a", 1], lambda: compute(1)) == {"score": 1}
+    assert cache.json("k", ["a", 1], lambda: compute(2)) == {"score": 1}  # reused
+    assert cache.json("k", ["a", 2], lambda: compute(3)) == {"score": 3}  # another key
+    assert cache.json("other", ["a", 1], lambda: compute(4)) == {"score": 4}  # another kind
+    assert calls == [1, 3, 4] and (cache.hits, cache.misses) == (1, 3)
+    # A damaged entry is recomputed and replaced.
+    (path,) = [p for p in tmp_path.iterdir() if p.name.startswith("other-")]
+    path.write_text("{not json")
+    assert cache.json("other", ["a", 1], lambda: compute(5)) == {"score": 5}
+    assert json.loads(path.read_text()) == {"score": 5}
+    # Disabled: computes and overwrites, never reads.
+    off = demo.EvalCache(str(tmp_path), enabled=False)
+    assert off.json("k", ["a", 1], lambda: compute(6)) == {"score": 6}
+    assert cache.json("k", ["a", 1], lambda: compute(7)) == {"score": 6}
+    t = {"w": torch.arange(6.0).view(2, 3)}
+    got = cache.tensors("t", [demo.tensor_digest(t["w"])], lambda: t)
+    assert torch.equal(got["w"], t["w"])
+    assert torch.equal(cache.tensors("t", [demo.tensor_digest(t["w"])], lambda: {})["w"], t["w"])
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_tensor_digest_sees_values_dtype_and_shape():
+    a = torch.arange(12.0)
+    assert demo.tensor_digest(a) == demo.tensor_digest(a.clone())
+    assert demo.tensor_digest(a) != demo.tensor_digest(a.view(3, 4))
+    assert demo.tensor_digest(a) != demo.tensor_digest(a.double())
+    b = a.clone()
+    b[7] += 1e-6
+    assert demo.tensor_digest(a) != demo.tensor_digest(b)
+    big = torch.zeros(5000)
+    other = big.clone()
+    other[2500] = 1  # where a printed tensor would show "..."
+    assert demo.tensor_digest(big) != demo.tensor_digest(other)
+
+
+def test_time_interleaved_warms_up_then_runs_every_job_each_round_and_keeps_the_fastest():
+    order = []
+    n = 40
+    s = demo.Stream(torch.ones(n, 4, dtype=torch.long), torch.ones(n, 4, dtype=torch.long),
+                    torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long))
+    out = demo.time_interleaved({"a": lambda st: order.append(("a", len(st))),
+                                 "b": lambda st: order.append(("b", len(st)))}, s, rounds=3,
+                                warmup_items=8)
+    assert order == [("a", 8), ("b", 8)] + [("a", n), ("b", n)] * 3
+    assert set(out) == {"a", "b"} and all(0 <= v < 1 for v in out.values())
