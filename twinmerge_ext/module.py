@@ -8,7 +8,8 @@ The wrapped module holds the shared expert θs. Each batch row b is served by
   embeddings gather rows of U_cat; LayerNorm weights and biases mix per row. One pass for the
   whole batch, no host synchronization, differentiable in the weights, torch.compile-able.
 - materialize: θ(w) merged into buffers allocated once (`lowrank_merge_`, `dense_merge_`), the
-  module run on the rows that share w (one sub-batch per distinct weight row).
+  module run on the rows that share w (one sub-batch per distinct weight row). `merged(w)` keeps
+  one merge for the calls of a block.
 - group: the paper's group-wise variant: rows binned by the argmax of their weights, KMeans on
   the weights inside each bin (n_groups groups in all), one merge per group with the group's mean
   weights. Approximate by design; exact when n_groups ≥ the number of distinct rows.
@@ -23,6 +24,7 @@ each row keeps the output of its head task, by default the argmax of its weights
 choice). Heads of different widths are padded on the last dimension with `head_pad_value`.
 """
 
+from contextlib import contextmanager
 from numbers import Integral, Real
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -368,6 +370,10 @@ class TwinMergedModule(nn.Module):
     Tensor inputs whose first dimension is B are the batched ones (sliced per sub-batch in the
     materialize and group modes); outputs are returned in input order.
 
+    `with wrapped.merged(w):` merges [T] weights once for every call in the block that passes no
+    mix_weights; `groups(weights)` is mode="group"'s plan, for servers that batch groups
+    themselves.
+
     One call at a time per wrapper: the routing state of a call lives on the wrapper (use one
     wrapper per thread). After a call, `last_call` holds {"mode", "weights" [B, T], "head_tasks", and for auto the
     cost estimates, for group the group of each row}.
@@ -438,7 +444,8 @@ class TwinMergedModule(nn.Module):
         self._patch_heads(twin, fn)
         self._buffers_ready = False
         self._merge_buffers = nn.Module()
-        self._merged_key: Optional[tuple] = None
+        self._pinned: Optional[Tensor] = None       # the weights of a merged() block
+        self._buffers_hold: Optional[Tensor] = None  # the weights the buffers were merged with
 
     # --- construction ---------------------------------------------------------------------------
 
@@ -629,7 +636,10 @@ class TwinMergedModule(nn.Module):
         fn = "TwinMergedModule"
         first = _first_batched(args, kwargs)
         B = first.shape[0] if first is not None else None
-        if mix_weights is None:
+        pinned = mix_weights is None and self._pinned is not None
+        if pinned:
+            mix_weights = self._pinned
+        elif mix_weights is None:
             mix_weights = self.route(*args, **kwargs)
         one_vector = isinstance(mix_weights, Tensor) and mix_weights.dim() == 1
         rw = self._check_weights(mix_weights, B, fn)
@@ -639,8 +649,8 @@ class TwinMergedModule(nn.Module):
         elif self._head_layer is not None:
             head_tasks = rw.argmax(-1)
 
-        mode = self.mode
-        plan: Dict[str, Any] = {}
+        mode = "materialize" if pinned else self.mode
+        plan: Dict[str, Any] = {"merged_block": True} if pinned else {}
         if mode == "auto":
             mode, plan = self._plan(rw, one_vector, first)
         elif mode == "group" and one_vector:
@@ -648,7 +658,8 @@ class TwinMergedModule(nn.Module):
         self.last_call = {"mode": mode, "weights": rw, "head_tasks": head_tasks, **plan}
         if mode == "factored":
             return self._run(args, kwargs, rw, head_tasks)
-        return self._run_merged(args, kwargs, rw, head_tasks, one_vector, group=mode == "group")
+        return self._run_merged(args, kwargs, rw, head_tasks, one_vector, group=mode == "group",
+                                pinned=pinned)
 
     def _run(self, args, kwargs, rw: Optional[Tensor], head_tasks: Optional[Tensor]):
         ctx = self._ctx
@@ -672,36 +683,8 @@ class TwinMergedModule(nn.Module):
         return {name: getattr(self._merge_buffers, f"b{i}")
                 for i, (name, _, _, _) in enumerate(self._mixed)}
 
-    def _merge_sources(self) -> List[Tensor]:
-        """Every tensor a merge reads or writes: θs, the factors or deltas, the buffers."""
-        out = []
-        for i, (_, layer, attr, kind) in enumerate(self._mixed):
-            out.append(getattr(layer, attr))
-            out.extend(layer._twin_factors(attr) if kind == "lowrank"
-                       else (layer._twin_dense(attr),))
-            out.append(getattr(self._merge_buffers, f"b{i}"))
-        return out
-
-    def _merge_key(self, w: Tensor) -> Optional[tuple]:
-        """What a merge's result depends on: the weights' values and the identity and version
-        counter of every tensor it touches (an in-place change or a replaced parameter changes
-        it). None when it cannot be told cheaply: weights on an accelerator (reading them would
-        synchronize, which CUDA-graph capture forbids) or inference tensors (no version
-        counter); those calls always merge."""
-        if w.device.type != "cpu":
-            return None
-        try:
-            return (tuple(w.tolist()),) + tuple((id(t), t._version) for t in self._merge_sources())
-        except RuntimeError:
-            return None
-
     def _merge_into(self, buffers: Dict[str, Tensor], w: Tensor) -> Dict[str, Tensor]:
-        """Merges θ(w) into the buffers, unless they already hold it (same weights, nothing
-        changed since): a server calling with one weight vector per batch merges once."""
-        key = self._merge_key(w)
-        if key is not None and key == self._merged_key:
-            return buffers
-        self._merged_key = None
+        self._buffers_hold = w  # which weights the buffers hold (by identity), for merged()
         with torch.no_grad():
             for name, layer, attr, kind in self._mixed:
                 p, buf = getattr(layer, attr), buffers[name]
@@ -711,18 +694,47 @@ class TwinMergedModule(nn.Module):
                     lowrank_merge_(buf, p, U, S, V, layer._twin_ranks[attr], wd)
                 else:
                     dense_merge_(buf, p, layer._twin_dense(attr), wd)
-        if key is not None:
-            self._merged_key = self._merge_key(w)  # the buffers' versions moved on
         return buffers
 
+    @contextmanager
+    def merged(self, weights: Tensor):
+        """One merge for several calls with the same weights (a group's rows served in several
+        length-bucketed batches, a request's generation steps).
+
+        Semantics: on entry θ(weights) is merged into the wrapper's buffers; inside the block a
+        call without mix_weights serves these weights on every row (materialize mode, whatever
+        `mode` is) and does not merge again. A call with mix_weights runs as usual; if it
+        merges (materialize, group), the block's weights are merged again at its next call.
+        The block must not change θs or the twin's tensors: what was merged is what is served.
+        Shape: weights [T]. Blocks do not nest.
+        Errors: ValueError for weights not of shape [T], with NaN/Inf, or a nested block.
+        """
+        fn = "TwinMergedModule.merged"
+        if self._pinned is not None:
+            raise ValueError(f"{fn}: already inside a merged() block; blocks do not nest")
+        T = len(self.tasks)
+        if not isinstance(weights, Tensor) or not weights.is_floating_point() or \
+                weights.shape != (T,):
+            raise ValueError(f"{fn}: weights must be a floating tensor of shape [T={T}], got "
+                             f"{_describe_tensor(weights)}")
+        if not torch.isfinite(weights).all():
+            raise ValueError(f"{fn}: weights has NaN/Inf entries: {weights.tolist()}")
+        pinned = weights.detach().clone()  # its identity marks the block's merge
+        self._merge_into(self._merge_targets(), pinned)
+        self._pinned = pinned
+        try:
+            yield self
+        finally:
+            self._pinned = None
+
     def _run_merged(self, args, kwargs, rw: Tensor, head_tasks: Optional[Tensor],
-                    one_vector: bool, group: bool):
+                    one_vector: bool, group: bool, pinned: bool = False):
         fn = "TwinMergedModule"
         if not torch.isfinite(rw).all():
             raise ValueError(f"{fn}: mix_weights has NaN/Inf entries")
         B = rw.shape[0]
         if one_vector:
-            groups = [(None, rw[0])]
+            groups = [(None, self._pinned if pinned else rw[0])]
         else:
             if group:
                 member, centers = self.groups(rw)
@@ -742,7 +754,10 @@ class TwinMergedModule(nn.Module):
             else:
                 a, k = _map_rows(lambda v: v[idx.to(v.device)], B, (args, kwargs))
                 h = head_tasks[idx.to(head_tasks.device)] if head_tasks is not None else None
-            params = self._merge_into(buffers, w)
+            if pinned and self._buffers_hold is w:
+                params = buffers  # the block's merge, still in the buffers
+            else:
+                params = self._merge_into(buffers, w)
             ctx = self._ctx
             ctx.head_tasks = h
             try:
@@ -762,23 +777,23 @@ class TwinMergedModule(nn.Module):
 
     def groups(self, weights: Tensor, n_groups: Optional[int] = None) -> Tuple[Tensor, Tensor]:
         """The groups of mode="group": the paper's group-wise variant, as a plan a server can
-        run itself (e.g. each group's rows in several length-bucketed batches, all with the
-        group's weights: after the first, calls with the same [T] weights reuse the merge).
+        run itself (e.g. each group's rows in several length-bucketed batches inside one
+        `merged(centers[g])` block: one merge per group).
 
         Semantics: rows binned by the argmax of their weights, KMeans on the weights inside each
         bin, n_groups groups in all (default: the wrapper's; at least one per bin; a bin with no
         more distinct rows than its share keeps each distinct row as its own group, exactly).
         Shape: weights [B, T] -> (group of each row [B] int64, group mean weights [G, T]).
-        Deterministic for the wrapper's seed. Errors: ValueError for weights of the wrong shape
-        or with NaN/Inf.
+        Deterministic for the wrapper's seed. Errors: ValueError for weights that are not a
+        floating [B, T] tensor, have NaN/Inf, or n_groups < 1.
         """
         fn = "TwinMergedModule.groups"
-        if not isinstance(weights, Tensor) or weights.dim() != 2:
-            raise ValueError(f"{fn}: weights must be a [B, T={len(self.tasks)}] tensor, got "
-                             f"{_describe_tensor(weights)}")
-        rw = self._check_weights(weights, None, fn)
-        if rw.shape[0] == 0:
-            raise ValueError(f"{fn}: weights has no rows")
+        T = len(self.tasks)
+        if not isinstance(weights, Tensor) or not weights.is_floating_point() or \
+                weights.dim() != 2 or weights.shape[1] != T or weights.shape[0] == 0:
+            raise ValueError(f"{fn}: weights must be a floating tensor [B, T={T}] with B >= 1, "
+                             f"got {_describe_tensor(weights)}")
+        rw = weights
         if not torch.isfinite(rw).all():
             raise ValueError(f"{fn}: weights has NaN/Inf entries")
         if n_groups is None:

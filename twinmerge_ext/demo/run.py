@@ -54,7 +54,7 @@ class Config:
     router_lrs: Tuple[float, ...] = (5e-4,)
     eval_batch: int = 32
     n_groups: int = 20
-    authors_sample: int = 48
+    authors_sample: int = 32    # of the timing sample, for the authors' style
     ta_scales: Tuple[float, ...] = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
     ties_grid: Tuple[Tuple[float, float], ...] = ((0.2, 0.5), (0.2, 1.0), (0.5, 0.5), (0.5, 1.0))
     dare_grid: Tuple[Tuple[float, float], ...] = ((0.5, 0.3), (0.9, 0.3), (0.9, 0.5))
@@ -323,25 +323,26 @@ def serve_twin(wrapped: TwinMergedModule, stream: Stream, weights: torch.Tensor,
 
     factored: the stream in mixed batches, every row exact with its own weights. group: the
     paper's group-wise serving: the whole stream grouped at once (`wrapped.groups`, n_groups
-    merges), each group's rows served in batches with the group's mean weights (one merge per
-    group: the wrapper reuses it while the weights repeat).
+    groups), each group's rows served in batches with the group's mean weights, one merge per
+    group (`wrapped.merged`).
     """
     routed = weights.argmax(-1)
     pred = torch.empty(len(stream), 2, dtype=torch.long)
+
+    def run(batches, per_row: bool):
+        for idx, ids, mask in batches:
+            kw = {"mix_weights": weights[idx]} if per_row else {}  # else: the merged() block's
+            pred[idx] = wrapped(input_ids=ids, attention_mask=mask,
+                                head_tasks=_heads(stream, idx, routed), **kw).logits.argmax(-1)
     with torch.inference_mode():
         if mode == "factored":
             wrapped.mode = "factored"
-            jobs = [(stream.batches(size), None)]
+            run(stream.batches(size), per_row=True)
         else:
             member, centers = wrapped.groups(weights, n_groups)
-            wrapped.mode = "materialize"
-            jobs = [(stream.batches(size, (member == g).nonzero().flatten()), centers[g])
-                    for g in range(centers.shape[0])]
-        for batches, center in jobs:
-            for idx, ids, mask in batches:
-                w = weights[idx] if center is None else center
-                pred[idx] = wrapped(input_ids=ids, attention_mask=mask, mix_weights=w,
-                                    head_tasks=_heads(stream, idx, routed)).logits.argmax(-1)
+            for g in range(centers.shape[0]):
+                with wrapped.merged(centers[g]):
+                    run(stream.batches(size, (member == g).nonzero().flatten()), per_row=False)
     return pred
 
 
@@ -383,42 +384,40 @@ def _feature_name(candidate) -> str:
     return "+".join(str(x) for x in layers) + ":" + pooling
 
 
-def time_authors_style(twin: TwinCheckpoint, weights: torch.Tensor, stream: Stream,
-                       n: int) -> float:
-    """The authors' serving: per sample, a Python loop adding T dense deltas to every tensor,
-    then a batch-of-one forward. Seconds per item, on the first n items of the stream."""
+def authors_style(twin: TwinCheckpoint, weights: torch.Tensor) -> Callable[[Stream], None]:
+    """The authors' serving as a job: per sample, a Python loop adding T dense deltas to every
+    tensor, then a batch-of-one forward (`weights`: the stream's [N, T])."""
     dense = {name: torch.stack([lr.delta(t) for t in range(len(twin.tasks))])
              for name, lr in twin.lowrank.items()}
     dense.update(twin.dense)
     model = copy.deepcopy(_skeleton())
-    seconds = 0.0
-    with torch.inference_mode():
-        for i in range(n):
-            t0 = time.perf_counter()
-            merged = {}
-            for name, s in twin.shared.items():
-                if name in dense:
-                    p = s.clone()
-                    for t in range(len(twin.tasks)):
-                        p += weights[i, t] * dense[name][t]
-                    merged[name] = p
-            model.load_state_dict(merged, strict=False)
-            ids, mask = _trim(stream.ids[i:i + 1], stream.mask[i:i + 1])
-            model.bert(input_ids=ids, attention_mask=mask)
-            seconds += time.perf_counter() - t0
-    return seconds / n
+
+    def job(stream: Stream) -> None:
+        with torch.inference_mode():
+            for i in range(len(stream)):
+                merged = {}
+                for name, s in twin.shared.items():
+                    if name in dense:
+                        p = s.clone()
+                        for t in range(len(twin.tasks)):
+                            p += weights[i, t] * dense[name][t]
+                        merged[name] = p
+                model.load_state_dict(merged, strict=False)
+                ids, mask = _trim(stream.ids[i:i + 1], stream.mask[i:i + 1])
+                model.bert(input_ids=ids, attention_mask=mask)
+    return job
 
 
-def time_interleaved(jobs: Dict[str, Callable[[Stream], object]], stream: Stream, rounds: int,
-                     warmup_items: int = 32) -> Dict[str, float]:
-    """Seconds of each job serving `stream`: the fastest of `rounds` rounds that run every job
+def time_interleaved(jobs: Dict[str, Tuple[Callable[[Stream], object], Stream]], rounds: int,
+                     warmup_items: int = 8) -> Dict[str, float]:
+    """Seconds of each job serving its stream: the fastest of `rounds` rounds that run every job
     in turn (so a slow spell of the machine does not fall on one method only), after one
-    untimed warm-up of each on the first `warmup_items` items (lazy buffers, first merges)."""
-    for job in jobs.values():
+    untimed warm-up of each on its first `warmup_items` items (lazy buffers, first merges)."""
+    for job, stream in jobs.values():
         job(stream.head(warmup_items))
     best = {k: math.inf for k in jobs}
     for _ in range(rounds):
-        for k, job in jobs.items():
+        for k, (job, stream) in jobs.items():
             t0 = time.perf_counter()
             job(stream)
             best[k] = min(best[k], time.perf_counter() - t0)
@@ -438,13 +437,18 @@ def tensor_digest(*tensors: torch.Tensor) -> str:
 
 @functools.lru_cache(maxsize=1)
 def code_digest() -> str:
-    """twinmerge_ext's code (every file of the package, the compiled extension included) and
-    the versions of torch and transformers: what every cached result also depends on."""
+    """twinmerge_ext's code (every file of the package, the compiled extension included), the
+    versions of torch, transformers, numpy and scikit-learn (KMeans), the thread count and the
+    machine: what every cached result also depends on."""
+    import sklearn
     import transformers
-    h = hashlib.sha256(f"{torch.__version__} {transformers.__version__}".encode())
+    h = hashlib.sha256(json.dumps([torch.__version__, transformers.__version__, np.__version__,
+                                   sklearn.__version__, torch.get_num_threads(),
+                                   platform.machine()]).encode())
     root = os.path.dirname(twinmerge_ext.__file__)
-    for d, dirs, files in sorted(os.walk(root)):
-        dirs[:] = sorted(x for x in dirs if x != "__pycache__")
+    for d, _, files in sorted(os.walk(root)):
+        if "__pycache__" in d:
+            continue
         for f in sorted(files):
             if f.endswith((".py", ".so", ".pyd")):
                 h.update(f.encode())
@@ -636,9 +640,11 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> Dict[str, object]:
     ta_kw, ta_body = chosen["task_arithmetic"]
     ta_body = ta_body()
     shared = twins["twin"].shared
-    if not all(torch.equal(v, shared[k]) for k, v in ta_body.items() if k in shared):
-        raise RuntimeError("twinmerge-demo: the twin's shared expert differs from task "
-                           "arithmetic's body at the same scale")
+    differ = sorted(set(shared) ^ set(ta_body)) or [
+        k for k in shared if not torch.equal(shared[k], ta_body[k])]
+    if not shared or differ:
+        raise RuntimeError(f"twinmerge-demo: the twin's shared expert is not task arithmetic's "
+                           f"body at the same scale (tensors {differ[:5]})")
 
     def ta_pass():
         pred, w = serve_static_routing(StaticServer(ta_body, heads), test, router)
@@ -678,20 +684,21 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> Dict[str, object]:
     ta_server = StaticServer(ta_body, heads)
     check = sample.head(64)  # the public router pass gives the weights the shared pass gave
     torch.testing.assert_close(route_stream(wrapped, check), w_test[:len(check)])
-    sample_groups = max(1, round(cfg.n_groups * len(sample) / len(test)))
+    sample_groups = max(1, math.ceil(cfg.n_groups * len(sample) / len(test)))
 
     log(f"timing on {len(sample)} items, {cfg.timing_rounds} interleaved rounds")
     routed_s = routed[:len(sample)]
+    authors_items = sample.head(min(cfg.authors_sample, len(sample)))
     seconds = time_interleaved({
-        "router": lambda st: route_stream(wrapped, st),
-        "task_arithmetic": lambda st: serve_static(ta_server, st, routed_s[:len(st)]),
-        "twin": lambda st: serve_twin(wrapped, st, w_s[:len(st)], "factored"),
-        "twin_group": lambda st: serve_twin(wrapped, st, w_s[:len(st)], "group",
-                                            n_groups=sample_groups),
-        "twin_rank1": lambda st: serve_twin(rank1, st, w_s[:len(st)], "factored")},
-        sample, cfg.timing_rounds)
+        "router": (lambda st: route_stream(wrapped, st), sample),
+        "task_arithmetic": (lambda st: serve_static(ta_server, st, routed_s[:len(st)]), sample),
+        "twin": (lambda st: serve_twin(wrapped, st, w_s[:len(st)], "factored"), sample),
+        "twin_group": (lambda st: serve_twin(wrapped, st, w_s[:len(st)], "group",
+                                             n_groups=sample_groups), sample),
+        "twin_rank1": (lambda st: serve_twin(rank1, st, w_s[:len(st)], "factored"), sample),
+        "authors": (authors_style(twins["twin"], w_s), authors_items)}, cfg.timing_rounds)
     groups_used = int(wrapped.groups(w_s, sample_groups)[1].shape[0])
-    authors = time_authors_style(twins["twin"], w_test, test, cfg.authors_sample)
+    authors = seconds.pop("authors") / len(authors_items)
     per_1000 = {k: 1000 * v / len(sample) for k, v in seconds.items()}
 
     table = {}
@@ -734,7 +741,7 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> Dict[str, object]:
                    "group_wise_groups": groups_used,
                    "twin_over_task_arithmetic": per_1000["twin"] / ta_time,
                    "group_over_task_arithmetic": per_1000["twin_group"] / ta_time,
-                   "authors_style_items": cfg.authors_sample,
+                   "authors_style_items": len(authors_items),
                    "authors_style_seconds_per_1000": 1000 * authors,
                    "twin_speedup_over_authors": 1000 * authors / per_1000["twin"],
                    "group_speedup_over_authors": 1000 * authors / per_1000["twin_group"],
@@ -797,8 +804,8 @@ def markdown(out: Dict[str, object]) -> str:
               f"- Twin per-row / task arithmetic: {tm['twin_over_task_arithmetic']:.2f}× "
               f"(linear-layer FLOP bound {tm['factored_linear_flops_bound']:.2f}×); group-wise "
               f"{tm['group_over_task_arithmetic']:.2f}×",
-              f"- authors' style (dense deltas merged per sample, batch 1; first "
-              f"{tm['authors_style_items']} items): "
+              f"- authors' style (dense deltas merged per sample, batch 1; the first "
+              f"{tm['authors_style_items']} items, timed in the same rounds): "
               f"{tm['authors_style_seconds_per_1000']:.1f} s per 1000 items; Twin per-row is "
               f"{tm['twin_speedup_over_authors']:.1f}× faster, group-wise "
               f"{tm['group_speedup_over_authors']:.1f}×",
