@@ -54,7 +54,7 @@ class Config:
     router_lrs: Tuple[float, ...] = (5e-4,)
     eval_batch: int = 32
     n_groups: int = 20
-    authors_sample: int = 32    # of the timing sample, for the authors' style
+    authors_sample: int = 16    # of the timing sample, for the authors' style
     ta_scales: Tuple[float, ...] = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
     ties_grid: Tuple[Tuple[float, float], ...] = ((0.2, 0.5), (0.2, 1.0), (0.5, 0.5), (0.5, 1.0))
     dare_grid: Tuple[Tuple[float, float], ...] = ((0.5, 0.3), (0.9, 0.3), (0.9, 0.5))
@@ -62,8 +62,8 @@ class Config:
     router_features: Tuple[Tuple[object, str], ...] = ((-2, "mean"), ((0, 3, 6), "mean"))
     router_hidden: int = 768    # the authors' 2·d for one layer of MiniLM; caps concatenations
     grid_val_items: int = 100   # per task, for the static merges' hyper-parameter grids
-    timing_items: int = 512     # the first items of the test stream, timed for every method
-    timing_rounds: int = 2
+    timing_items: int = 256     # the first items of the test stream, timed for every method
+    timing_rounds: int = 4
     recompute: bool = False     # ignore the evaluation cache (and the cached twins)
     seed: int = 0
     quick: bool = False
