@@ -793,14 +793,13 @@ class TwinMergedModule(nn.Module):
                 weights.dim() != 2 or weights.shape[1] != T or weights.shape[0] == 0:
             raise ValueError(f"{fn}: weights must be a floating tensor [B, T={T}] with B >= 1, "
                              f"got {_describe_tensor(weights)}")
-        rw = weights
-        if not torch.isfinite(rw).all():
+        if not torch.isfinite(weights).all():
             raise ValueError(f"{fn}: weights has NaN/Inf entries")
         if n_groups is None:
             n_groups = self.n_groups
         elif isinstance(n_groups, bool) or not isinstance(n_groups, Integral) or n_groups < 1:
             raise ValueError(f"{fn}: n_groups must be None or an int >= 1, got {n_groups!r}")
-        w = rw.detach().double().cpu()
+        w = weights.detach().double().cpu()
         bins = w.argmax(-1)
         uniques = {}
         for t in bins.unique().tolist():
@@ -830,7 +829,8 @@ class TwinMergedModule(nn.Module):
                 if in_g.any():
                     member[rows[in_g]] = len(centers)
                     centers.append(w[rows[in_g]].mean(0))
-        return member.to(rw.device), torch.stack(centers).to(device=rw.device, dtype=rw.dtype)
+        return member.to(weights.device), torch.stack(centers).to(device=weights.device,
+                                                                  dtype=weights.dtype)
 
     def _kmeans(self, u: Tensor, inv: Tensor, k: int):
         try:
