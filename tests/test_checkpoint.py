@@ -281,6 +281,39 @@ def test_bf16_parameters_store_bf16_factors(setup):
         assert all(e < 2e-2 for e in per_task.values())
 
 
+def test_parameters_no_expert_changes_are_not_stored(setup, tmp_path):
+    # Frozen during fine-tuning (e.g. word embeddings): every delta is exactly 0.
+    base, experts = setup
+    for sd in experts.values():
+        sd["embed.weight"] = base["embed.weight"].clone()
+        sd["layer.bias"] = base["layer.bias"].clone()
+    twin = TwinCheckpoint.build(base, experts, rank=2)
+    assert "embed.weight" not in twin.lowrank and "layer.bias" not in twin.dense
+    assert sorted(twin.lowrank) == ["layer.weight"]
+    assert twin.report()["unchanged"] == ["embed.weight", "layer.bias"]
+    assert twin.metadata["compression"]["unchanged"] == ["embed.weight", "layer.bias"]
+    merged = twin.merged_state_dict(torch.tensor([0.2, 0.5, 0.3]))
+    assert torch.equal(merged["embed.weight"], base["embed.weight"])
+    assert torch.equal(merged["layer.bias"], base["layer.bias"])
+    # Smaller than storing zero factors, and the same after a round trip.
+    stored = TwinCheckpoint.build(base, make_experts(base), rank=2).report()["storage"]
+    assert twin.report()["storage"]["twin_bytes"] < stored["twin_bytes"]
+    twin.save(tmp_path / "twin.safetensors")
+    loaded = TwinCheckpoint.load(tmp_path / "twin.safetensors")
+    assert_twins_equal(twin, loaded)
+    assert loaded.report()["unchanged"] == ["embed.weight", "layer.bias"]
+
+
+def test_a_delta_zero_for_some_experts_only_is_kept(setup):
+    base, experts = setup
+    experts["mnli"]["layer.weight"] = base["layer.weight"].clone()
+    twin = TwinCheckpoint.build(base, experts, rank=1000)
+    assert "layer.weight" in twin.lowrank and twin.report()["unchanged"] == []
+    for t, task in enumerate(TASKS):
+        assert_close(twin.merged_state_dict(one_hot(t))["layer.weight"],
+                     experts[task]["layer.weight"])
+
+
 def test_storage_ratio_on_a_known_example():
     g = torch.Generator().manual_seed(0)
     base = {"w": torch.randn(40, 30, generator=g), "b": torch.randn(30, generator=g),

@@ -142,6 +142,24 @@ def test_bert_every_row_is_its_own_merged_model(bert_case, mode):
     assert wrapped.last_call["mode"] in ("factored", "materialize", "group")
 
 
+@pytest.mark.parametrize("mode", ["factored", "materialize"])
+def test_frozen_word_embeddings_are_served_by_the_shared_expert(mode):
+    # The demo's experts: word embeddings frozen during fine-tuning, so no expert changes them.
+    base, base_sd, experts = _experts(_bert, 3, 3, heads=True)
+    for sd in experts.values():
+        sd["bert.embeddings.word_embeddings.weight"] = base_sd[
+            "bert.embeddings.word_embeddings.weight"].clone()
+    twin = TwinCheckpoint.build(base_sd, experts, rank_ratio=1.0, heads=r"^classifier\.")
+    assert twin.report()["unchanged"] == ["bert.embeddings.word_embeddings.weight"]
+    wrapped = TwinMergedModule(_bert(), twin, mode=mode)
+    embeddings = wrapped.module.bert.embeddings
+    assert type(embeddings.word_embeddings) is nn.Embedding            # not patched
+    assert type(embeddings.position_embeddings) is not nn.Embedding    # mixes per row
+    ids, mask = _inputs(5, seed=3)
+    rw = _weights(5, seed=3)
+    _close(_logits(wrapped, ids, mask, mix_weights=rw), _reference_bert(twin, ids, mask, rw))
+
+
 @pytest.mark.parametrize("make, case", [(_gpt2, "gpt2_case"), (_llama, "llama_case")])
 @pytest.mark.parametrize("mode", ["factored", "materialize"])
 def test_causal_lm_every_row_is_its_own_merged_model(make, case, mode, request):

@@ -13,7 +13,10 @@ so that Σt wt Ut diag(St) Vtᵀ = U_cat diag(w[expert(k)] S_cat[k]) V_catᵀ (`
 `lowrank_mix_linear`). Every other selected floating parameter (1-D, 0-D, ≥ 3-D, and empty
 matrices) is stored dense as deltas [T, *shape] (`dense_merge_`). Parameters that include/exclude
 do not select, and non-floating tensors, are not twin parameters: they live in the shared state
-only, with the base's values (the rule of `merging`).
+only, with the base's values (the rule of `merging`). A selected parameter that no expert
+changes (every vt exactly 0, e.g. word embeddings frozen during fine-tuning) is stored in the
+shared state only and listed in compression.unchanged: θs serves it exactly, with no factors to
+store and nothing to mix per input.
 
 Devices and dtypes: the SVDs run on `device` (default: the device of each base tensor) in float32
 (float64 for float64 parameters); every stored tensor (shared state, factors, dense deltas) goes
@@ -34,7 +37,8 @@ a single key `twinmerge` holding JSON:
     {"format_version": 1, "library_version": "0.1.0", "tasks": [...],
      "shared": {"method": "task_arithmetic", "kwargs": {"scale": 0.3}},
      "compression": {"rank": null, "rank_ratio": 0.1, "lora_exact_rank": false,
-                     "oversample": 10, "n_iter": 2, "seed": 0, "include": null, "exclude": null},
+                     "oversample": 10, "n_iter": 2, "seed": 0, "include": null, "exclude": null,
+                     "unchanged": [names of selected parameters no expert changes]},
      "tensors": {"shared": {name: {"shape": [...], "dtype": "float32"}, ...},
                  "lowrank": {name: {"shape": [m, n], "dtype": ..., "ranks": [T ints],
                                     "errors": [T floats]}, ...},
@@ -404,6 +408,8 @@ class TwinCheckpoint:
         (task_arithmetic, average), each vt of a matrix lies in the span of the adapters'
         products, of rank R ≤ Σt rt: with neither rank nor rank_ratio given it is stored at
         rank R, exactly; it is re-truncated only if asked (rank or rank_ratio).
+        A parameter whose T deltas are all exactly 0 is not stored at all (θs serves it; its
+        name is listed in `info["compression"]["unchanged"]` and `report()["unchanged"]`).
 
         Works one parameter at a time: peak memory is the shared model plus one parameter's T
         deltas (in float32) and their factors. The T deltas of a matrix are decomposed in one
@@ -475,6 +481,7 @@ class TwinCheckpoint:
         lowrank: Dict[str, LowRankDelta] = {}
         dense: Dict[str, Tensor] = {}
         errors: Dict[str, List[float]] = {}
+        unchanged: List[str] = []
         T = len(tasks)
         with ExitStack() as stack:
             # The shared merge already checked every expert against the base.
@@ -500,6 +507,11 @@ class TwinCheckpoint:
                     bad = [task for task, ok in zip(tasks, finite) if not ok]
                     raise ValueError(f"{fn}: parameter {name!r}: the deltas of tasks {bad} have "
                                      f"NaN/Inf entries")
+                if s.numel() > 0 and not bool(deltas.any()):
+                    # No expert changes it (e.g. frozen word embeddings): θs serves it exactly,
+                    # with no factors to store and nothing to mix per row.
+                    unchanged.append(name)
+                    continue
                 if s.dim() == 2 and s.numel() > 0:
                     m, n = s.shape
                     lora_ranks = [lora.rank(name) for lora in loras] if lora_exact else [None]
@@ -527,7 +539,7 @@ class TwinCheckpoint:
             "compression": {"rank": rank, "rank_ratio": rank_ratio, "lora_exact_rank": lora_exact,
                             "oversample": oversample,
                             "n_iter": n_iter, "seed": seed, "include": _pattern_list(include),
-                            "exclude": _pattern_list(exclude)},
+                            "exclude": _pattern_list(exclude), "unchanged": unchanged},
             "heads": _pattern_list(heads),
             "router": None,
         }
@@ -623,6 +635,7 @@ class TwinCheckpoint:
             errors: name -> {task: ||vt − v̂t||_F / ||vt||_F} per compressed matrix (computed at
                 build time with the factors as stored; 0 for a zero delta).
             ranks: name -> the T ranks.
+            unchanged: selected parameters that no expert changes (served by θs, not stored).
             storage: bytes of the shared expert (`shared_bytes`), of the factors, of the dense
                 deltas and of the T task heads; `twin_bytes` (their sum, i.e. θs + Σt rt(m+n+1)
                 elements per matrix + T·numel per dense parameter + the heads);
@@ -644,6 +657,7 @@ class TwinCheckpoint:
             "tasks": list(self._tasks),
             "errors": {name: dict(zip(self._tasks, errs)) for name, errs in self._errors.items()},
             "ranks": {name: list(lr.ranks) for name, lr in self._lowrank.items()},
+            "unchanged": list(self._info.get("compression", {}).get("unchanged", [])),
             "storage": {
                 "shared_bytes": shared_bytes,
                 "one_model_bytes": one_model_bytes,
