@@ -193,6 +193,49 @@ def test_router_errors():
         TwinRouter(0, TASKS)
 
 
+def test_standardize_uses_the_training_statistics_and_makes_scale_irrelevant():
+    data = _clusters(n_per_task=80)
+    # One feature a thousand times larger than the rest: standardized, the router sees the same
+    # problem as on the unscaled features.
+    scale = torch.ones(32)
+    scale[3] = 1000.0
+    scaled = {t: [b * scale + 50.0 for b in batches] for t, batches in data.items()}
+    plain, rep_plain = fit_router(identity, data, epochs=4, standardize=True)
+    router, report = fit_router(identity, scaled, epochs=4, standardize=True)
+    assert router.standardize and "feature_mean" in router.state_dict()
+    # The statistics are those of the training split (the items not held out for validation).
+    g = torch.Generator().manual_seed(0)
+    x_tr = []
+    for t in TASKS:
+        x = torch.cat(scaled[t])
+        perm = torch.randperm(80, generator=g)[:80]
+        x_tr.append(x[perm[16:]])
+    x_tr = torch.cat(x_tr)
+    torch.testing.assert_close(router.feature_mean, x_tr.mean(0))
+    torch.testing.assert_close(router.feature_std, x_tr.std(0, unbiased=False))
+    # Rounding differs, so training does not repeat bit for bit, but it learns as on the
+    # unscaled features; without standardizing, the large feature drowns the others.
+    assert report["val_accuracy"] >= 0.9 and rep_plain["val_accuracy"] >= 0.9
+    _, unstandardized = fit_router(identity, scaled, epochs=4)
+    assert unstandardized["val_accuracy"] < 0.6
+    x = torch.cat([torch.cat(data[t]) for t in TASKS])
+    # Round trip through config and state dict; a constant feature gets std 1, not 0.
+    again = TwinRouter.from_config(json.loads(json.dumps(router.config())), router.state_dict())
+    torch.testing.assert_close(again(x * scale + 50.0), router(x * scale + 50.0))
+    const = {t: [torch.cat([b[:, :31], torch.full((b.shape[0], 1), 7.0)], 1) for b in batches]
+             for t, batches in data.items()}
+    r_const, _ = fit_router(identity, const, epochs=1, standardize=True)
+    assert r_const.feature_std[31] == 1.0 and torch.isfinite(r_const(torch.cat(const["a"]))).all()
+
+
+def test_routers_saved_before_standardize_existed_load():
+    r = TwinRouter(8, ["a", "b"])
+    cfg = r.config()
+    del cfg["standardize"]
+    loaded = TwinRouter.from_config(cfg, r.state_dict())
+    assert loaded.standardize is False and "feature_mean" not in loaded.state_dict()
+
+
 def test_fit_errors():
     data = _clusters(n_per_task=20)
     with pytest.raises(ValueError, match=r"at least 2 tasks.*\['a'\]"):
@@ -212,12 +255,16 @@ def test_fit_errors():
            ("dropout", 1.5, r"dropout must be in \[0, 1\), got 1.5"),
            ("hidden", 0, r"hidden must be >= 1, got 0"),
            ("max_items_per_task", 1, r"max_items_per_task must be >= 2, got 1"),
-           ("pooling", "max", r"pooling must be one of \['mean', 'cls', 'last'\], got 'max'")]
+           ("pooling", "median", r"pooling must be one of \['mean', 'max', 'cls', 'last'\] or a "
+                                 r"non-empty sequence of them, got 'median'"),
+           ("pooling", [], r"pooling must be one of .*, got \[\]")]
     for arg, value, msg in bad:
         with pytest.raises(ValueError, match=msg):
             fit_router(identity, data, **{arg: value})
     with pytest.raises(TypeError, match=r"epochs must be an int, got 2.0"):
         fit_router(identity, data, epochs=2.0)
+    with pytest.raises(TypeError, match=r"standardize must be a bool, got 1"):
+        fit_router(identity, data, standardize=1)
     with pytest.raises(ValueError, match=r"one width"):
         fit_router(identity, dict(data, d=[torch.randn(20, 16)]))
     with pytest.raises(ValueError, match=r"features of task 'a' must be a floating 2-D tensor"):
@@ -269,6 +316,24 @@ def test_pooled_features_masked_mean(bert):
     last = torch.tensor([2, 9, 5, 0])
     torch.testing.assert_close(pooled_features(bert, ids, mask, pooling="last"),
                                h[-1][torch.arange(4), last])
+    # max: over the real tokens only (a padded row's garbage never wins).
+    expected_max = torch.stack([h[-1][b, :n].amax(0) for b, n in enumerate([3, 10, 6, 1])])
+    torch.testing.assert_close(pooled_features(bert, ids, mask, pooling="max"), expected_max)
+    torch.testing.assert_close(pooled_features(bert, ids2, mask, pooling="max"), expected_max)
+
+
+def test_several_poolings_concatenate_pooling_major_and_travel_in_the_config(bert):
+    ids, mask = _padded([3, 9, 5, 1], 1, 100)
+    got = pooled_features(bert, ids, mask, layer=[0, -1], pooling=["mean", "max", "cls"])
+    assert got.shape == (4, 6 * 32)
+    parts = [pooled_features(bert, ids, mask, layer=[0, -1], pooling=p)
+             for p in ("mean", "max", "cls")]
+    torch.testing.assert_close(got, torch.cat(parts, 1))
+    r = TwinRouter(6 * 32, ["a", "b"], layer=[0, -1], pooling=["mean", "max", "cls"])
+    assert r.pooling == ("mean", "max", "cls")
+    cfg = json.loads(json.dumps(r.config()))
+    assert cfg["pooling"] == ["mean", "max", "cls"] and cfg["standardize"] is False
+    assert TwinRouter.from_config(cfg, r.state_dict()).pooling == ("mean", "max", "cls")
 
 
 def test_pooled_features_of_several_layers_concatenate_and_travel_in_the_config(bert):
@@ -311,8 +376,10 @@ def test_pooled_features_errors(bert):
     with pytest.raises(ValueError, match=r"attention_mask rows \[1\] have no non-padding token"):
         pooled_features(bert, ids, mask)
     mask[1] = 1
-    with pytest.raises(ValueError, match=r"pooling must be one of .* got 'max'"):
-        pooled_features(bert, ids, mask, pooling="max")
+    with pytest.raises(ValueError, match=r"pooling must be one of .* got 'median'"):
+        pooled_features(bert, ids, mask, pooling="median")
+    with pytest.raises(ValueError, match=r"pooling must be one of .* got \('mean', 'sum'\)"):
+        pooled_features(bert, ids, mask, pooling=("mean", "sum"))
     with pytest.raises(ValueError, match=r"layer must be in \[-3, 3\) for 3 hidden states, got 3"):
         pooled_features(bert, ids, mask, layer=3)
     with pytest.raises(ValueError, match=r"attention_mask must be a tensor of input_ids' shape"):

@@ -4,7 +4,8 @@
   `weights()` turns them into mixing weights `w(x) = softmax(router(x) / temperature)`, with an
   optional top-k renormalization (the paper uses temperature 1 and no top-k).
 - `pooled_features`: the router's input, the shared expert's hidden states of one layer (or
-  several, concatenated) pooled over the real (non-padding) tokens of each sequence.
+  several, concatenated) pooled over the real (non-padding) tokens of each sequence (mean, max,
+  first or last token, or several of these concatenated).
 - `fit_router`: trains the router with cross-entropy on task ids and selects the epoch on a
   held-out validation split of the given data. The authors' code selects it on the test set
   (METHOD.md §2); this module never sees a test set.
@@ -21,8 +22,9 @@ from torch import Tensor, nn
 
 __all__ = ["TwinRouter", "fit_router", "pool_hidden_states", "pooled_features"]
 
-_POOLINGS = ("mean", "cls", "last")
-_CONFIG_KEYS = ("in_features", "tasks", "hidden", "dropout", "negative_slope", "layer", "pooling")
+_POOLINGS = ("mean", "max", "cls", "last")
+_CONFIG_KEYS = ("in_features", "tasks", "hidden", "dropout", "negative_slope", "layer", "pooling",
+                "standardize")
 
 
 def _int_arg(value, arg: str, fn: str, minimum: Optional[int]) -> int:
@@ -41,6 +43,16 @@ def _layer_arg(value, fn: str) -> Union[int, Tuple[int, ...]]:
                              f"got {value!r}")
         return tuple(_int_arg(v, "layer", fn, None) for v in value)
     return _int_arg(value, "layer", fn, None)
+
+
+def _pooling_arg(value, fn: str) -> Union[str, Tuple[str, ...]]:
+    """pooling: one of _POOLINGS, or a non-empty sequence of them (features concatenated)."""
+    items = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+    bad = [p for p in items if not isinstance(p, str) or p not in _POOLINGS]
+    if not items or bad:
+        raise ValueError(f"{fn}: pooling must be one of {list(_POOLINGS)} or a non-empty sequence "
+                         f"of them, got {value!r}")
+    return items if isinstance(value, (list, tuple)) else value
 
 
 def _real_arg(value, arg: str, fn: str) -> float:
@@ -66,7 +78,8 @@ def _task_list(tasks, fn: str) -> List[str]:
 class TwinRouter(nn.Module):
     """The router MLP of METHOD.md §1: pooled features -> one logit per task.
 
-    Semantics: logits = L3(drop(act(bn2(L2(drop(act(bn1(L1(x))))))))), act = LeakyReLU.
+    Semantics: logits = L3(drop(act(bn2(L2(drop(act(bn1(L1(z))))))))), act = LeakyReLU,
+    z = (x − feature_mean) / feature_std with standardize=True, else z = x.
     Shape: features [B, in_features] (floating) -> logits [B, T], T = len(tasks).
 
     Args:
@@ -76,8 +89,13 @@ class TwinRouter(nn.Module):
         dropout: p of both Dropout layers, in [0, 1).
         negative_slope: of both LeakyReLUs (0.01 as in the authors' code).
         layer, pooling: how its features are made from the shared expert (`pooled_features`;
-            layer may be a sequence of layers, their pooled states concatenated); kept with the
+            layer and pooling may be sequences, their pooled states concatenated); kept with the
             router so that whoever serves it (TwinMergedModule) pools the same way.
+        standardize: keep buffers feature_mean, feature_std [in_features] (0 and 1 until set;
+            `fit_router(standardize=True)` sets them to the training features' statistics)
+            and standardize the features with them. Pooled hidden states have a few dimensions
+            of much larger scale than the rest; standardized, they do not dominate the first
+            layer.
 
     BatchNorm1d makes the output depend on the batch in training mode; call `.eval()` (as
     `fit_router` and `from_config` return it) before routing inputs.
@@ -86,7 +104,8 @@ class TwinRouter(nn.Module):
 
     def __init__(self, in_features: int, tasks: Sequence[str], hidden: Optional[int] = None,
                  dropout: float = 0.5, negative_slope: float = 0.01,
-                 layer: Union[int, Sequence[int]] = -1, pooling: str = "mean"):
+                 layer: Union[int, Sequence[int]] = -1,
+                 pooling: Union[str, Sequence[str]] = "mean", standardize: bool = False):
         super().__init__()
         fn = "TwinRouter"
         in_features = _int_arg(in_features, "in_features", fn, 1)
@@ -99,8 +118,9 @@ class TwinRouter(nn.Module):
             raise ValueError(f"{fn}: dropout must be in [0, 1), got {dropout!r}")
         negative_slope = _real_arg(negative_slope, "negative_slope", fn)
         layer = _layer_arg(layer, fn)
-        if pooling not in _POOLINGS:
-            raise ValueError(f"{fn}: pooling must be one of {list(_POOLINGS)}, got {pooling!r}")
+        pooling = _pooling_arg(pooling, fn)
+        if not isinstance(standardize, bool):
+            raise TypeError(f"{fn}: standardize must be a bool, got {standardize!r}")
 
         self.in_features = in_features
         self.tasks = tasks
@@ -109,6 +129,10 @@ class TwinRouter(nn.Module):
         self.negative_slope = negative_slope
         self.layer = layer
         self.pooling = pooling
+        self.standardize = standardize
+        if standardize:
+            self.register_buffer("feature_mean", torch.zeros(in_features))
+            self.register_buffer("feature_std", torch.ones(in_features))
         self.net = nn.Sequential(
             nn.Linear(in_features, hidden), nn.BatchNorm1d(hidden),
             nn.LeakyReLU(negative_slope), nn.Dropout(dropout),
@@ -136,7 +160,10 @@ class TwinRouter(nn.Module):
         """
         self._check_features(features, "TwinRouter.forward")
         weight = self.net[0].weight
-        return self.net(features.to(device=weight.device, dtype=weight.dtype))
+        x = features.to(device=weight.device, dtype=weight.dtype)
+        if self.standardize:
+            x = (x - self.feature_mean) / self.feature_std
+        return self.net(x)
 
     def weights(self, features: Tensor, temperature: float = 1.0,
                 top_k: Optional[int] = None) -> Tensor:
@@ -168,7 +195,8 @@ class TwinRouter(nn.Module):
         return {"in_features": self.in_features, "tasks": list(self.tasks), "hidden": self.hidden,
                 "dropout": self.dropout, "negative_slope": self.negative_slope,
                 "layer": list(self.layer) if isinstance(self.layer, tuple) else self.layer,
-                "pooling": self.pooling}
+                "pooling": list(self.pooling) if isinstance(self.pooling, tuple) else self.pooling,
+                "standardize": self.standardize}
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any],
@@ -207,14 +235,17 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def pooled_features(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
-                    layer: Union[int, Sequence[int]] = -1, pooling: str = "mean") -> Tensor:
+                    layer: Union[int, Sequence[int]] = -1,
+                    pooling: Union[str, Sequence[str]] = "mean") -> Tensor:
     """The router's input: a transformers model's hidden states, pooled per sequence.
 
     Semantics (mean): f[b] = Σ_l m[b,l]·H[b,l,:] / Σ_l m[b,l], H = hidden_states[layer];
-    "cls": H at the first non-padding token; "last": H at the last non-padding token. With a
-    sequence of layers, f = the concatenation of each layer's pooled state, in that order.
-    Shape: input_ids [B, L] (int), attention_mask [B, L] (0 = padding) -> f [B, d·len(layers)],
-    float32.
+    "max": max over the non-padding tokens, per feature; "cls": H at the first non-padding
+    token; "last": H at the last non-padding token. With a sequence of layers, f = the
+    concatenation of each layer's pooled state, in that order; with a sequence of poolings, the
+    concatenation over poolings (each over every layer): [p1(l1), p1(l2), p2(l1), p2(l2)].
+    Shape: input_ids [B, L] (int), attention_mask [B, L] (0 = padding) ->
+    f [B, d·len(layers)·len(poolings)], float32.
 
     `model` is any module whose forward takes input_ids, attention_mask and
     output_hidden_states=True and returns `hidden_states` (index 0 = embeddings, -1 = last layer).
@@ -224,8 +255,7 @@ def pooled_features(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
     mask is all zero (named).
     """
     fn = "pooled_features"
-    if pooling not in _POOLINGS:
-        raise ValueError(f"{fn}: pooling must be one of {list(_POOLINGS)}, got {pooling!r}")
+    pooling = _pooling_arg(pooling, fn)
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
         raise ValueError(f"{fn}: input_ids must be a 2-D tensor [B, L], got "
                          f"{_describe(input_ids)}")
@@ -261,16 +291,19 @@ def pooled_features(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
 
 
 def pool_hidden_states(hidden_states: Sequence[Tensor], attention_mask: Tensor,
-                       layer: Union[int, Sequence[int]] = -1, pooling: str = "mean",
+                       layer: Union[int, Sequence[int]] = -1,
+                       pooling: Union[str, Sequence[str]] = "mean",
                        fn: str = "pool_hidden_states") -> Tensor:
     """The pooling of `pooled_features`, on hidden states already computed (one forward can
     serve several (layer, pooling) choices).
 
     Shape: hidden_states: a sequence of [B, L, d] (index 0 = embeddings); attention_mask [B, L]
-    -> [B, d] float32 ([B, d·len(layer)] for a sequence of layers).
+    -> [B, d] float32 ([B, d·len(layer)·len(pooling)] for sequences of layers and poolings).
     """
-    if pooling not in _POOLINGS:
-        raise ValueError(f"{fn}: pooling must be one of {list(_POOLINGS)}, got {pooling!r}")
+    pooling = _pooling_arg(pooling, fn)
+    if isinstance(pooling, tuple):
+        return torch.cat([pool_hidden_states(hidden_states, attention_mask, layer, p, fn)
+                          for p in pooling], dim=-1)
     layer = _layer_arg(layer, fn)
     n = len(hidden_states)
     for i in (layer if isinstance(layer, tuple) else (layer,)):
@@ -285,6 +318,8 @@ def pool_hidden_states(hidden_states: Sequence[Tensor], attention_mask: Tensor,
     if pooling == "mean":
         m = mask.to(h.dtype).unsqueeze(-1)
         return (h * m).sum(dim=1) / m.sum(dim=1)
+    if pooling == "max":
+        return h.masked_fill(~mask.unsqueeze(-1), -math.inf).amax(dim=1)
     positions = torch.arange(mask.shape[1], device=h.device).expand_as(mask)
     if pooling == "cls":
         # The first real token, so left-padded batches pool the same token as right-padded ones.
@@ -321,7 +356,8 @@ def fit_router(features_fn_or_model: Union[nn.Module, Callable[[Any], Tensor]],
                hidden: Optional[int] = None, dropout: float = 0.5, seed: int = 0,
                max_items_per_task: int = 1000, device: Optional[Union[str, torch.device]] = None,
                progress: bool = False, layer: Union[int, Sequence[int]] = -1,
-               pooling: str = "mean") -> Tuple[TwinRouter, Dict[str, Any]]:
+               pooling: Union[str, Sequence[str]] = "mean",
+               standardize: bool = False) -> Tuple[TwinRouter, Dict[str, Any]]:
     """Trains a `TwinRouter` to predict each input's task; selects the epoch on held-out data.
 
     Semantics: minimize CE(router(f(x)), task(x)) with AdamW over the train split; return the
@@ -340,6 +376,9 @@ def fit_router(features_fn_or_model: Union[nn.Module, Callable[[Any], Tensor]],
     private torch.Generator, and init/dropout run inside torch.random.fork_rng, so the global
     RNG state is untouched.
     device: where the router trains; None -> where the features were computed.
+    standardize: the router standardizes its input with the training split's per-feature mean
+    and standard deviation (a feature constant there gets std 1), kept in the router
+    (`TwinRouter(standardize=True)`).
 
     Returns (router in eval mode, report) with report = {"tasks", "best_epoch" (0-based index
     into the per-epoch lists), "val_accuracy" (at best_epoch), "val_accuracy_per_task",
@@ -374,8 +413,9 @@ def fit_router(features_fn_or_model: Union[nn.Module, Callable[[Any], Tensor]],
     dropout = _real_arg(dropout, "dropout", fn)
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"{fn}: dropout must be in [0, 1), got {dropout!r}")
-    if pooling not in _POOLINGS:
-        raise ValueError(f"{fn}: pooling must be one of {list(_POOLINGS)}, got {pooling!r}")
+    pooling = _pooling_arg(pooling, fn)
+    if not isinstance(standardize, bool):
+        raise TypeError(f"{fn}: standardize must be a bool, got {standardize!r}")
     layer = _layer_arg(layer, fn)
     if not callable(features_fn_or_model):
         raise TypeError(f"{fn}: features_fn_or_model must be an nn.Module or a callable, "
@@ -429,7 +469,11 @@ def fit_router(features_fn_or_model: Union[nn.Module, Callable[[Any], Tensor]],
             with torch.cuda.device(device):
                 torch.cuda.manual_seed(seed)
         router = TwinRouter(d, tasks, hidden=hidden, dropout=dropout, layer=layer,
-                            pooling=pooling).to(device)
+                            pooling=pooling, standardize=standardize).to(device)
+        if standardize:
+            std = x_tr.std(dim=0, unbiased=False)
+            router.feature_mean.copy_(x_tr.mean(dim=0))
+            router.feature_std.copy_(torch.where(std > 0, std, torch.ones_like(std)))
         opt = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=weight_decay)
         epoch_iter = range(epochs)
         if progress:
