@@ -43,6 +43,10 @@ def test_quick_demo_runs_and_reports_and_a_rerun_reuses_every_result(tmp_path):
     assert res["router"]["val_accuracy"] > 0.6 and res["router"]["seconds_per_1000"] > 0
     assert res["storage_mb"]["twin_over_one_model"] <= 1 + 0.2 * len(tasks)
     assert res["timing"]["authors_style_seconds_per_1000"] > 0
+    assert res["timing"]["authors_style_nonzero_seconds_per_1000"] > 0
+    # The quick run's router candidate: pooled mean and first token, standardized.
+    assert res["router"]["pooling"] == ["mean", "cls"] and res["router"]["standardize"] is True
+    assert [c["features"] for c in res["router"]["candidates"]] == ["-1:mean+cls standardized"]
     assert res["evaluation_cache"]["reused"] == 0 and res["evaluation_cache"]["computed"] > 0
     # Hyper-parameters were chosen (on validation splits) from the quick grids.
     assert res["methods"]["task_arithmetic"]["hyperparameters"]["scale"] in (0.3, 1.0)
