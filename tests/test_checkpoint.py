@@ -295,9 +295,10 @@ def test_parameters_no_expert_changes_are_not_stored(setup, tmp_path):
     merged = twin.merged_state_dict(torch.tensor([0.2, 0.5, 0.3]))
     assert torch.equal(merged["embed.weight"], base["embed.weight"])
     assert torch.equal(merged["layer.bias"], base["layer.bias"])
-    # Smaller than storing zero factors, and the same after a round trip.
-    stored = TwinCheckpoint.build(base, make_experts(base), rank=2).report()["storage"]
-    assert twin.report()["storage"]["twin_bytes"] < stored["twin_bytes"]
+    # Nothing stored for them: only layer.weight's factors and the dense deltas of the others.
+    storage = twin.report()["storage"]
+    assert storage["lowrank_bytes"] == 3 * 2 * (6 + 5 + 1) * 4
+    assert storage["dense_bytes"] == 3 * (3 * 2 * 2 + 1) * 4   # conv.weight, logit_scale
     twin.save(tmp_path / "twin.safetensors")
     loaded = TwinCheckpoint.load(tmp_path / "twin.safetensors")
     assert_twins_equal(twin, loaded)
@@ -509,6 +510,15 @@ LOAD_ERRORS = {
         "layer.weight"].update(ranks=[2, 2])), r"ranks: a list of T=3 non-negative ints"),
     "meta_shape": (lambda src, dst: rewrite(src, dst, meta=lambda h: h["tensors"]["dense"][
         "layer.bias"].update(shape=[5])), r"shape \[5\] and dtype float32, but the shared"),
+    "unchanged_type": (lambda src, dst: rewrite(src, dst, meta=lambda h: h["compression"].update(
+        unchanged="embed.weight")),
+        r"compression.unchanged must be a list of parameter names, got 'embed.weight'"),
+    "unchanged_stored": (lambda src, dst: rewrite(src, dst, meta=lambda h: h["compression"].update(
+        unchanged=["layer.weight"])),
+        r"compression.unchanged names 'layer.weight', which must be a shared tensor with no "
+        r"low-rank or dense delta"),
+    "unchanged_unknown": (lambda src, dst: rewrite(src, dst, meta=lambda h: h["compression"].update(
+        unchanged=["nope"])), r"compression.unchanged names 'nope'"),
 }
 
 
@@ -662,9 +672,12 @@ def test_head_errors(setup):
 
 def trained_like_router(tasks=TASKS, seed=0):
     torch.manual_seed(seed)
-    router = TwinRouter(8, tasks, hidden=6, layer=-2, pooling="cls")
+    router = TwinRouter(8, tasks, hidden=6, layer=[0, -2], pooling=["mean", "cls"],
+                        standardize=True)
     router.net[1].running_mean.uniform_()  # non-default buffers must round-trip too
     router.net[1].num_batches_tracked.fill_(7)
+    router.feature_mean.uniform_()
+    router.feature_std.uniform_(0.5, 2.0)
     return router.eval()
 
 
@@ -680,7 +693,9 @@ def test_router_round_trip(saved, tmp_path):
     assert_twins_equal(with_router, loaded)
     assert loaded.metadata["router"] == {"config": router.config(),
                                          "info": {"val_accuracy": 0.97}}
-    assert (loaded.router.layer, loaded.router.pooling) == (-2, "cls")
+    assert (loaded.router.layer, loaded.router.pooling, loaded.router.standardize) == (
+        (0, -2), ("mean", "cls"), True)
+    assert torch.equal(loaded.router.feature_std, router.feature_std)
     x = torch.randn(5, 8)
     assert torch.equal(loaded.router.weights(x), router.weights(x))
     assert loaded.to("cpu").router is not loaded.router

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from twinmerge_ext.router import TwinRouter, fit_router, pooled_features
+from twinmerge_ext.router import TwinRouter, fit_router, pool_hidden_states, pooled_features
 
 TASKS = ["a", "b", "c", "d"]
 
@@ -222,18 +222,44 @@ def test_standardize_uses_the_training_statistics_and_makes_scale_irrelevant():
     # Round trip through config and state dict; a constant feature gets std 1, not 0.
     again = TwinRouter.from_config(json.loads(json.dumps(router.config())), router.state_dict())
     torch.testing.assert_close(again(x * scale + 50.0), router(x * scale + 50.0))
-    const = {t: [torch.cat([b[:, :31], torch.full((b.shape[0], 1), 7.0)], 1) for b in batches]
+    # 0.1 is not exact in binary: its std over many items is ~1e-8, not 0, and must still count
+    # as constant (a one-ulp change at serving time must not move the standardized value by 1).
+    const = {t: [torch.cat([b[:, :31], torch.full((b.shape[0], 1), 0.1)], 1) for b in batches]
              for t, batches in data.items()}
     r_const, _ = fit_router(identity, const, epochs=1, standardize=True)
     assert r_const.feature_std[31] == 1.0 and torch.isfinite(r_const(torch.cat(const["a"]))).all()
+    nudged = torch.cat(const["a"])
+    nudged[:, 31] = torch.nextafter(nudged[:, 31], torch.tensor(1.0))
+    torch.testing.assert_close(r_const(nudged), r_const(torch.cat(const["a"])))
 
 
-def test_routers_saved_before_standardize_existed_load():
+def test_standardize_is_in_the_config_only_when_set():
+    # Without it the config is what readers that predate standardize expect.
     r = TwinRouter(8, ["a", "b"])
-    cfg = r.config()
-    del cfg["standardize"]
-    loaded = TwinRouter.from_config(cfg, r.state_dict())
-    assert loaded.standardize is False and "feature_mean" not in loaded.state_dict()
+    assert "standardize" not in r.config() and "feature_mean" not in r.state_dict()
+    loaded = TwinRouter.from_config(r.config(), r.state_dict())
+    assert loaded.standardize is False
+    s = TwinRouter(8, ["a", "b"], standardize=True)
+    assert s.config()["standardize"] is True
+    assert TwinRouter.from_config(s.config(), s.state_dict()).standardize is True
+    with pytest.raises(TypeError, match=r"standardize must be a bool, got 'yes'"):
+        TwinRouter(8, ["a", "b"], standardize="yes")
+
+
+def test_standardized_half_router_standardizes_in_float32():
+    torch.manual_seed(0)
+    r = TwinRouter(4, ["a", "b"], standardize=True).eval()
+    r.feature_mean.copy_(torch.tensor([1000.0, 1000.5, 0.0, 0.0]))
+    r.feature_std.copy_(torch.tensor([0.25, 0.25, 1.0, 1.0]))
+    x = torch.tensor([[1000.25, 1000.25, 0.5, -0.5]])
+    want = r(x)
+    # In fp16 1000.25 - 1000.5 would round to a multiple of 0.5; standardized in fp32 the
+    # half router sees exactly (1, -1, 0.5, -0.5).
+    half = TwinRouter.from_config(r.config(), r.state_dict()).half()
+    seen = {}
+    half.net[0].register_forward_hook(lambda m, inp, out: seen.update(x=inp[0]))
+    torch.testing.assert_close(half(x).float(), want, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(seen["x"], torch.tensor([[1.0, -1.0, 0.5, -0.5]]).half())
 
 
 def test_fit_errors():
@@ -332,7 +358,7 @@ def test_several_poolings_concatenate_pooling_major_and_travel_in_the_config(ber
     r = TwinRouter(6 * 32, ["a", "b"], layer=[0, -1], pooling=["mean", "max", "cls"])
     assert r.pooling == ("mean", "max", "cls")
     cfg = json.loads(json.dumps(r.config()))
-    assert cfg["pooling"] == ["mean", "max", "cls"] and cfg["standardize"] is False
+    assert cfg["pooling"] == ["mean", "max", "cls"] and "standardize" not in cfg
     assert TwinRouter.from_config(cfg, r.state_dict()).pooling == ("mean", "max", "cls")
 
 
@@ -378,6 +404,16 @@ def test_pooled_features_errors(bert):
     mask[1] = 1
     with pytest.raises(ValueError, match=r"pooling must be one of .* got 'median'"):
         pooled_features(bert, ids, mask, pooling="median")
+    # On states already computed too: a row with no real token has nothing to pool (its max
+    # would be -inf, its mean NaN).
+    states = [torch.randn(3, 4, 8)]
+    empty_row = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0]])
+    for p in ("mean", "max", ("mean", "max")):
+        with pytest.raises(ValueError, match=r"pool_hidden_states: attention_mask rows \[1\] have "
+                                             r"no non-padding token"):
+            pool_hidden_states(states, empty_row, 0, p)
+    assert pool_hidden_states([torch.randn(0, 0, 8)], torch.zeros(0, 0), 0,
+                              ("mean", "max")).shape == (0, 16)
     with pytest.raises(ValueError, match=r"pooling must be one of .* got \('mean', 'sum'\)"):
         pooled_features(bert, ids, mask, pooling=("mean", "sum"))
     with pytest.raises(ValueError, match=r"layer must be in \[-3, 3\) for 3 hidden states, got 3"):

@@ -13,7 +13,7 @@ so that Σt wt Ut diag(St) Vtᵀ = U_cat diag(w[expert(k)] S_cat[k]) V_catᵀ (`
 `lowrank_mix_linear`). Every other selected floating parameter (1-D, 0-D, ≥ 3-D, and empty
 matrices) is stored dense as deltas [T, *shape] (`dense_merge_`). Parameters that include/exclude
 do not select, and non-floating tensors, are not twin parameters: they live in the shared state
-only, with the base's values (the rule of `merging`). A selected parameter that no expert
+only, with the base's values (the rule of `merging`). A selected non-empty parameter that no expert
 changes (every vt exactly 0, e.g. word embeddings frozen during fine-tuning) is stored in the
 shared state only and listed in compression.unchanged: θs serves it exactly, with no factors to
 store and nothing to mix per input.
@@ -408,7 +408,7 @@ class TwinCheckpoint:
         (task_arithmetic, average), each vt of a matrix lies in the span of the adapters'
         products, of rank R ≤ Σt rt: with neither rank nor rank_ratio given it is stored at
         rank R, exactly; it is re-truncated only if asked (rank or rank_ratio).
-        A parameter whose T deltas are all exactly 0 is not stored at all (θs serves it; its
+        A non-empty parameter whose T deltas are all exactly 0 is not stored at all (θs serves it; its
         name is listed in `info["compression"]["unchanged"]` and `report()["unchanged"]`).
 
         Works one parameter at a time: peak memory is the shared model plus one parameter's T
@@ -922,6 +922,14 @@ def _parse_metadata(meta: Any, bad) -> Tuple[Dict[str, Any], List[str], Dict[str
     overlap = sorted(set(specs["lowrank"]) & set(specs["dense"]))
     if overlap:
         raise bad(f"parameter {overlap[0]!r} is listed both as low-rank and as dense")
+    unchanged = meta["compression"].get("unchanged", [])
+    if not (isinstance(unchanged, list) and all(isinstance(x, str) for x in unchanged)):
+        raise bad(f"metadata field compression.unchanged must be a list of parameter names, got "
+                  f"{unchanged!r}")
+    for name in unchanged:
+        if name not in specs["shared"] or name in specs["lowrank"] or name in specs["dense"]:
+            raise bad(f"metadata compression.unchanged names {name!r}, which must be a shared "
+                      f"tensor with no low-rank or dense delta")
     specs["heads"] = _parse_heads(meta["tensors"].get("heads", {}), tasks, specs["shared"], bad)
     info = {k: v for k, v in meta.items() if k not in ("tasks", "tensors")}
     return info, list(tasks), specs

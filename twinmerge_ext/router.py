@@ -160,10 +160,12 @@ class TwinRouter(nn.Module):
         """
         self._check_features(features, "TwinRouter.forward")
         weight = self.net[0].weight
-        x = features.to(device=weight.device, dtype=weight.dtype)
+        x = features.to(device=weight.device)
         if self.standardize:
-            x = (x - self.feature_mean) / self.feature_std
-        return self.net(x)
+            # In float32 whatever the router's dtype: the large-scale features are the reason to
+            # standardize, and their mean cancels badly in 16 bits.
+            x = (x.float() - self.feature_mean.float()) / self.feature_std.float()
+        return self.net(x.to(weight.dtype))
 
     def weights(self, features: Tensor, temperature: float = 1.0,
                 top_k: Optional[int] = None) -> Tensor:
@@ -191,12 +193,14 @@ class TwinRouter(nn.Module):
         return torch.zeros_like(logits).scatter(-1, idx, torch.softmax(top, dim=-1))
 
     def config(self) -> Dict[str, Any]:
-        """The constructor arguments as a JSON-serializable dict (for checkpoints)."""
+        """The constructor arguments as a JSON-serializable dict (for checkpoints; "standardize"
+        only when True)."""
         return {"in_features": self.in_features, "tasks": list(self.tasks), "hidden": self.hidden,
                 "dropout": self.dropout, "negative_slope": self.negative_slope,
                 "layer": list(self.layer) if isinstance(self.layer, tuple) else self.layer,
                 "pooling": list(self.pooling) if isinstance(self.pooling, tuple) else self.pooling,
-                "standardize": self.standardize}
+                # Written only when set, so readers that predate it still load other routers.
+                **({"standardize": True} if self.standardize else {})}
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any],
@@ -265,10 +269,7 @@ def pooled_features(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
                          f"{_describe(attention_mask)}")
     layer = _layer_arg(layer, fn)
     mask = attention_mask != 0
-    empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
-    if empty:
-        raise ValueError(f"{fn}: attention_mask rows {empty} have no non-padding token; "
-                         "there is nothing to pool")
+    _check_rows(mask, fn)
 
     device = _model_device(model)
     flags = [(m, m.training) for m in model.modules()]
@@ -290,6 +291,15 @@ def pooled_features(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
     return pool_hidden_states(hidden_states, mask, layer, pooling, fn)
 
 
+def _check_rows(mask: Tensor, fn: str) -> None:
+    """Every row must have a real token: its mean would be NaN, its max -inf, its "last" a
+    padding token."""
+    if not bool(mask.any(dim=1).all()):
+        empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
+        raise ValueError(f"{fn}: attention_mask rows {empty} have no non-padding token; "
+                         "there is nothing to pool")
+
+
 def pool_hidden_states(hidden_states: Sequence[Tensor], attention_mask: Tensor,
                        layer: Union[int, Sequence[int]] = -1,
                        pooling: Union[str, Sequence[str]] = "mean",
@@ -299,22 +309,29 @@ def pool_hidden_states(hidden_states: Sequence[Tensor], attention_mask: Tensor,
 
     Shape: hidden_states: a sequence of [B, L, d] (index 0 = embeddings); attention_mask [B, L]
     -> [B, d] float32 ([B, d·len(layer)·len(pooling)] for sequences of layers and poolings).
+    Errors: ValueError for an unknown pooling, a layer out of range, or rows whose mask is all
+    zero (named).
     """
-    pooling = _pooling_arg(pooling, fn)
-    if isinstance(pooling, tuple):
-        return torch.cat([pool_hidden_states(hidden_states, attention_mask, layer, p, fn)
-                          for p in pooling], dim=-1)
-    layer = _layer_arg(layer, fn)
+    poolings = _pooling_arg(pooling, fn)
+    poolings = poolings if isinstance(poolings, tuple) else (poolings,)
+    layers = _layer_arg(layer, fn)
+    layers = layers if isinstance(layers, tuple) else (layers,)
     n = len(hidden_states)
-    for i in (layer if isinstance(layer, tuple) else (layer,)):
+    for i in layers:
         if not -n <= i < n:
             raise ValueError(f"{fn}: layer must be in [{-n}, {n}) for {n} hidden states, "
                              f"got {i}")
-    if isinstance(layer, tuple):
-        return torch.cat([pool_hidden_states(hidden_states, attention_mask, i, pooling, fn)
-                          for i in layer], dim=-1)
-    h = hidden_states[layer].float()
-    mask = (attention_mask != 0).to(h.device)
+    mask = attention_mask != 0
+    _check_rows(mask, fn)
+    parts = [_pool(hidden_states[i].float(), mask, p) for p in poolings for i in layers]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
+def _pool(h: Tensor, mask: Tensor, pooling: str) -> Tensor:
+    """h [B, L, d] pooled over the tokens where mask [B, L] (bool) is set -> [B, d]."""
+    mask = mask.to(h.device)
+    if h.shape[1] == 0:  # only an empty batch gets here (_check_rows): nothing to pool
+        return h.new_zeros(h.shape[0], h.shape[2])
     if pooling == "mean":
         m = mask.to(h.dtype).unsqueeze(-1)
         return (h * m).sum(dim=1) / m.sum(dim=1)
@@ -377,8 +394,8 @@ def fit_router(features_fn_or_model: Union[nn.Module, Callable[[Any], Tensor]],
     RNG state is untouched.
     device: where the router trains; None -> where the features were computed.
     standardize: the router standardizes its input with the training split's per-feature mean
-    and standard deviation (a feature constant there gets std 1), kept in the router
-    (`TwinRouter(standardize=True)`).
+    and standard deviation (a feature constant there, std ≤ 1e-6·max(|mean|, 1), gets std 1),
+    kept in the router (`TwinRouter(standardize=True)`).
 
     Returns (router in eval mode, report) with report = {"tasks", "best_epoch" (0-based index
     into the per-epoch lists), "val_accuracy" (at best_epoch), "val_accuracy_per_task",
@@ -471,9 +488,13 @@ def fit_router(features_fn_or_model: Union[nn.Module, Callable[[Any], Tensor]],
         router = TwinRouter(d, tasks, hidden=hidden, dropout=dropout, layer=layer,
                             pooling=pooling, standardize=standardize).to(device)
         if standardize:
-            std = x_tr.std(dim=0, unbiased=False)
-            router.feature_mean.copy_(x_tr.mean(dim=0))
-            router.feature_std.copy_(torch.where(std > 0, std, torch.ones_like(std)))
+            mean, std = x_tr.mean(dim=0), x_tr.std(dim=0, unbiased=False)
+            # A feature constant on the training split has a std of rounding size (7e-9 for
+            # 0.1), not 0: dividing by it would turn one ulp of difference at serving time into
+            # a unit step. Such features get std 1 (as scikit-learn's StandardScaler does).
+            constant = std <= 1e-6 * mean.abs().clamp_min(1.0)
+            router.feature_mean.copy_(mean)
+            router.feature_std.copy_(torch.where(constant, torch.ones_like(std), std))
         opt = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=weight_decay)
         epoch_iter = range(epochs)
         if progress:

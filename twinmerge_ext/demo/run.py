@@ -383,7 +383,8 @@ def route_stream(wrapped: TwinMergedModule, stream: Stream, size: int = 32) -> t
 
 
 def _router_features(model, e: Encoded, candidates) -> Dict[str, torch.Tensor]:
-    """pool_hidden_states for every (layers, pooling) candidate, one forward of θs per batch."""
+    """pool_hidden_states for every (layers, poolings, standardize) candidate, one forward of θs
+    per batch."""
     out: Dict[str, torch.Tensor] = {}
     with torch.inference_mode():
         for idx, ids, mask in micro_batches(e.ids, e.mask, 64):
