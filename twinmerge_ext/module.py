@@ -119,15 +119,25 @@ class _TwinLinear(_TwinLayer):
         rw = ctx.row_weights
         B = rw.shape[0]
         _check_batch(self, x, B)
-        if "weight" in self._twin_lowrank:
-            W, U, S, V = self._twin_as_linear()
-            y = lowrank_mix_linear(x, W, self.bias, U, S, V, self._twin_ranks["weight"], rw)
-        else:
-            y = self._twin_plain(x)
         db = self._twin_dense("bias")
-        if db is not None:
-            y = y + _row_view(_mix_dense(rw, db), B, y.dim(), db.shape[1:]).to(y.dtype)
-        return y
+        if "weight" not in self._twin_lowrank:
+            y = self._twin_plain(x)
+            if db is not None:
+                y = y + _row_view(_mix_dense(rw, db), B, y.dim(), db.shape[1:]).to(y.dtype)
+            return y
+        W, U, S, V = self._twin_as_linear()
+        if db is None:
+            return lowrank_mix_linear(x, W, self.bias, U, S, V, self._twin_ranks["weight"], rw)
+        # The shared bias joins the per-row one ([B, m], small): one pass over y adds both,
+        # where the op's bias (copied into y first) and then the per-row delta took two.
+        y = lowrank_mix_linear(x, W, None, U, S, V, self._twin_ranks["weight"], rw)
+        rb = _mix_dense(rw, db)
+        if self.bias is not None:
+            rb = rb + self.bias.to(rb.dtype)
+        rb = _row_view(rb, B, y.dim(), db.shape[1:]).to(y.dtype)
+        # In place when nothing is recorded for backward (autograd forbids modifying a custom
+        # op's output in place): serving spares a y-sized allocation per layer.
+        return y + rb if y.requires_grad else y.add_(rb)
 
 
 class _TwinConv1D(_TwinLinear):
@@ -162,15 +172,21 @@ class _TwinLayerNorm(_TwinLayer):
         shape = tuple(self.normalized_shape)
         y = F.layer_norm(x, shape, None, None, self.eps)
         f = _opmath(y.dtype)
+        v = {}
         for attr in ("weight", "bias"):
             p = getattr(self, attr)
             if p is None:
                 continue
             d = self._twin_dense(attr)
-            v = (p.to(f) + _mix_dense(rw, d).to(f)) if d is not None else p.to(f).expand(
-                (B,) + shape)
-            v = _row_view(v, B, y.dim(), shape)
-            y = y * v if attr == "weight" else y + v
+            v[attr] = _row_view((p.to(f) + _mix_dense(rw, d).to(f)) if d is not None
+                                else p.to(f).expand((B,) + shape), B, y.dim(), shape)
+        y = y.to(f)
+        if len(v) == 2:  # one pass: bias + y·weight
+            y = torch.addcmul(v["bias"], y, v["weight"])
+        elif "weight" in v:
+            y = y * v["weight"]
+        elif "bias" in v:
+            y = y + v["bias"]
         return y.to(x.dtype)
 
 

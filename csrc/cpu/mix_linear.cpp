@@ -22,8 +22,10 @@ at::Tensor lowrank_mix_linear(const at::Tensor& x, const at::Tensor& weight,
   if (K > 0) {
     // h = (x V) * coef[batch(row)], coef[b, k] = row_weights[b, expert(k)] * S[k].
     const auto coef = mixing_coefficients(row_weights, S.unsqueeze(0), offsets, opmath);
-    const auto h = at::mm(x2, V.to(opmath)).view({B, rows / B, K}) * coef.unsqueeze(1);
-    y.addmm_(h.view({rows, K}), U.to(opmath).t());
+    // Scaled in place: h is this call's own temporary, and one [rows, K] pass is saved.
+    auto h = at::mm(x2, V.to(opmath));
+    h.view({B, rows / B, K}).mul_(coef.unsqueeze(1));
+    y.addmm_(h, U.to(opmath).t());
   }
   return y.to(x.scalar_type()).view(out_sizes);
 }
