@@ -120,19 +120,20 @@ class _TwinLinear(_TwinLayer):
         B = rw.shape[0]
         _check_batch(self, x, B)
         db = self._twin_dense("bias")
-        if "weight" not in self._twin_lowrank:
+        lowrank = "weight" in self._twin_lowrank
+        if not lowrank:
             y = self._twin_plain(x)
-            if db is not None:
-                y = y + _row_view(_mix_dense(rw, db), B, y.dim(), db.shape[1:]).to(y.dtype)
-            return y
-        W, U, S, V = self._twin_as_linear()
+        else:
+            W, U, S, V = self._twin_as_linear()
+            # With a mixed bias, the shared bias joins the per-row one ([B, m], small) below:
+            # one pass over y adds both, where the op's bias (copied into y first) and then the
+            # per-row delta took two.
+            y = lowrank_mix_linear(x, W, self.bias if db is None else None, U, S, V,
+                                   self._twin_ranks["weight"], rw)
         if db is None:
-            return lowrank_mix_linear(x, W, self.bias, U, S, V, self._twin_ranks["weight"], rw)
-        # The shared bias joins the per-row one ([B, m], small): one pass over y adds both,
-        # where the op's bias (copied into y first) and then the per-row delta took two.
-        y = lowrank_mix_linear(x, W, None, U, S, V, self._twin_ranks["weight"], rw)
+            return y
         rb = _mix_dense(rw, db)
-        if self.bias is not None:
+        if lowrank and self.bias is not None:
             rb = rb + self.bias.to(rb.dtype)
         rb = _row_view(rb, B, y.dim(), db.shape[1:]).to(y.dtype)
         # In place when nothing is recorded for backward (autograd forbids modifying a custom

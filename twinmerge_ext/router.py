@@ -55,6 +55,12 @@ def _pooling_arg(value, fn: str) -> Union[str, Tuple[str, ...]]:
     return items if isinstance(value, (list, tuple)) else value
 
 
+def _bool_arg(value, arg: str, fn: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{fn}: {arg} must be a bool, got {value!r}")
+    return value
+
+
 def _real_arg(value, arg: str, fn: str) -> float:
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{fn}: {arg} must be a real number, got {value!r} "
@@ -119,8 +125,7 @@ class TwinRouter(nn.Module):
         negative_slope = _real_arg(negative_slope, "negative_slope", fn)
         layer = _layer_arg(layer, fn)
         pooling = _pooling_arg(pooling, fn)
-        if not isinstance(standardize, bool):
-            raise TypeError(f"{fn}: standardize must be a bool, got {standardize!r}")
+        standardize = _bool_arg(standardize, "standardize", fn)
 
         self.in_features = in_features
         self.tasks = tasks
@@ -288,7 +293,7 @@ def pooled_features(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
     if hidden_states is None:
         raise ValueError(f"{fn}: the model's output has no hidden_states "
                          f"(got {type(out).__name__}); it must honour output_hidden_states=True")
-    return pool_hidden_states(hidden_states, mask, layer, pooling, fn)
+    return _pool_layers(hidden_states, mask, layer, pooling, fn)
 
 
 def _check_rows(mask: Tensor, fn: str) -> None:
@@ -312,6 +317,14 @@ def pool_hidden_states(hidden_states: Sequence[Tensor], attention_mask: Tensor,
     Errors: ValueError for an unknown pooling, a layer out of range, or rows whose mask is all
     zero (named).
     """
+    mask = attention_mask != 0
+    _check_rows(mask, fn)
+    return _pool_layers(hidden_states, mask, layer, pooling, fn)
+
+
+def _pool_layers(hidden_states: Sequence[Tensor], mask: Tensor, layer, pooling,
+                 fn: str) -> Tensor:
+    """pool_hidden_states after its row check: mask [B, L] bool, every row non-empty."""
     poolings = _pooling_arg(pooling, fn)
     poolings = poolings if isinstance(poolings, tuple) else (poolings,)
     layers = _layer_arg(layer, fn)
@@ -321,15 +334,13 @@ def pool_hidden_states(hidden_states: Sequence[Tensor], attention_mask: Tensor,
         if not -n <= i < n:
             raise ValueError(f"{fn}: layer must be in [{-n}, {n}) for {n} hidden states, "
                              f"got {i}")
-    mask = attention_mask != 0
-    _check_rows(mask, fn)
+    mask = mask.to(hidden_states[layers[0]].device)
     parts = [_pool(hidden_states[i].float(), mask, p) for p in poolings for i in layers]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
 def _pool(h: Tensor, mask: Tensor, pooling: str) -> Tensor:
-    """h [B, L, d] pooled over the tokens where mask [B, L] (bool) is set -> [B, d]."""
-    mask = mask.to(h.device)
+    """h [B, L, d] pooled over the tokens where mask [B, L] (bool, on h's device) is set."""
     if h.shape[1] == 0:  # only an empty batch gets here (_check_rows): nothing to pool
         return h.new_zeros(h.shape[0], h.shape[2])
     if pooling == "mean":
@@ -431,8 +442,7 @@ def fit_router(features_fn_or_model: Union[nn.Module, Callable[[Any], Tensor]],
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"{fn}: dropout must be in [0, 1), got {dropout!r}")
     pooling = _pooling_arg(pooling, fn)
-    if not isinstance(standardize, bool):
-        raise TypeError(f"{fn}: standardize must be a bool, got {standardize!r}")
+    standardize = _bool_arg(standardize, "standardize", fn)
     layer = _layer_arg(layer, fn)
     if not callable(features_fn_or_model):
         raise TypeError(f"{fn}: features_fn_or_model must be an nn.Module or a callable, "
