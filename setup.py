@@ -100,7 +100,7 @@ def extensions():
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     print(f"setup.py: building twinmerge_ext._C with CUDA for {os.environ['TORCH_CUDA_ARCH_LIST']}")
     sources = common + _sources("csrc/cuda/*.cpp", "csrc/cuda/*.cu")
-    include_dirs, link_args = _cuda_link(["cublas", "cusolver"])
+    include_dirs, link_args = _cuda_link(["cublas", "cublasLt", "cusolver"])
     torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
     # getCurrentCUDASolverDnHandle lives in libtorch_cuda_linalg.so, which torch loads lazily.
     link_args += [f"-L{torch_lib}", "-ltorch_cuda_linalg", f"-Wl,-rpath,{torch_lib}"]

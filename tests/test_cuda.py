@@ -45,6 +45,33 @@ def test_cuda_matches_cpu(dtype):
     assert_close(out_gpu, out_cpu.double(), dtype)
 
 
+def _at_offset(t, offset):
+    """A contiguous copy of t that starts `offset` elements into its storage (odd alignment)."""
+    flat = torch.empty(t.numel() + offset, dtype=t.dtype, device=t.device)
+    view = flat[offset:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("offset", [0, 1, 3])
+def test_cublaslt_paths_at_any_alignment(dtype, offset):
+    # Merging into a separate buffer is cuBLASLt's D = A B + C; the bias of lowrank_mix_linear
+    # is its epilogue. Operands that start off a 16-byte boundary (offset 1, 3) must get an
+    # algorithm for their alignment, or the cuBLAS path, never a wrong result.
+    base, U, S, V, w = factors((3,), 40, 56, RANKS[8], dtype, "cuda")
+    expected = ref.lowrank_merge(base, U, S, V, RANKS[8], w)
+    out = _at_offset(torch.zeros_like(base), offset)
+    tm.lowrank_merge_(out, _at_offset(base, offset), _at_offset(U, offset), S.double(),
+                      _at_offset(V, offset), RANKS[8], w)
+    assert_close(out, expected, dtype)
+    for with_bias in (True, False):
+        x, W, b, U, S, V, ranks, rw = mix_args(4, (6,), 48, 40, RANKS[8], dtype, "cuda", bias=with_bias)
+        expected = ref.lowrank_mix_linear(x, W, b, U, S, V, ranks, rw)
+        moved = [_at_offset(t, offset) if isinstance(t, torch.Tensor) else t for t in (x, W, b, U, S, V)]
+        assert_close(tm.lowrank_mix_linear(*moved, ranks, rw), expected, dtype)
+
+
 def test_truncated_svd_cuda_error_matches_cpu():
     A = decaying(4, 512, 384, 0.5)
     err_cpu = rel_error(A, *tm.truncated_svd(A, 32))

@@ -2,7 +2,10 @@
 
 #include <ATen/cuda/CUDAContext.h>
 
+#include <cstdint>
 #include <limits>
+#include <memory>
+#include <type_traits>
 
 namespace twinmerge::cuda {
 
@@ -38,7 +41,116 @@ cudaDataType cuda_type(at::ScalarType t) {
   }
 }
 
+// The largest power of two (at most 256) that divides every address a batched operand starts at:
+// cuBLASLt's heuristics otherwise assume 256-byte aligned operands.
+uint32_t alignment(const void* ptr, int64_t stride_bytes, int64_t batch) {
+  uint64_t bits = reinterpret_cast<uintptr_t>(ptr) | 256u;
+  if (batch > 1) bits |= static_cast<uint64_t>(stride_bytes);
+  return static_cast<uint32_t>(bits & (~bits + 1));
+}
+
+template <typename T, cublasStatus_t (*Destroy)(T)>
+using LtHandle = std::unique_ptr<std::remove_pointer_t<T>, std::integral_constant<decltype(Destroy), Destroy>>;
+using LtDesc = LtHandle<cublasLtMatmulDesc_t, cublasLtMatmulDescDestroy>;
+using LtLayout = LtHandle<cublasLtMatrixLayout_t, cublasLtMatrixLayoutDestroy>;
+using LtPreference = LtHandle<cublasLtMatmulPreference_t, cublasLtMatmulPreferenceDestroy>;
+
+template <typename V>
+void set(cublasLtMatmulDesc_t d, cublasLtMatmulDescAttributes_t a, const V& v) {
+  TM_CUBLAS(cublasLtMatmulDescSetAttribute(d, a, &v, sizeof(v)));
+}
+template <typename V>
+void set(cublasLtMatrixLayout_t d, cublasLtMatrixLayoutAttribute_t a, const V& v) {
+  TM_CUBLAS(cublasLtMatrixLayoutSetAttribute(d, a, &v, sizeof(v)));
+}
+template <typename V>
+void set(cublasLtMatmulPreference_t d, cublasLtMatmulPreferenceAttributes_t a, const V& v) {
+  TM_CUBLAS(cublasLtMatmulPreferenceSetAttribute(d, a, &v, sizeof(v)));
+}
+
+// A column-major rows x cols matrix with leading dimension ld, `batch` of them `stride`
+// elements apart.
+LtLayout layout(cudaDataType type, int64_t rows, int64_t cols, int64_t ld, int64_t batch,
+                int64_t stride) {
+  cublasLtMatrixLayout_t raw = nullptr;
+  TM_CUBLAS(cublasLtMatrixLayoutCreate(&raw, type, rows, cols, ld));
+  LtLayout desc(raw);
+  if (batch > 1) {
+    set(raw, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, static_cast<int32_t>(batch));
+    set(raw, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, stride);
+  }
+  return desc;
+}
+
 }  // namespace
+
+bool gemm_lt(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const at::Tensor& A,
+             const at::Tensor& B, const std::optional<at::Tensor>& C, at::Tensor& D,
+             const std::optional<at::Tensor>& bias, int64_t batch) {
+  const at::Tensor& addend = C ? *C : D;  // beta = 0 without C: cuBLASLt does not read it
+  TORCH_INTERNAL_ASSERT(A.scalar_type() == B.scalar_type() && addend.scalar_type() == D.scalar_type());
+  TORCH_INTERNAL_ASSERT(A.is_contiguous() && B.is_contiguous() && addend.is_contiguous() &&
+                        D.is_contiguous() && (!bias || bias->is_contiguous()));
+  // fp32, fp16 and bf16 only; fp64 keeps the cuBLAS path.
+  if (A.scalar_type() == at::kDouble || D.scalar_type() == at::kDouble) return false;
+  if (M == 0 || N == 0 || batch == 0) return true;
+  constexpr const char* op = "twinmerge gemm_lt";
+  to_int(op, "batch", batch);
+  const cudaDataType ab_type = cuda_type(A.scalar_type()), cd_type = cuda_type(D.scalar_type());
+
+  // Row-major D = op(A) op(B) + C is column-major D^T = op(B)^T op(A)^T + C^T (N x M, ld N):
+  // cuBLASLt's "A" is our B and its "B" is our A, each described as stored.
+  cublasLtMatmulDesc_t raw_desc = nullptr;
+  TM_CUBLAS(cublasLtMatmulDescCreate(&raw_desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  const LtDesc desc(raw_desc);
+  set(raw_desc, CUBLASLT_MATMUL_DESC_TRANSA, static_cast<int32_t>(trans_b ? CUBLAS_OP_T : CUBLAS_OP_N));
+  set(raw_desc, CUBLASLT_MATMUL_DESC_TRANSB, static_cast<int32_t>(trans_a ? CUBLAS_OP_T : CUBLAS_OP_N));
+  if (bias) {
+    // The epilogue adds bias[j] to column-major row j, i.e. to row-major column j of D.
+    if (reinterpret_cast<uintptr_t>(bias->const_data_ptr()) % 16 != 0) return false;
+    set(raw_desc, CUBLASLT_MATMUL_DESC_EPILOGUE, static_cast<uint32_t>(CUBLASLT_EPILOGUE_BIAS));
+    set(raw_desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias->const_data_ptr());
+    set(raw_desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, static_cast<int32_t>(cuda_type(bias->scalar_type())));
+  }
+  const auto a_desc = trans_b ? layout(ab_type, K, N, K, batch, N * K) : layout(ab_type, N, K, N, batch, N * K);
+  const auto b_desc = trans_a ? layout(ab_type, M, K, M, batch, M * K) : layout(ab_type, K, M, K, batch, M * K);
+  const auto c_desc = layout(cd_type, N, M, N, batch, M * N);
+  const auto d_desc = layout(cd_type, N, M, N, batch, M * N);
+
+  cublasLtMatmulPreference_t raw_pref = nullptr;
+  TM_CUBLAS(cublasLtMatmulPreferenceCreate(&raw_pref));
+  const LtPreference pref(raw_pref);
+  const size_t workspace_size = at::cuda::getCUDABlasLtWorkspaceSize();
+  set(raw_pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, static_cast<uint64_t>(workspace_size));
+  // Sums accumulate in fp32: no split-K reduction in a 16-bit output type.
+  set(raw_pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
+      static_cast<uint32_t>(CUBLASLT_REDUCTION_SCHEME_MASK & ~CUBLASLT_REDUCTION_SCHEME_OUTPUT_TYPE));
+  const int64_t ab_size = A.element_size(), cd_size = D.element_size();
+  set(raw_pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+      alignment(B.const_data_ptr(), N * K * ab_size, batch));
+  set(raw_pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+      alignment(A.const_data_ptr(), M * K * ab_size, batch));
+  set(raw_pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+      alignment(addend.const_data_ptr(), M * N * cd_size, batch));
+  set(raw_pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+      alignment(D.const_data_ptr(), M * N * cd_size, batch));
+
+  cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
+  cublasLtMatmulHeuristicResult_t heuristic{};
+  int found = 0;
+  const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(
+      handle, raw_desc, a_desc.get(), b_desc.get(), c_desc.get(), d_desc.get(), raw_pref, 1,
+      &heuristic, &found);
+  // No algorithm (NOT_SUPPORTED, or none found) is not an error: the caller has a cuBLAS path.
+  if (status != CUBLAS_STATUS_SUCCESS || found == 0) return false;
+  const float alpha = 1.0f, beta = C ? 1.0f : 0.0f;
+  TM_CUBLAS(cublasLtMatmul(handle, raw_desc, &alpha, B.const_data_ptr(), a_desc.get(),
+                           A.const_data_ptr(), b_desc.get(), &beta, addend.const_data_ptr(),
+                           c_desc.get(), D.data_ptr(), d_desc.get(), &heuristic.algo,
+                           at::cuda::getCUDABlasLtWorkspace(), workspace_size,
+                           at::cuda::getCurrentCUDAStream()));
+  return true;
+}
 
 void gemm_colmajor(cublasOperation_t op_a, cublasOperation_t op_b, int64_t M, int64_t N,
                    int64_t K, const at::Tensor& A, int64_t lda, int64_t stride_a,

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cusolverDn.h>
 
@@ -14,6 +15,16 @@ namespace twinmerge::cuda {
 // A and B share a dtype; C may have that dtype or the accumulation dtype.
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const at::Tensor& A,
           const at::Tensor& B, double beta, at::Tensor& C, int64_t batch = 1);
+
+// Row-major batched GEMM through cuBLASLt, into a buffer other than the addend:
+//   D[b] = op(A[b]) op(B[b]) (+ C[b]) (+ bias[j] on every row's column j),
+// accumulating in fp32; shapes as for gemm(). C and D [batch, M, N] share a dtype (A's, or
+// float); bias [N] has D's dtype. All contiguous; C may be D. Returns false, having done
+// nothing, for fp64 and wherever cuBLASLt offers no algorithm (the caller then takes the cuBLAS
+// path, gemm()).
+bool gemm_lt(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const at::Tensor& A,
+             const at::Tensor& B, const std::optional<at::Tensor>& C, at::Tensor& D,
+             const std::optional<at::Tensor>& bias, int64_t batch = 1);
 
 // Column-major batched GEMM on raw buffers of one dtype (float or double), as cuBLAS defines it:
 //   C[b] = op(A[b]) op(B[b]) + beta * C[b], C is M x N with leading dimension ldc.

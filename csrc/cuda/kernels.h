@@ -7,16 +7,16 @@
 
 namespace twinmerge::cuda {
 
-// coef[b, k] = weights[b * w_stride + expert(k)] * S[b * s_stride + k] for b < B, k < K.
-// weights and S are contiguous tensors of coef's dtype (float or double); coef is [B, K].
-void launch_mixing_coefficients(const at::Tensor& weights, int64_t w_stride, const at::Tensor& S,
-                                int64_t s_stride, const ExpertOffsets& offsets, at::Tensor& coef);
-
-// out[i, k] = in[i, k] * coef[i / rows_per_group, k], computed in coef's dtype and rounded once
-// to out's dtype (for fp16/bf16 outputs, the scaled factor then feeds a GEMM in that dtype).
-// in [R, K] and out [R, K] contiguous; coef [R / rows_per_group, K] float or double.
-void launch_scale_columns(const at::Tensor& in, at::Tensor& out, const at::Tensor& coef,
-                          int64_t rows_per_group);
+// out[i, k] = in[i, k] * S[g * s_stride + k] * weights[g * w_stride + expert(k)] with
+// g = i / rows_per_group: the diagonal of U_cat diag(w ⊗ S) V_cat^T folded into one factor, in
+// one pass. Computed in the accumulation dtype and rounded once to out's dtype (fp16/bf16
+// outputs then feed a GEMM in that dtype). weights may be null (coefficient S alone); without it
+// `offsets` is not read. in and out are contiguous [R, K] and may be the same buffer; in and S
+// each have out's dtype or the accumulation dtype (float, double for double), *weights the
+// accumulation dtype; all contiguous.
+void launch_scale_columns(const at::Tensor& in, at::Tensor& out, const at::Tensor& S,
+                          int64_t s_stride, const at::Tensor* weights, int64_t w_stride,
+                          const ExpertOffsets& offsets, int64_t rows_per_group);
 
 // out[i] = base[i] + sum_t weights[t] * deltas[t, i]; all contiguous, weights in opmath dtype.
 void launch_dense_merge(at::Tensor& out, const at::Tensor& base, const at::Tensor& deltas,

@@ -1,5 +1,6 @@
-// CUDA implementations of the merging ops: cuBLAS GEMMs around the hand-written kernels of
-// kernels.cu. No op synchronizes with the host, so all of them can be captured in a CUDA graph.
+// CUDA implementations of the merging ops: cuBLAS/cuBLASLt GEMMs around the one-pass scaling
+// kernel of kernels.cu. No op synchronizes with the host, so all of them can be captured in a CUDA
+// graph.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -14,6 +15,14 @@ at::TensorOptions opmath_options(const at::Tensor& t) {
   return t.options().dtype(opmath_type(t.scalar_type()));
 }
 
+// S for launch_scale_columns, which reads it in `like`'s dtype or the accumulation dtype: as it
+// is where it already has one of them (no conversion kernel per call), else converted.
+at::Tensor singular_values(const at::Tensor& S, const at::Tensor& like) {
+  const auto t = S.scalar_type();
+  if (t == like.scalar_type() || t == opmath_type(like.scalar_type())) return S.contiguous();
+  return S.to(opmath_options(like)).contiguous();
+}
+
 at::Tensor reconstruct_delta(const at::Tensor& U, const at::Tensor& S, const at::Tensor& V) {
   const auto [batch, m, n, r] = check_reconstruct_delta(U, S, V);
   const c10::cuda::CUDAGuard guard(U.device());
@@ -22,10 +31,10 @@ at::Tensor reconstruct_delta(const at::Tensor& U, const at::Tensor& S, const at:
   auto out = at::empty(out_sizes, U.options());
   if (out.numel() == 0) return out;
   if (r == 0) return out.zero_();
-  const auto coef = S.reshape({batch, r}).to(opmath_options(U)).contiguous();
+  const auto S2 = singular_values(S.reshape({batch, r}), U);
   const auto U3 = U.reshape({batch, m, r}).contiguous();
   auto Us = at::empty_like(U3);
-  launch_scale_columns(U3, Us, coef, m);
+  launch_scale_columns(U3, Us, S2, r, nullptr, 0, ExpertOffsets{}, m);
   gemm(false, true, m, n, r, Us, V.reshape({batch, n, r}).contiguous(), 0.0, out, batch);
   return out;
 }
@@ -36,25 +45,29 @@ void lowrank_merge_(at::Tensor& out, const at::Tensor& base, const at::Tensor& U
   const auto [L, m, n, K, offsets] = check_lowrank_merge(out, base, U, S, V, ranks, weights);
   const c10::cuda::CUDAGuard guard(out.device());
   if (out.numel() == 0) return;
-  if (out.data_ptr() != base.data_ptr()) out.copy_(base);
-  if (K == 0) return;
-  auto coef = at::empty({L, K}, opmath_options(out));
-  launch_mixing_coefficients(weights.to(coef.options()).contiguous(), 0,
-                             S.reshape({L, K}).to(coef.options()).contiguous(), K, offsets, coef);
-  // The diagonal scales the factor with fewer rows; the GEMM then adds into `out` (beta = 1),
-  // which reads base once and writes the result once.
+  const bool in_place = out.data_ptr() == base.data_ptr();
+  if (K == 0) {
+    if (!in_place) out.copy_(base);
+    return;
+  }
+  // The diagonal w ⊗ S scales the factor with fewer rows, in one pass; one GEMM then adds the
+  // product to base. Into a separate buffer that is cuBLASLt's D = A B + C, which reads base
+  // once and writes out once; cuBLAS's GEMM would need a copy of base into out first.
+  const auto w = weights.to(opmath_options(out)).contiguous();
+  const auto S2 = singular_values(S.reshape({L, K}), out);
   auto U3 = U.reshape({L, m, K}).contiguous();
   auto V3 = V.reshape({L, n, K}).contiguous();
-  if (m <= n) {
-    auto scaled = at::empty_like(U3);
-    launch_scale_columns(U3, scaled, coef, m);
-    U3 = scaled;
-  } else {
-    auto scaled = at::empty_like(V3);
-    launch_scale_columns(V3, scaled, coef, n);
-    V3 = scaled;
+  auto& small = m <= n ? U3 : V3;
+  auto scaled = at::empty_like(small);
+  launch_scale_columns(small, scaled, S2, K, &w, 0, offsets, small.size(1));
+  small = scaled;
+  const auto base3 = base.reshape({L, m, n});
+  auto out3 = out.view({L, m, n});
+  if (!in_place && gemm_lt(false, true, m, n, K, U3, V3, base3.contiguous(), out3, std::nullopt, L)) {
+    return;
   }
-  gemm(false, true, m, n, K, U3, V3, 1.0, out, L);
+  if (!in_place) out.copy_(base);
+  gemm(false, true, m, n, K, U3, V3, 1.0, out3, L);
 }
 
 void dense_merge_(at::Tensor& out, const at::Tensor& base, const at::Tensor& deltas,
@@ -76,24 +89,27 @@ at::Tensor lowrank_mix_linear(const at::Tensor& x, const at::Tensor& weight,
   out_sizes.back() = m;
   auto y = at::empty({rows, m}, x.options());
   if (y.numel() == 0) return y.view(out_sizes);
-  if (bias.has_value()) {
-    y.copy_(bias->unsqueeze(0).expand({rows, m}));
-  } else if (n == 0) {
-    y.zero_();
+  if (n == 0) {  // x has no features: y = b and x V = 0.
+    bias.has_value() ? y.copy_(bias->unsqueeze(0).expand({rows, m})) : y.zero_();
+    return y.view(out_sizes);
   }
-  if (n == 0) return y.view(out_sizes);  // x has no features: y = b and x V = 0.
   const auto x2 = x.reshape({rows, n}).contiguous();
-  gemm(false, true, rows, m, n, x2, weight.contiguous(), bias.has_value() ? 1.0 : 0.0, y);
+  const auto W = weight.contiguous();
+  // y = x W^T + b: the bias in cuBLASLt's epilogue, else copied into y for a GEMM with beta = 1.
+  const std::optional<at::Tensor> b =
+      bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
+  if (!gemm_lt(false, true, rows, m, n, x2, W, std::nullopt, y, b)) {
+    if (b) y.copy_(b->unsqueeze(0).expand({rows, m}));
+    gemm(false, true, rows, m, n, x2, W, b ? 1.0 : 0.0, y);
+  }
   if (K > 0) {
-    // h = x V in the accumulation dtype, scaled per row by its batch entry's coefficients,
-    // rounded once to the storage dtype, then y += h U^T.
+    // h = x V in the accumulation dtype, scaled per row by its batch entry's w ⊗ S and rounded
+    // once to the storage dtype (in place when that is the accumulation dtype), then y += h U^T.
     auto h = at::empty({rows, K}, opmath_options(x));
     gemm(false, false, rows, K, n, x2, V.contiguous(), 0.0, h);
-    auto coef = at::empty({B, K}, h.options());
-    launch_mixing_coefficients(row_weights.to(h.options()).contiguous(), row_weights.size(1),
-                               S.to(h.options()).contiguous(), 0, offsets, coef);
-    auto scaled = at::empty({rows, K}, x.options());
-    launch_scale_columns(h, scaled, coef, rows / B);
+    const auto rw = row_weights.to(h.options()).contiguous();
+    auto scaled = h.scalar_type() == x.scalar_type() ? h : at::empty({rows, K}, x.options());
+    launch_scale_columns(h, scaled, singular_values(S, x), 0, &rw, rw.size(1), offsets, rows / B);
     gemm(false, true, rows, m, K, scaled, U.contiguous(), 1.0, y);
   }
   return y.view(out_sizes);
