@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Everything a GPU session has to show, as one prepared command for a lent machine (H100/H200,
+# python3 with torch, nvcc, pytest and transformers already installed; nothing to download):
+#
+#   bash bench/device_check.sh [STAGE ...]      stages: build test bench profile (default: all)
+#
+# Each stage is bounded by its own timeout, so a slow one cannot eat the next one's time, and
+# writes its log under $OUT (the device tool's return folder; /tmp/twinmerge-device elsewhere):
+#   env.txt  build.log  tests.log  gpu.json  bench.log  profile.txt
+# On an H200 (16 cores) the build takes ~2 min (sm_90 only), the CUDA tests ~1-2 min, the GPU
+# suite ~4 min and the profile ~30 s. BENCH_CASES (comma-separated, see bench.run --cases)
+# narrows the suite when time is short. Exits non-zero if any stage failed.
+set -uo pipefail
+
+OUT=${OUT:-/tmp/twinmerge-device}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(build test bench profile)
+failed=()
+
+stage() {  # stage NAME SECONDS LOG COMMAND...
+  local name=$1 limit=$2 log=$3
+  shift 3
+  local start=$SECONDS
+  echo "==> $name (limit ${limit}s)"
+  timeout "$limit" "$@" >"$log" 2>&1
+  local rc=$?
+  echo "==> $name: rc $rc in $((SECONDS - start))s"
+  tail -n 25 "$log"
+  [ $rc -eq 0 ] || failed+=("$name")
+}
+
+{
+  date -u +%FT%TZ
+  git rev-parse --short HEAD 2>/dev/null
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())'
+  nvcc --version | tail -n 2
+} >"$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+for s in "${stages[@]}"; do
+  case $s in
+    build) stage build 300 "$OUT/build.log" "$PY" -m pip install --no-build-isolation --no-deps -e . ;;
+    test) stage test 240 "$OUT/tests.log" "$PY" -m pytest tests -q -m cuda --maxfail=10 -p no:cacheprovider ;;
+    bench) stage bench 330 "$OUT/bench.log" "$PY" -m bench.run --suite gpu --out "$OUT/gpu.json" \
+             ${BENCH_CASES:+--cases "$BENCH_CASES"} ;;
+    profile) stage profile 120 "$OUT/profile-run.log" "$PY" -m bench.profile --out "$OUT/profile.txt" ;;
+    *) echo "unknown stage $s (build test bench profile)"; exit 2 ;;
+  esac
+done
+
+[ ${#failed[@]} -eq 0 ] || { echo "failed stages: ${failed[*]}"; exit 1; }
