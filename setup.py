@@ -53,8 +53,8 @@ def _with_cuda():
 
 
 def _cuda_lib_dirs():
-    """Directories that may hold cuBLAS/cuSOLVER: torch's nvidia-* wheels first (the libraries
-    torch itself loads at run time), then the toolkit's."""
+    """Directories that may hold cuBLAS, cuBLASLt and cuSOLVER: torch's nvidia-* wheels first
+    (the libraries torch itself loads at run time), then the toolkit's."""
     dirs = []
     spec = importlib.util.find_spec("nvidia")
     for root in spec.submodule_search_locations if spec else []:

@@ -55,21 +55,55 @@ def _at_offset(t, offset):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("offset", [0, 1, 3])
-def test_cublaslt_paths_at_any_alignment(dtype, offset):
-    # Merging into a separate buffer is cuBLASLt's D = A B + C; the bias of lowrank_mix_linear
-    # is its epilogue. Operands that start off a 16-byte boundary (offset 1, 3) must get an
-    # algorithm for their alignment, or the cuBLAS path, never a wrong result.
-    base, U, S, V, w = factors((3,), 40, 56, RANKS[8], dtype, "cuda")
-    expected = ref.lowrank_merge(base, U, S, V, RANKS[8], w)
+@pytest.mark.parametrize("m,n", [(40, 56), (56, 40)])
+def test_cublaslt_paths_at_any_alignment(monkeypatch, dtype, offset, m, n):
+    # Merging is cuBLASLt's D = A B + C; the bias of lowrank_mix_linear is its epilogue.
+    # Operands that start off a 16-byte boundary (offset 1, 3) get an algorithm for their
+    # alignment, or the cuBLAS path, never a wrong result. Aligned, cuBLASLt must take every case
+    # (TWINMERGE_CUBLASLT=require turns a fallback into an error).
+    if offset == 0:
+        monkeypatch.setenv("TWINMERGE_CUBLASLT", "require")
+    ranks = [5, 0, 7, 4, 9, 3, 6, 6]  # K = 40: two column blocks of the scaling kernel
+    base, U, S, V, w = factors((3,), m, n, ranks, dtype, "cuda")
+    expected = ref.lowrank_merge(base, U, S, V, ranks, w)
+    moved_base, mU, mV = (_at_offset(t, offset) for t in (base, U, V))
     out = _at_offset(torch.zeros_like(base), offset)
-    tm.lowrank_merge_(out, _at_offset(base, offset), _at_offset(U, offset), S.double(),
-                      _at_offset(V, offset), RANKS[8], w)
+    tm.lowrank_merge_(out, moved_base, mU, S.double(), mV, ranks, w)
     assert_close(out, expected, dtype)
+    assert torch.equal(moved_base, base)
+    # In place takes the same GEMM as into a separate buffer: the same bits.
+    tm.lowrank_merge_(moved_base, moved_base, mU, S.double(), mV, ranks, w)
+    assert torch.equal(moved_base, out)
     for with_bias in (True, False):
-        x, W, b, U, S, V, ranks, rw = mix_args(4, (6,), 48, 40, RANKS[8], dtype, "cuda", bias=with_bias)
+        x, W, b, U, S, V, ranks, rw = mix_args(4, (6,), m, n, ranks, dtype, "cuda", bias=with_bias)
         expected = ref.lowrank_mix_linear(x, W, b, U, S, V, ranks, rw)
         moved = [_at_offset(t, offset) if isinstance(t, torch.Tensor) else t for t in (x, W, b, U, S, V)]
         assert_close(tm.lowrank_mix_linear(*moved, ranks, rw), expected, dtype)
+
+
+@pytest.mark.parametrize("mode", ["off", "require"])
+def test_cublaslt_switch_and_large_row_counts(monkeypatch, mode):
+    # 9000 rows pass the scaling kernel's row-grid cap (a grid-stride loop covers the rest); a
+    # non-contiguous base goes through a contiguous copy. Both GEMM paths agree with the reference.
+    monkeypatch.setenv("TWINMERGE_CUBLASLT", mode)
+    x, W, b, U, S, V, ranks, rw = mix_args(9, (1000,), 48, 40, RANKS[8], torch.bfloat16, "cuda")
+    assert_close(tm.lowrank_mix_linear(x, W, b, U, S, V, ranks, rw),
+                 ref.lowrank_mix_linear(x, W, b, U, S, V, ranks, rw))
+    base, U, S, V, w = factors((2,), 48, 9000, RANKS[8], torch.float32, "cuda")
+    strided = base.mT.contiguous().mT
+    out = torch.empty_like(base)
+    tm.lowrank_merge_(out, strided, U, S, V, RANKS[8], w)
+    assert_close(out, ref.lowrank_merge(base, U, S, V, RANKS[8], w))
+    if mode == "require":  # fp64 always takes the cuBLAS path
+        with pytest.raises(RuntimeError, match="TWINMERGE_CUBLASLT=require, but fp64"):
+            tm.lowrank_merge_(out.double(), base.double(), U.double(), S, V.double(), RANKS[8], w)
+
+
+def test_cublaslt_switch_rejects_unknown_values(monkeypatch):
+    monkeypatch.setenv("TWINMERGE_CUBLASLT", "fast")
+    x, W, b, U, S, V, ranks, rw = mix_args(2, (3,), 8, 6, RANKS[3], torch.float32, "cuda")
+    with pytest.raises(RuntimeError, match="TWINMERGE_CUBLASLT must be auto, off or require, got 'fast'"):
+        tm.lowrank_mix_linear(x, W, b, U, S, V, ranks, rw)
 
 
 def test_truncated_svd_cuda_error_matches_cpu():

@@ -3,6 +3,8 @@
 #include <ATen/cuda/CUDAContext.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <type_traits>
@@ -84,6 +86,15 @@ LtLayout layout(cudaDataType type, int64_t rows, int64_t cols, int64_t ld, int64
 
 }  // namespace
 
+LtMode lt_mode() {
+  const char* v = std::getenv("TWINMERGE_CUBLASLT");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return LtMode::kAuto;
+  if (std::strcmp(v, "off") == 0) return LtMode::kOff;
+  if (std::strcmp(v, "require") == 0) return LtMode::kRequire;
+  TORCH_CHECK(false, "twinmerge: TWINMERGE_CUBLASLT must be auto, off or require, got '", v, "'");
+  return LtMode::kAuto;
+}
+
 bool gemm_lt(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const at::Tensor& A,
              const at::Tensor& B, const std::optional<at::Tensor>& C, at::Tensor& D,
              const std::optional<at::Tensor>& bias, int64_t batch) {
@@ -91,40 +102,65 @@ bool gemm_lt(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const 
   TORCH_INTERNAL_ASSERT(A.scalar_type() == B.scalar_type() && addend.scalar_type() == D.scalar_type());
   TORCH_INTERNAL_ASSERT(A.is_contiguous() && B.is_contiguous() && addend.is_contiguous() &&
                         D.is_contiguous() && (!bias || bias->is_contiguous()));
-  // fp32, fp16 and bf16 only; fp64 keeps the cuBLAS path.
-  if (A.scalar_type() == at::kDouble || D.scalar_type() == at::kDouble) return false;
+  TORCH_INTERNAL_ASSERT(!bias || (bias->scalar_type() == D.scalar_type() && bias->numel() == N));
+  const LtMode mode = lt_mode();
+  if (mode == LtMode::kOff) return false;
+  // Every case cuBLASLt does not take goes to the caller's cuBLAS path; with
+  // TWINMERGE_CUBLASLT=require it is an error instead, so tests can tell the paths apart.
+  const auto fallback = [&](const char* why) {
+    TORCH_CHECK(mode != LtMode::kRequire, "twinmerge: TWINMERGE_CUBLASLT=require, but ", why);
+    return false;
+  };
+  if (A.scalar_type() == at::kDouble || D.scalar_type() == at::kDouble) {
+    return fallback("fp64 takes the cuBLAS path");
+  }
+  if (K == 0) return fallback("K = 0 takes the cuBLAS path");
   if (M == 0 || N == 0 || batch == 0) return true;
   constexpr const char* op = "twinmerge gemm_lt";
   to_int(op, "batch", batch);
   const cudaDataType ab_type = cuda_type(A.scalar_type()), cd_type = cuda_type(D.scalar_type());
+  // fp32 follows torch.backends.cuda.matmul.allow_tf32, as torch's matmuls and the cuBLAS path do.
+  const bool tf32 = A.scalar_type() == at::kFloat && at::globalContext().allowTF32CuBLAS() &&
+                    !at::NoTF32Guard::should_disable_tf32();
 
   // Row-major D = op(A) op(B) + C is column-major D^T = op(B)^T op(A)^T + C^T (N x M, ld N):
   // cuBLASLt's "A" is our B and its "B" is our A, each described as stored.
   cublasLtMatmulDesc_t raw_desc = nullptr;
-  TM_CUBLAS(cublasLtMatmulDescCreate(&raw_desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  TM_CUBLAS(cublasLtMatmulDescCreate(
+      &raw_desc, tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F, CUDA_R_32F));
   const LtDesc desc(raw_desc);
   set(raw_desc, CUBLASLT_MATMUL_DESC_TRANSA, static_cast<int32_t>(trans_b ? CUBLAS_OP_T : CUBLAS_OP_N));
   set(raw_desc, CUBLASLT_MATMUL_DESC_TRANSB, static_cast<int32_t>(trans_a ? CUBLAS_OP_T : CUBLAS_OP_N));
   if (bias) {
+    // The alignment preferences below do not cover the bias pointer, and a bias epilogue
+    // kernel can fault on a misaligned one (pytorch/pytorch#194497): such a bias is copied by
+    // the caller instead.
+    if (reinterpret_cast<uintptr_t>(bias->const_data_ptr()) % 16 != 0) {
+      return fallback("the bias is not 16-byte aligned");
+    }
     // The epilogue adds bias[j] to column-major row j, i.e. to row-major column j of D.
-    if (reinterpret_cast<uintptr_t>(bias->const_data_ptr()) % 16 != 0) return false;
     set(raw_desc, CUBLASLT_MATMUL_DESC_EPILOGUE, static_cast<uint32_t>(CUBLASLT_EPILOGUE_BIAS));
     set(raw_desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias->const_data_ptr());
     set(raw_desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, static_cast<int32_t>(cuda_type(bias->scalar_type())));
   }
   const auto a_desc = trans_b ? layout(ab_type, K, N, K, batch, N * K) : layout(ab_type, N, K, N, batch, N * K);
   const auto b_desc = trans_a ? layout(ab_type, M, K, M, batch, M * K) : layout(ab_type, K, M, K, batch, M * K);
-  const auto c_desc = layout(cd_type, N, M, N, batch, M * N);
   const auto d_desc = layout(cd_type, N, M, N, batch, M * N);
+  // C's layout is D's. Without C (beta = 0), or with C the very buffer D (in place), D's own
+  // descriptor stands for it, as in torch's gemm_and_bias: cuBLASLt's in-place case.
+  const bool own_c = C && C->data_ptr() != D.data_ptr();
+  const auto c_desc = own_c ? layout(cd_type, N, M, N, batch, M * N) : LtLayout();
+  cublasLtMatrixLayout_t c_layout = own_c ? c_desc.get() : d_desc.get();
 
   cublasLtMatmulPreference_t raw_pref = nullptr;
   TM_CUBLAS(cublasLtMatmulPreferenceCreate(&raw_pref));
   const LtPreference pref(raw_pref);
   const size_t workspace_size = at::cuda::getCUDABlasLtWorkspaceSize();
   set(raw_pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, static_cast<uint64_t>(workspace_size));
-  // Sums accumulate in fp32: no split-K reduction in a 16-bit output type.
+  // Sums accumulate in fp32: a split-K reduction, if any, adds partial sums in the compute type,
+  // never in the output buffer's 16-bit type (which INPLACE and OUTPUT_TYPE would do).
   set(raw_pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
-      static_cast<uint32_t>(CUBLASLT_REDUCTION_SCHEME_MASK & ~CUBLASLT_REDUCTION_SCHEME_OUTPUT_TYPE));
+      static_cast<uint32_t>(CUBLASLT_REDUCTION_SCHEME_NONE | CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE));
   const int64_t ab_size = A.element_size(), cd_size = D.element_size();
   set(raw_pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
       alignment(B.const_data_ptr(), N * K * ab_size, batch));
@@ -139,16 +175,29 @@ bool gemm_lt(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const 
   cublasLtMatmulHeuristicResult_t heuristic{};
   int found = 0;
   const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(
-      handle, raw_desc, a_desc.get(), b_desc.get(), c_desc.get(), d_desc.get(), raw_pref, 1,
+      handle, raw_desc, a_desc.get(), b_desc.get(), c_layout, d_desc.get(), raw_pref, 1,
       &heuristic, &found);
-  // No algorithm (NOT_SUPPORTED, or none found) is not an error: the caller has a cuBLAS path.
-  if (status != CUBLAS_STATUS_SUCCESS || found == 0) return false;
+  // No algorithm for the case is not an error; anything else (a wrong attribute, say) is, so
+  // that a broken fast path cannot hide behind the fallback.
+  if (status == CUBLAS_STATUS_NOT_SUPPORTED || (status == CUBLAS_STATUS_SUCCESS && found == 0)) {
+    return fallback("cuBLASLt has no algorithm for this case");
+  }
+  TM_CUBLAS(status);
+  TM_CUBLAS(heuristic.state);
   const float alpha = 1.0f, beta = C ? 1.0f : 0.0f;
-  TM_CUBLAS(cublasLtMatmul(handle, raw_desc, &alpha, B.const_data_ptr(), a_desc.get(),
-                           A.const_data_ptr(), b_desc.get(), &beta, addend.const_data_ptr(),
-                           c_desc.get(), D.data_ptr(), d_desc.get(), &heuristic.algo,
-                           at::cuda::getCUDABlasLtWorkspace(), workspace_size,
-                           at::cuda::getCurrentCUDAStream()));
+  const cublasStatus_t run = cublasLtMatmul(
+      handle, raw_desc, &alpha, B.const_data_ptr(), a_desc.get(), A.const_data_ptr(),
+      b_desc.get(), &beta, addend.const_data_ptr(), c_layout, D.data_ptr(), d_desc.get(),
+      &heuristic.algo, at::cuda::getCUDABlasLtWorkspace(), workspace_size,
+      at::cuda::getCurrentCUDAStream());
+  // cuBLASLt can refuse at launch what its heuristic offered (operands of mixed alignment,
+  // pytorch/pytorch#92201); a refused launch enqueued nothing, so the cuBLAS path is safe.
+  if (run == CUBLAS_STATUS_NOT_SUPPORTED) {
+    TORCH_WARN_ONCE("twinmerge: cuBLASLt refused a GEMM its heuristic offered (M=", M, ", N=", N,
+                    ", K=", K, "); using cuBLAS for such cases");
+    return fallback("cublasLtMatmul returned CUBLAS_STATUS_NOT_SUPPORTED");
+  }
+  TM_CUBLAS(run);
   return true;
 }
 

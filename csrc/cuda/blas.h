@@ -16,12 +16,19 @@ namespace twinmerge::cuda {
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const at::Tensor& A,
           const at::Tensor& B, double beta, at::Tensor& C, int64_t batch = 1);
 
+// Whether gemm_lt may be used, from the environment variable TWINMERGE_CUBLASLT, read per call:
+// "auto" (default): where cuBLASLt takes the case; "off": never (the cuBLAS path throughout, to
+// compare the two); "require": a case cuBLASLt does not take is an error (for tests).
+enum class LtMode { kAuto, kOff, kRequire };
+LtMode lt_mode();
+
 // Row-major batched GEMM through cuBLASLt, into a buffer other than the addend:
 //   D[b] = op(A[b]) op(B[b]) (+ C[b]) (+ bias[j] on every row's column j),
 // accumulating in fp32; shapes as for gemm(). C and D [batch, M, N] share a dtype (A's, or
 // float); bias [N] has D's dtype. All contiguous; C may be D. Returns false, having done
-// nothing, for fp64 and wherever cuBLASLt offers no algorithm (the caller then takes the cuBLAS
-// path, gemm()).
+// nothing, for fp64, K = 0, a bias off a 16-byte boundary and wherever cuBLASLt offers no
+// algorithm or refuses one: the caller then takes the cuBLAS path, gemm(). fp32 uses TF32 when
+// torch.backends.cuda.matmul.allow_tf32 does (and no at::NoTF32Guard is active).
 bool gemm_lt(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const at::Tensor& A,
              const at::Tensor& B, const std::optional<at::Tensor>& C, at::Tensor& D,
              const std::optional<at::Tensor>& bias, int64_t batch = 1);

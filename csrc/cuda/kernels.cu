@@ -1,4 +1,5 @@
-// Elementwise kernels of the twinmerge CUDA ops. The GEMMs themselves are cuBLAS calls (blas.cpp).
+// Elementwise kernels of the twinmerge CUDA ops. The GEMMs themselves are cuBLAS and cuBLASLt
+// calls (blas.cpp).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>

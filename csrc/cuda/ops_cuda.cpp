@@ -51,8 +51,9 @@ void lowrank_merge_(at::Tensor& out, const at::Tensor& base, const at::Tensor& U
     return;
   }
   // The diagonal w ⊗ S scales the factor with fewer rows, in one pass; one GEMM then adds the
-  // product to base. Into a separate buffer that is cuBLASLt's D = A B + C, which reads base
-  // once and writes out once; cuBLAS's GEMM would need a copy of base into out first.
+  // product to base: cuBLASLt's D = A B + C, which reads base once and writes out once, into a
+  // separate buffer or in place alike (so both give the same bits). cuBLAS's GEMM, the fallback,
+  // needs a copy of base into a separate out first.
   const auto w = weights.to(opmath_options(out)).contiguous();
   const auto S2 = singular_values(S.reshape({L, K}), out);
   auto U3 = U.reshape({L, m, K}).contiguous();
@@ -63,7 +64,8 @@ void lowrank_merge_(at::Tensor& out, const at::Tensor& base, const at::Tensor& U
   small = scaled;
   const auto base3 = base.reshape({L, m, n});
   auto out3 = out.view({L, m, n});
-  if (!in_place && gemm_lt(false, true, m, n, K, U3, V3, base3.contiguous(), out3, std::nullopt, L)) {
+  if (gemm_lt(false, true, m, n, K, U3, V3, in_place ? out3 : base3.contiguous(), out3,
+              std::nullopt, L)) {
     return;
   }
   if (!in_place) out.copy_(base);
