@@ -188,6 +188,8 @@ def test_truncated_svd_ignores_tf32_and_flags_non_finite_input():
     A[1, 3, 7] = float("nan")
     S = tm.truncated_svd(A, 300)[1]  # exact path: gesvd on the NaN matrix
     assert torch.isfinite(S[0]).all() and torch.isnan(S[1]).all()
+    U, S, V = tm.truncated_svd(A, 16)  # sketched path: the host SVD of the small factor
+    assert all(torch.isfinite(t[0]).all() and torch.isnan(t[1]).all() for t in (U, S, V))
 
 
 def test_ops_reject_mixed_devices():

@@ -1,6 +1,7 @@
 // CUDA truncated SVD: a randomized range finder (Halko, Martinsson, Tropp 2011, Alg. 4.4) with
-// cuBLAS GEMMs, cuSOLVER Householder QR (geqrf + orgqr) and a small exact cuSOLVER SVD of the
-// projected matrix. Matrices are column-major here, as cuSOLVER wants them: a column-major
+// cuBLAS GEMMs and cuSOLVER Householder QR (geqrf + orgqr); the projected matrix's SVD is its QR
+// on the device and the small triangular factor's SVD on the host (tall_svd). When the sketch
+// would cover the whole matrix, cuSOLVER's exact gesvd. Matrices are column-major here, as cuSOLVER wants them: a column-major
 // P x Q matrix lives in a contiguous tensor of shape [batch, Q, P]. The Gaussian test matrix comes
 // from a generator seeded per call, so this op is deterministic but not CUDA-graph capturable.
 #include <ATen/cuda/CUDAContext.h>
@@ -8,6 +9,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <mutex>
 
 #include "../checks.h"
@@ -40,9 +42,10 @@ class Workspace {
 };
 
 // Replaces each column-major P x l matrix of `Y` ([batch, l, P]) by an orthonormal basis of its
-// columns (the Q of its Householder QR).
+// columns (the Q of its Householder QR); with R, also writes each R factor there, row-major
+// [batch, l, l].
 template <typename T>
-void orthonormalize(cusolverDnHandle_t h, at::Tensor& Y, Workspace<T>& ws) {
+void orthonormalize(cusolverDnHandle_t h, at::Tensor& Y, Workspace<T>& ws, at::Tensor* R = nullptr) {
   const int64_t batch = Y.size(0);
   const int l = to_int(kOp, "sketch size", Y.size(1)), P = to_int(kOp, "rows", Y.size(2));
   auto tau = at::empty({l}, Y.options());
@@ -53,6 +56,11 @@ void orthonormalize(cusolverDnHandle_t h, at::Tensor& Y, Workspace<T>& ws) {
   for (int64_t b = 0; b < batch; ++b) {
     T* yb = y + b * static_cast<int64_t>(l) * P;
     Solver<T>::geqrf(h, P, l, yb, P, tau.data_ptr<T>(), work, lwork, ws.info());
+    if (R != nullptr) {
+      // geqrf leaves R in the upper triangle of the first l rows: element (i, j) of the
+      // column-major matrix is [j, i] of the row-major [l, P] view.
+      R->select(0, b).copy_(at::triu(Y.select(0, b).narrow(1, 0, l).mT()));
+    }
     Solver<T>::orgqr(h, P, l, yb, P, tau.data_ptr<T>(), work, lwork, ws.info());
   }
 }
@@ -82,6 +90,31 @@ void thin_svd(cusolverDnHandle_t h, at::Tensor& M, at::Tensor& U, at::Tensor& S,
   launch_nan_rows_where_failed(info, S);
 }
 
+// The thin SVD of each column-major P x l matrix of Z ([batch, l, P], P > l; destroyed) as
+// Z = Qz R, a Householder QR on the device, then R = Ur diag(S) Vr^T, LAPACK on the host in
+// double. cuSOLVER's gesvd on tall, thin matrices takes milliseconds per matrix, mostly latency
+// (pytorch/pytorch#41306), and so do its small SVDs; an l x l SVD on the host takes well under
+// one. Returns row-major Qz Ur [batch, P, l], S [batch, l] and Vr [batch, l, l] in Z's dtype; a
+// matrix with a non-finite entry gets NaN throughout instead of an error. Synchronizes with the
+// host once (truncated_svd is not a CUDA-graph op anyway: it seeds a generator per call).
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tall_svd(cusolverDnHandle_t h, at::Tensor& Z,
+                                                        Workspace<T>& ws) {
+  const int64_t batch = Z.size(0), l = Z.size(1);
+  auto R = at::empty({batch, l, l}, Z.options());
+  orthonormalize<T>(h, Z, ws, &R);
+  auto R_host = R.to(at::kCPU, at::kDouble);
+  const auto bad = at::isfinite(R_host).flatten(1).all(1).logical_not();  // [batch]
+  R_host.masked_fill_(bad.view({batch, 1, 1}), 0.0);
+  auto [Ur, S, Vh] = at::linalg_svd(R_host, /*full_matrices=*/false);
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  Ur.masked_fill_(bad.view({batch, 1, 1}), nan);
+  Vh.masked_fill_(bad.view({batch, 1, 1}), nan);
+  S.masked_fill_(bad.view({batch, 1}), nan);
+  const auto on_device = Z.options();
+  return {at::matmul(Z.mT(), Ur.to(on_device)), S.to(on_device), Vh.mT().to(on_device)};
+}
+
 at::Tensor gaussian(int64_t batch, int64_t rows, int64_t cols, int64_t seed,
                     const at::TensorOptions& options) {
   auto gen = at::cuda::detail::createCUDAGenerator(options.device().index());
@@ -100,8 +133,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> svd_tall(at::Tensor& M, int64_t r
   const int64_t batch = M.size(0), Q = M.size(1), P = M.size(2);
   cusolverDnHandle_t h = at::cuda::getCurrentCUDASolverDnHandle();
   Workspace<T> ws(M);
-  at::Tensor U, S, VT;
   if (sketch >= Q) {
+    at::Tensor U, S, VT;
     thin_svd<T>(h, M, U, S, VT, ws);
     // VT is column-major Q x Q, so its row-major reading is V.
     return {U.mT().narrow(-1, 0, r), S.narrow(-1, 0, r), VT.narrow(-1, 0, r)};
@@ -124,13 +157,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> svd_tall(at::Tensor& M, int64_t r
   // Bt = M^T Y (Q x l, Q > l) = Ub Sb Vb^T, so M ~= Y Y^T M = Y Bt^T = (Y Vb) Sb Ub^T.
   gemm_colmajor(CUBLAS_OP_T, CUBLAS_OP_N, Q, l, P, M, P, P * Q, Y, P, P * l, 0.0, Z, Q, Q * l,
                 batch);
-  thin_svd<T>(h, Z, U, S, VT, ws);
-  // The first r columns of Vb are the first r rows of VT (column-major l x l): an r x l matrix
-  // with leading dimension l, used transposed.
-  auto Um = at::empty({batch, r, P}, M.options());  // column-major P x r
-  gemm_colmajor(CUBLAS_OP_N, CUBLAS_OP_T, P, r, l, Y, P, P * l, VT, l, l * l, 0.0, Um, P, P * r,
-                batch);
-  return {Um.mT(), S.narrow(-1, 0, r), U.mT().narrow(-1, 0, r)};
+  auto [Ub, Sb, Vb] = tall_svd<T>(h, Z, ws);
+  // Y, column-major P x l, is the row-major [P, l] matrix Y.mT().
+  return {at::matmul(Y.mT(), Vb.narrow(-1, 0, r)), Sb.narrow(-1, 0, r), Ub.narrow(-1, 0, r)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> truncated_svd(const at::Tensor& A, int64_t rank,
