@@ -129,9 +129,10 @@ def truncated_svd(A: Tensor, rank: int, oversample: int = 10, n_iter: int = 2,
     Computes in float32 (float64 for float64 input). A sketch of rank + oversample columns is
     refined by n_iter power iterations: raise either to trade speed for accuracy. When the sketch
     would cover min(m, n), the exact SVD is used. Deterministic for a given seed (CPU and CUDA
-    draw different sketches). On CUDA, a matrix whose SVD does not converge (NaN or Inf input)
-    gets NaN singular values rather than an error, since checking would synchronize; the op
-    seeds its own generator per call and so cannot be captured in a CUDA graph.
+    draw different sketches). On CUDA, a matrix with NaN or Inf entries gets NaN singular values
+    rather than an error, so one bad matrix does not fail a batch. The CUDA op takes the small
+    projected SVD on the host (one synchronization per call) and seeds its own generator per
+    call, so it cannot be captured in a CUDA graph.
     """
     op = "truncated_svd"
     return _ops.truncated_svd(A, _int(rank, "rank", op), _int(oversample, "oversample", op),
