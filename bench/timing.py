@@ -28,7 +28,11 @@ def _flush_l2(device):
     # every run reads its operands from HBM, as a merge between requests would.
     if device not in _flush_buffers:
         l2 = torch.cuda.get_device_properties(device).L2_cache_size
-        _flush_buffers[device] = torch.empty(max(2 * l2, 1 << 20) // 4, dtype=torch.int32, device=device)
+        # A normal tensor even when first timed under inference_mode, which forbids writing an
+        # inference tensor outside it (the next case's timings).
+        with torch.inference_mode(False):
+            _flush_buffers[device] = torch.empty(max(2 * l2, 1 << 20) // 4, dtype=torch.int32,
+                                                 device=device)
     _flush_buffers[device].zero_()
 
 
@@ -64,14 +68,15 @@ def measure(fn: Callable[[], object], device="cpu", warmup: int = 5, runs: int =
 
 
 def measure_all(fns: Dict[str, Callable[[], object]], device="cpu", rounds: int = 7,
-                runs: int = 20, min_run_time: float = 0.1) -> Dict[str, Timing]:
+                runs: int = 20, min_run_time: float = 0.1, warmup: int = 3) -> Dict[str, Timing]:
     """Times several implementations of one thing in interleaved rounds (a, b, c, a, b, c, ...),
     so that drift of the clock or of neighbouring load hits all of them alike; the ratios
-    between them are what the benchmarks report."""
+    between them are what the benchmarks report. Each first runs at least `warmup` + 1
+    untimed calls (pass fewer for calls that take seconds)."""
     device = torch.device(device)
     raw = {name: [] for name in fns}
     for name, fn in fns.items():
-        _times(fn, device, warmup=3, runs=1, min_run_time=0.0)
+        _times(fn, device, warmup=warmup, runs=1, min_run_time=0.0)
     for _ in range(rounds):
         for name, fn in fns.items():
             raw[name] += _times(fn, device, 0, runs, min_run_time)

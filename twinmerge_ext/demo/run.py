@@ -406,6 +406,36 @@ def _feature_name(candidate) -> str:
     return "+".join(str(x) for x in layers) + ":" + "+".join(poolings)
 
 
+def authors_deltas(twin: TwinCheckpoint, zero_deltas: bool = True) -> Dict[str, torch.Tensor]:
+    """Every parameter's T dense deltas [T, *shape], as the authors' code keeps them: the twin's
+    low-rank deltas reconstructed dense, its dense deltas, and with zero_deltas the parameters no
+    expert changed (the twin's `unchanged`) with all-zero deltas (METHOD.md §2)."""
+    T = len(twin.tasks)
+    dense = {name: torch.stack([lr.delta(t) for t in range(T)])
+             for name, lr in twin.lowrank.items()}
+    dense.update(twin.dense)
+    if zero_deltas:
+        dense.update((name, torch.zeros((T,) + tuple(twin.shared[name].shape),
+                                        dtype=twin.shared[name].dtype,
+                                        device=twin.shared[name].device))
+                     for name in twin.report()["unchanged"])
+    return dense
+
+
+def authors_merge(twin: TwinCheckpoint, dense: Dict[str, torch.Tensor],
+                  w: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """One sample's model as the authors' code merges it: θs + Σt w[t]·Δt for every parameter
+    of `dense` (from authors_deltas), a Python loop over the experts. w: [T]."""
+    merged = {}
+    for name, s in twin.shared.items():
+        if name in dense:
+            p = s.clone()
+            for t in range(len(twin.tasks)):
+                p += w[t] * dense[name][t]
+            merged[name] = p
+    return merged
+
+
 def authors_style(twin: TwinCheckpoint, weights: torch.Tensor,
                   zero_deltas: bool = True) -> Callable[[Stream], None]:
     """The authors' serving as a job: per sample, a Python loop adding T dense deltas to every
@@ -414,27 +444,13 @@ def authors_style(twin: TwinCheckpoint, weights: torch.Tensor,
     zero_deltas: also merge the parameters no expert changed (the twin's `unchanged`, here the
     frozen word embeddings) with their all-zero deltas, as the authors' code does: it keeps a
     dense delta for every parameter (METHOD.md §2). False: only the deltas the twin stores."""
-    T = len(twin.tasks)
-    dense = {name: torch.stack([lr.delta(t) for t in range(T)])
-             for name, lr in twin.lowrank.items()}
-    dense.update(twin.dense)
-    if zero_deltas:
-        dense.update((name, torch.zeros((T,) + tuple(twin.shared[name].shape),
-                                        dtype=twin.shared[name].dtype))
-                     for name in twin.report()["unchanged"])
+    dense = authors_deltas(twin, zero_deltas)
     model = copy.deepcopy(_skeleton())
 
     def job(stream: Stream) -> None:
         with torch.inference_mode():
             for i in range(len(stream)):
-                merged = {}
-                for name, s in twin.shared.items():
-                    if name in dense:
-                        p = s.clone()
-                        for t in range(len(twin.tasks)):
-                            p += weights[i, t] * dense[name][t]
-                        merged[name] = p
-                model.load_state_dict(merged, strict=False)
+                model.load_state_dict(authors_merge(twin, dense, weights[i]), strict=False)
                 ids, mask = _trim(stream.ids[i:i + 1], stream.mask[i:i + 1])
                 model.bert(input_ids=ids, attention_mask=mask)
     return job
