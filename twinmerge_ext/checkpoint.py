@@ -215,13 +215,15 @@ def _relative_errors(deltas: Tensor, U: Tensor, S: Tensor, V: Tensor, name: str,
                      tasks: List[str], fn: str) -> List[float]:
     """||vt − Ut diag(St) Vtᵀ||_F / ||vt||_F per task, with the factors as stored (in the
     parameter's dtype), in deltas' dtype. One residual at a time, so that the transient memory
-    is one matrix, not T."""
-    errors = []
-    for t, task in enumerate(tasks):
+    is one matrix, not T; the norms reach the host together (one device sync, not 2T)."""
+    norms = torch.empty(len(tasks), 2, dtype=deltas.dtype, device=deltas.device)
+    for t in range(len(tasks)):
         v = deltas[t]
-        v_norm = torch.linalg.norm(v).item()
-        resid = torch.linalg.norm(v - reconstruct_delta(U[t].to(v.dtype), S[t].to(v.dtype),
-                                                        V[t].to(v.dtype))).item()
+        norms[t, 0] = torch.linalg.norm(v)
+        norms[t, 1] = torch.linalg.norm(v - reconstruct_delta(U[t].to(v.dtype), S[t].to(v.dtype),
+                                                              V[t].to(v.dtype)))
+    errors = []
+    for task, (v_norm, resid) in zip(tasks, norms.tolist()):
         if not (math.isfinite(v_norm) and math.isfinite(resid)):
             # The delta was checked finite: on CUDA a non-converged SVD returns NaN, not an error.
             raise ValueError(f"{fn}: parameter {name!r} of task {task!r}: the SVD of a finite "
@@ -492,22 +494,25 @@ class TwinCheckpoint:
                     continue
                 dev = work_device or s.device
                 s_c = s.to(device=dev, dtype=merging._compute_dtype(s.dtype))
-                # Checked here because the CPU SVD fails on NaN/Inf without naming the parameter
-                # and the CUDA one silently returns NaN.
-                if not bool(torch.isfinite(s_c).all()):
-                    raise ValueError(f"{fn}: parameter {name!r}: the shared expert has NaN/Inf "
-                                     f"entries (a NaN/Inf in the base or an expert propagates "
-                                     f"into the {shared} merge)")
                 deltas = torch.empty((T,) + tuple(s.shape), dtype=s_c.dtype, device=dev)
                 for t, (_, _, src) in enumerate(named):
                     torch.sub(src.get(name).to(device=dev, dtype=s_c.dtype), s_c, out=deltas[t])
+                # Checked here because the CPU SVD fails on NaN/Inf without naming the parameter
+                # and the CUDA one returns NaN; the flags reach the host together (one sync).
+                shared_ok, *finite, changed = torch.cat([
+                    torch.isfinite(s_c).all().view(1),
+                    torch.isfinite(deltas.reshape(T, s.numel())).all(1),
+                    deltas.any().view(1)]).tolist()
                 del s_c
-                finite = torch.isfinite(deltas.reshape(T, s.numel())).all(1).tolist()
+                if not shared_ok:
+                    raise ValueError(f"{fn}: parameter {name!r}: the shared expert has NaN/Inf "
+                                     f"entries (a NaN/Inf in the base or an expert propagates "
+                                     f"into the {shared} merge)")
                 if not all(finite):
                     bad = [task for task, ok in zip(tasks, finite) if not ok]
                     raise ValueError(f"{fn}: parameter {name!r}: the deltas of tasks {bad} have "
                                      f"NaN/Inf entries")
-                if s.numel() > 0 and not bool(deltas.any()):
+                if s.numel() > 0 and not changed:
                     # No expert changes it (e.g. frozen word embeddings): θs serves it exactly,
                     # with no factors to store and nothing to mix per row.
                     unchanged.append(name)
