@@ -2,14 +2,16 @@
 # Everything a GPU session has to show, as one prepared command for a lent machine (H100/H200,
 # python3 with torch, nvcc, pytest and transformers already installed; nothing to download):
 #
-#   bash bench/device_check.sh [STAGE ...]      stages: build test bench profile (default: all)
+#   bash bench/device_check.sh [STAGE ...]      stages: build test profile bench (default: all)
 #
-# Each stage is bounded by its own timeout, so a slow one cannot eat the next one's time, and
-# writes its log under $OUT (the device tool's return folder; /tmp/twinmerge-device elsewhere):
-#   env.txt  build.log  tests.log  gpu.json  bench.log  profile.txt
-# On an H200 (16 cores) the build takes ~2 min (sm_90 only), the CUDA tests ~1-2 min, the GPU
-# suite ~4 min and the profile ~30 s. BENCH_CASES (comma-separated, see bench.run --cases)
-# narrows the suite when time is short. Exits non-zero if any stage failed.
+# The stages share one deadline, BUDGET seconds (default 560, inside the device tool's 600 s per
+# command); each also has its own limit, so a slow one cannot eat the next one's time, and the
+# benchmark suite, last, gets what is left (it rewrites its JSON after every case, so a cut-short
+# run keeps the cases that finished). Logs go under $OUT (the device tool's return folder;
+# /tmp/twinmerge-device elsewhere): env.txt build.log tests.log profile.txt bench.log gpu.json.
+# Expected on an H200 (16 cores): build ~2 min (sm_90 only), CUDA tests ~1-2 min, profile
+# ~30 s, GPU suite ~3-4 min. BENCH_CASES (comma-separated substrings, see bench.run --list)
+# narrows the suite, e.g. for a second call. Exits non-zero if any stage failed.
 set -uo pipefail
 
 OUT=${OUT:-/tmp/twinmerge-device}
@@ -18,13 +20,20 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(build test bench profile)
+[ ${#stages[@]} -eq 0 ] && stages=(build test profile bench)
+deadline=$((SECONDS + ${BUDGET:-560}))
 failed=()
 
 stage() {  # stage NAME SECONDS LOG COMMAND...
   local name=$1 limit=$2 log=$3
   shift 3
-  local start=$SECONDS
+  local start=$SECONDS left=$((deadline - SECONDS))
+  [ "$limit" -gt "$left" ] && limit=$left
+  if [ "$limit" -le 10 ]; then
+    echo "==> $name: skipped, the budget is spent"
+    failed+=("$name")
+    return
+  fi
   echo "==> $name (limit ${limit}s)"
   timeout "$limit" "$@" >"$log" 2>&1
   local rc=$?
@@ -46,10 +55,10 @@ for s in "${stages[@]}"; do
   case $s in
     build) stage build 300 "$OUT/build.log" "$PY" -m pip install --no-build-isolation --no-deps -e . ;;
     test) stage test 240 "$OUT/tests.log" "$PY" -m pytest tests -q -m cuda --maxfail=10 -p no:cacheprovider ;;
-    bench) stage bench 330 "$OUT/bench.log" "$PY" -m bench.run --suite gpu --out "$OUT/gpu.json" \
+    profile) stage profile 90 "$OUT/profile-run.log" "$PY" -m bench.profile --out "$OUT/profile.txt" ;;
+    bench) stage bench 600 "$OUT/bench.log" "$PY" -m bench.run --suite gpu --out "$OUT/gpu.json" \
              ${BENCH_CASES:+--cases "$BENCH_CASES"} ;;
-    profile) stage profile 120 "$OUT/profile-run.log" "$PY" -m bench.profile --out "$OUT/profile.txt" ;;
-    *) echo "unknown stage $s (build test bench profile)"; exit 2 ;;
+    *) echo "unknown stage $s (build test profile bench)"; exit 2 ;;
   esac
 done
 
