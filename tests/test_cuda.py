@@ -99,6 +99,18 @@ def test_cublaslt_switch_and_large_row_counts(monkeypatch, mode):
             tm.lowrank_merge_(out.double(), base.double(), U.double(), S, V.double(), RANKS[8], w)
 
 
+def test_cublaslt_reuses_its_choice_across_calls(monkeypatch):
+    # The heuristic's algorithm is cached by problem (shapes, dtypes, alignments): later calls
+    # with other weights, and other buffers of the same layout, reuse it and stay exact.
+    monkeypatch.setenv("TWINMERGE_CUBLASLT", "require")
+    base, U, S, V, _ = factors((2,), 64, 48, RANKS[8], torch.bfloat16, "cuda")
+    for seed in range(3):
+        w = torch.softmax(torch.randn(8, generator=torch.Generator().manual_seed(seed)), 0).cuda()
+        out = torch.empty_like(base)
+        tm.lowrank_merge_(out, base, U, S, V, RANKS[8], w)
+        assert_close(out, ref.lowrank_merge(base, U, S, V, RANKS[8], w))
+
+
 def test_cublaslt_switch_rejects_unknown_values(monkeypatch):
     monkeypatch.setenv("TWINMERGE_CUBLASLT", "fast")
     x, W, b, U, S, V, ranks, rw = mix_args(2, (3,), 8, 6, RANKS[3], torch.float32, "cuda")

@@ -2,12 +2,16 @@
 
 #include <ATen/cuda/CUDAContext.h>
 
+#include <array>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <mutex>
+#include <optional>
 #include <type_traits>
+#include <unordered_map>
 
 namespace twinmerge::cuda {
 
@@ -84,6 +88,48 @@ LtLayout layout(cudaDataType type, int64_t rows, int64_t cols, int64_t ld, int64
   return desc;
 }
 
+// The algorithms cuBLASLt's heuristic chose, by problem: the query takes microseconds of host
+// time per GEMM, as much as a small merge takes on the device, and a served model asks the same
+// few questions again and again. Bounded: cleared when it would exceed kCapacity entries.
+using LtKey = std::array<int64_t, 13>;
+
+struct LtKeyHash {
+  size_t operator()(const LtKey& key) const {
+    size_t h = 0;
+    for (const int64_t v : key) h = h * 1000003u ^ std::hash<int64_t>()(v);
+    return h;
+  }
+};
+
+class LtAlgorithms {
+ public:
+  std::optional<cublasLtMatmulAlgo_t> find(const LtKey& key) {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    const auto it = map_.find(key);
+    if (it == map_.end()) return std::nullopt;
+    return it->second;
+  }
+  void insert(const LtKey& key, const cublasLtMatmulAlgo_t& algo) {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    if (map_.size() >= kCapacity) map_.clear();
+    map_[key] = algo;
+  }
+  void erase(const LtKey& key) {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    map_.erase(key);
+  }
+
+ private:
+  static constexpr size_t kCapacity = 4096;
+  std::mutex mutex_;
+  std::unordered_map<LtKey, cublasLtMatmulAlgo_t, LtKeyHash> map_;
+};
+
+LtAlgorithms& lt_algorithms() {
+  static LtAlgorithms* algorithms = new LtAlgorithms();  // never destroyed: used at exit
+  return *algorithms;
+}
+
 }  // namespace
 
 LtMode lt_mode() {
@@ -152,47 +198,58 @@ bool gemm_lt(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const 
   const auto c_desc = own_c ? layout(cd_type, N, M, N, batch, M * N) : LtLayout();
   cublasLtMatrixLayout_t c_layout = own_c ? c_desc.get() : d_desc.get();
 
-  cublasLtMatmulPreference_t raw_pref = nullptr;
-  TM_CUBLAS(cublasLtMatmulPreferenceCreate(&raw_pref));
-  const LtPreference pref(raw_pref);
-  const size_t workspace_size = at::cuda::getCUDABlasLtWorkspaceSize();
-  set(raw_pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, static_cast<uint64_t>(workspace_size));
-  // Sums accumulate in fp32: a split-K reduction, if any, adds partial sums in the compute type,
-  // never in the output buffer's 16-bit type (which INPLACE and OUTPUT_TYPE would do).
-  set(raw_pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
-      static_cast<uint32_t>(CUBLASLT_REDUCTION_SCHEME_NONE | CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE));
   const int64_t ab_size = A.element_size(), cd_size = D.element_size();
-  set(raw_pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
-      alignment(B.const_data_ptr(), N * K * ab_size, batch));
-  set(raw_pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
-      alignment(A.const_data_ptr(), M * K * ab_size, batch));
-  set(raw_pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
-      alignment(addend.const_data_ptr(), M * N * cd_size, batch));
-  set(raw_pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
-      alignment(D.const_data_ptr(), M * N * cd_size, batch));
-
+  const uint32_t align_a = alignment(B.const_data_ptr(), N * K * ab_size, batch),
+                 align_b = alignment(A.const_data_ptr(), M * K * ab_size, batch),
+                 align_c = alignment(addend.const_data_ptr(), M * N * cd_size, batch),
+                 align_d = alignment(D.const_data_ptr(), M * N * cd_size, batch);
+  const size_t workspace_size = at::cuda::getCUDABlasLtWorkspaceSize();
   cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
-  cublasLtMatmulHeuristicResult_t heuristic{};
-  int found = 0;
-  const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(
-      handle, raw_desc, a_desc.get(), b_desc.get(), c_layout, d_desc.get(), raw_pref, 1,
-      &heuristic, &found);
-  // No algorithm for the case is not an error; anything else (a wrong attribute, say) is, so
-  // that a broken fast path cannot hide behind the fallback.
-  if (status == CUBLAS_STATUS_NOT_SUPPORTED || (status == CUBLAS_STATUS_SUCCESS && found == 0)) {
-    return fallback("cuBLASLt has no algorithm for this case");
+  // Everything the heuristic sees but the pointers: the same key, the same answer.
+  const LtKey key{M, N, K, batch, static_cast<int64_t>(ab_type), static_cast<int64_t>(cd_type),
+                  (trans_a ? 1 : 0) | (trans_b ? 2 : 0) | (bias ? 4 : 0) | (own_c ? 8 : 0) |
+                      (C ? 16 : 0) | (tf32 ? 32 : 0),
+                  align_a, align_b, align_c, align_d, static_cast<int64_t>(workspace_size),
+                  static_cast<int64_t>(D.get_device())};
+  std::optional<cublasLtMatmulAlgo_t> algo = lt_algorithms().find(key);
+  if (!algo) {
+    cublasLtMatmulPreference_t raw_pref = nullptr;
+    TM_CUBLAS(cublasLtMatmulPreferenceCreate(&raw_pref));
+    const LtPreference pref(raw_pref);
+    set(raw_pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, static_cast<uint64_t>(workspace_size));
+    // Sums accumulate in fp32: a split-K reduction, if any, adds partial sums in the compute
+    // type, never in the output buffer's 16-bit type (which INPLACE and OUTPUT_TYPE would do).
+    set(raw_pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
+        static_cast<uint32_t>(CUBLASLT_REDUCTION_SCHEME_NONE | CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE));
+    set(raw_pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, align_a);
+    set(raw_pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, align_b);
+    set(raw_pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, align_c);
+    set(raw_pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, align_d);
+    cublasLtMatmulHeuristicResult_t heuristic{};
+    int found = 0;
+    const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(
+        handle, raw_desc, a_desc.get(), b_desc.get(), c_layout, d_desc.get(), raw_pref, 1,
+        &heuristic, &found);
+    // No algorithm for the case is not an error; anything else (a wrong attribute, say) is, so
+    // that a broken fast path cannot hide behind the fallback.
+    if (status == CUBLAS_STATUS_NOT_SUPPORTED || (status == CUBLAS_STATUS_SUCCESS && found == 0)) {
+      return fallback("cuBLASLt has no algorithm for this case");
+    }
+    TM_CUBLAS(status);
+    TM_CUBLAS(heuristic.state);
+    algo = heuristic.algo;
+    lt_algorithms().insert(key, heuristic.algo);
   }
-  TM_CUBLAS(status);
-  TM_CUBLAS(heuristic.state);
   const float alpha = 1.0f, beta = C ? 1.0f : 0.0f;
   const cublasStatus_t run = cublasLtMatmul(
       handle, raw_desc, &alpha, B.const_data_ptr(), a_desc.get(), A.const_data_ptr(),
       b_desc.get(), &beta, addend.const_data_ptr(), c_layout, D.data_ptr(), d_desc.get(),
-      &heuristic.algo, at::cuda::getCUDABlasLtWorkspace(), workspace_size,
+      &*algo, at::cuda::getCUDABlasLtWorkspace(), workspace_size,
       at::cuda::getCurrentCUDAStream());
   // cuBLASLt can refuse at launch what its heuristic offered (operands of mixed alignment,
   // pytorch/pytorch#92201); a refused launch enqueued nothing, so the cuBLAS path is safe.
   if (run == CUBLAS_STATUS_NOT_SUPPORTED) {
+    lt_algorithms().erase(key);
     TORCH_WARN_ONCE("twinmerge: cuBLASLt refused a GEMM its heuristic offered (M=", M, ", N=", N,
                     ", K=", K, "); using cuBLAS for such cases");
     return fallback("cublasLtMatmul returned CUBLAS_STATUS_NOT_SUPPORTED");
