@@ -100,15 +100,45 @@ def test_cublaslt_switch_and_large_row_counts(monkeypatch, mode):
 
 
 def test_cublaslt_reuses_its_choice_across_calls(monkeypatch):
-    # The heuristic's algorithm is cached by problem (shapes, dtypes, alignments): later calls
-    # with other weights, and other buffers of the same layout, reuse it and stay exact.
+    # The heuristic's answer is cached by problem: shapes, dtypes, in place or not, TF32, and
+    # every operand's alignment (the bias's too). Calls that differ in any of these must not
+    # reuse another's algorithm; calls that agree reuse it and stay exact.
     monkeypatch.setenv("TWINMERGE_CUBLASLT", "require")
     base, U, S, V, _ = factors((2,), 64, 48, RANKS[8], torch.bfloat16, "cuda")
     for seed in range(3):
         w = torch.softmax(torch.randn(8, generator=torch.Generator().manual_seed(seed)), 0).cuda()
-        out = torch.empty_like(base)
-        tm.lowrank_merge_(out, base, U, S, V, RANKS[8], w)
-        assert_close(out, ref.lowrank_merge(base, U, S, V, RANKS[8], w))
+        expected = ref.lowrank_merge(base, U, S, V, RANKS[8], w)
+        aligned = torch.full_like(base, float("nan"))
+        tm.lowrank_merge_(aligned, base, U, S, V, RANKS[8], w)
+        assert_close(aligned, expected)
+        odd = _at_offset(torch.full_like(base, float("nan")), 1)  # 2-byte aligned out
+        monkeypatch.setenv("TWINMERGE_CUBLASLT", "auto")
+        tm.lowrank_merge_(odd, base, U, S, V, RANKS[8], w)
+        monkeypatch.setenv("TWINMERGE_CUBLASLT", "require")
+        assert_close(odd, expected)
+        inplace = base.clone()
+        tm.lowrank_merge_(inplace, inplace, U, S, V, RANKS[8], w)
+        assert torch.equal(inplace, aligned)
+
+    base, U, S, V, w = factors((2,), 64, 48, RANKS[8], torch.float32, "cuda")
+    previous = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for tf32 in (True, False, True, False):
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            out = torch.empty_like(base)
+            tm.lowrank_merge_(out, base, U, S, V, RANKS[8], w)
+            expected = ref.lowrank_merge(base, U, S, V, RANKS[8], w)
+            if tf32:
+                assert_close(out, expected, torch.bfloat16)  # TF32 keeps 10 mantissa bits
+            else:
+                assert_close(out, expected)  # full fp32: not a TF32 algorithm cached before
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+    x, W, b, U, S, V, ranks, rw = mix_args(4, (6,), 48, 40, RANKS[8], torch.bfloat16, "cuda")
+    expected = ref.lowrank_mix_linear(x, W, b, U, S, V, ranks, rw)
+    for offset in (0, 8, 0, 8):  # a 256-byte and a 16-byte aligned bias, alternating
+        assert_close(tm.lowrank_mix_linear(x, W, _at_offset(b, offset), U, S, V, ranks, rw), expected)
 
 
 def test_cublaslt_switch_rejects_unknown_values(monkeypatch):
@@ -202,6 +232,12 @@ def test_truncated_svd_ignores_tf32_and_flags_non_finite_input():
     assert torch.isfinite(S[0]).all() and torch.isnan(S[1]).all()
     U, S, V = tm.truncated_svd(A, 16)  # sketched path: the host SVD of the small factor
     assert all(torch.isfinite(t[0]).all() and torch.isnan(t[1]).all() for t in (U, S, V))
+    ratio = rel_error(A[:1], U[:1], S[:1], V[:1]) / rel_error(A[:1], *ref.truncated_svd(A[:1], 16))
+    assert ratio.max() <= 1.005, ratio  # the finite neighbour is unharmed
+    B = decaying(2, 300, 200, 1.0, dtype=torch.float64, device="cuda")
+    B[0, 5, 5] = float("inf")
+    U, S, V = tm.truncated_svd(B, 16)
+    assert torch.isnan(S[0]).all() and torch.isfinite(S[1]).all()
 
 
 def test_ops_reject_mixed_devices():

@@ -3,7 +3,8 @@
 Shapes use T for the number of experts, K = sum(ranks) for the concatenated rank, and
 `expert(k)` for the expert that owns column k (expert t owns ranks[t] consecutive columns).
 Storage dtypes: float64, float32, float16, bfloat16; sums accumulate in float32 (float64 for
-float64). Mixing weights are device tensors, so no op synchronizes with the host.
+float64). Mixing weights are device tensors, so no merging or mixing op synchronizes with the
+host (truncated_svd, an offline step, does once on CUDA).
 """
 
 import math
@@ -131,8 +132,8 @@ def truncated_svd(A: Tensor, rank: int, oversample: int = 10, n_iter: int = 2,
     would cover min(m, n), the exact SVD is used. Deterministic for a given seed (CPU and CUDA
     draw different sketches). On CUDA, a matrix with NaN or Inf entries gets NaN singular values
     rather than an error, so one bad matrix does not fail a batch. The CUDA op takes the small
-    projected SVD on the host (one synchronization per call) and seeds its own generator per
-    call, so it cannot be captured in a CUDA graph.
+    projected SVD on the host (it waits for the device once per call) and seeds its own
+    generator per call, so it cannot be captured in a CUDA graph.
     """
     op = "truncated_svd"
     return _ops.truncated_svd(A, _int(rank, "rank", op), _int(oversample, "oversample", op),

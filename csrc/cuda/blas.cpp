@@ -56,7 +56,8 @@ uint32_t alignment(const void* ptr, int64_t stride_bytes, int64_t batch) {
 }
 
 template <typename T, cublasStatus_t (*Destroy)(T)>
-using LtHandle = std::unique_ptr<std::remove_pointer_t<T>, std::integral_constant<decltype(Destroy), Destroy>>;
+using LtHandle = std::unique_ptr<std::remove_pointer_t<T>,
+                                 std::integral_constant<decltype(Destroy), Destroy>>;
 using LtDesc = LtHandle<cublasLtMatmulDesc_t, cublasLtMatmulDescDestroy>;
 using LtLayout = LtHandle<cublasLtMatrixLayout_t, cublasLtMatrixLayoutDestroy>;
 using LtPreference = LtHandle<cublasLtMatmulPreference_t, cublasLtMatmulPreferenceDestroy>;
@@ -91,7 +92,7 @@ LtLayout layout(cudaDataType type, int64_t rows, int64_t cols, int64_t ld, int64
 // The algorithms cuBLASLt's heuristic chose, by problem: the query takes microseconds of host
 // time per GEMM, as much as a small merge takes on the device, and a served model asks the same
 // few questions again and again. Bounded: cleared when it would exceed kCapacity entries.
-using LtKey = std::array<int64_t, 13>;
+using LtKey = std::array<int64_t, 14>;
 
 struct LtKeyHash {
   size_t operator()(const LtKey& key) const {
@@ -101,28 +102,28 @@ struct LtKeyHash {
   }
 };
 
+// A cached answer: an algorithm, or none (no algorithm offered, or the one offered refused at
+// launch), so that such a case goes to cuBLAS at once instead of asking again every call.
+using LtAnswer = std::optional<cublasLtMatmulAlgo_t>;
+
 class LtAlgorithms {
  public:
-  std::optional<cublasLtMatmulAlgo_t> find(const LtKey& key) {
+  std::optional<LtAnswer> find(const LtKey& key) {
     const std::lock_guard<std::mutex> lock(mutex_);
     const auto it = map_.find(key);
     if (it == map_.end()) return std::nullopt;
     return it->second;
   }
-  void insert(const LtKey& key, const cublasLtMatmulAlgo_t& algo) {
+  void insert(const LtKey& key, const LtAnswer& answer) {
     const std::lock_guard<std::mutex> lock(mutex_);
     if (map_.size() >= kCapacity) map_.clear();
-    map_[key] = algo;
-  }
-  void erase(const LtKey& key) {
-    const std::lock_guard<std::mutex> lock(mutex_);
-    map_.erase(key);
+    map_[key] = answer;
   }
 
  private:
   static constexpr size_t kCapacity = 4096;
   std::mutex mutex_;
-  std::unordered_map<LtKey, cublasLtMatmulAlgo_t, LtKeyHash> map_;
+  std::unordered_map<LtKey, LtAnswer, LtKeyHash> map_;
 };
 
 LtAlgorithms& lt_algorithms() {
@@ -145,7 +146,8 @@ bool gemm_lt(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const 
              const at::Tensor& B, const std::optional<at::Tensor>& C, at::Tensor& D,
              const std::optional<at::Tensor>& bias, int64_t batch) {
   const at::Tensor& addend = C ? *C : D;  // beta = 0 without C: cuBLASLt does not read it
-  TORCH_INTERNAL_ASSERT(A.scalar_type() == B.scalar_type() && addend.scalar_type() == D.scalar_type());
+  TORCH_INTERNAL_ASSERT(A.scalar_type() == B.scalar_type() &&
+                        addend.scalar_type() == D.scalar_type());
   TORCH_INTERNAL_ASSERT(A.is_contiguous() && B.is_contiguous() && addend.is_contiguous() &&
                         D.is_contiguous() && (!bias || bias->is_contiguous()));
   TORCH_INTERNAL_ASSERT(!bias || (bias->scalar_type() == D.scalar_type() && bias->numel() == N));
@@ -175,8 +177,9 @@ bool gemm_lt(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const 
   TM_CUBLAS(cublasLtMatmulDescCreate(
       &raw_desc, tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F, CUDA_R_32F));
   const LtDesc desc(raw_desc);
-  set(raw_desc, CUBLASLT_MATMUL_DESC_TRANSA, static_cast<int32_t>(trans_b ? CUBLAS_OP_T : CUBLAS_OP_N));
-  set(raw_desc, CUBLASLT_MATMUL_DESC_TRANSB, static_cast<int32_t>(trans_a ? CUBLAS_OP_T : CUBLAS_OP_N));
+  const auto cublas_op = [](bool t) { return int32_t{t ? CUBLAS_OP_T : CUBLAS_OP_N}; };
+  set(raw_desc, CUBLASLT_MATMUL_DESC_TRANSA, cublas_op(trans_b));
+  set(raw_desc, CUBLASLT_MATMUL_DESC_TRANSB, cublas_op(trans_a));
   if (bias) {
     // The alignment preferences below do not cover the bias pointer, and a bias epilogue
     // kernel can fault on a misaligned one (pytorch/pytorch#194497): such a bias is copied by
@@ -187,10 +190,13 @@ bool gemm_lt(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const 
     // The epilogue adds bias[j] to column-major row j, i.e. to row-major column j of D.
     set(raw_desc, CUBLASLT_MATMUL_DESC_EPILOGUE, static_cast<uint32_t>(CUBLASLT_EPILOGUE_BIAS));
     set(raw_desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias->const_data_ptr());
-    set(raw_desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, static_cast<int32_t>(cuda_type(bias->scalar_type())));
+    set(raw_desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
+        static_cast<int32_t>(cuda_type(bias->scalar_type())));
   }
-  const auto a_desc = trans_b ? layout(ab_type, K, N, K, batch, N * K) : layout(ab_type, N, K, N, batch, N * K);
-  const auto b_desc = trans_a ? layout(ab_type, M, K, M, batch, M * K) : layout(ab_type, K, M, K, batch, M * K);
+  const auto a_desc = trans_b ? layout(ab_type, K, N, K, batch, N * K)
+                              : layout(ab_type, N, K, N, batch, N * K);
+  const auto b_desc = trans_a ? layout(ab_type, M, K, M, batch, M * K)
+                              : layout(ab_type, K, M, K, batch, M * K);
   const auto d_desc = layout(cd_type, N, M, N, batch, M * N);
   // C's layout is D's. Without C (beta = 0), or with C the very buffer D (in place), D's own
   // descriptor stands for it, as in torch's gemm_and_bias: cuBLASLt's in-place case.
@@ -205,13 +211,18 @@ bool gemm_lt(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const 
                  align_d = alignment(D.const_data_ptr(), M * N * cd_size, batch);
   const size_t workspace_size = at::cuda::getCUDABlasLtWorkspaceSize();
   cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
-  // Everything the heuristic sees but the pointers: the same key, the same answer.
+  // Everything the heuristic sees but the pointers' values: the same key, the same answer. In
+  // place or not shares a key (the descriptors are alike), so both take the same algorithm.
+  TORCH_INTERNAL_ASSERT(D.get_device() == c10::cuda::current_device());
   const LtKey key{M, N, K, batch, static_cast<int64_t>(ab_type), static_cast<int64_t>(cd_type),
-                  (trans_a ? 1 : 0) | (trans_b ? 2 : 0) | (bias ? 4 : 0) | (own_c ? 8 : 0) |
-                      (C ? 16 : 0) | (tf32 ? 32 : 0),
-                  align_a, align_b, align_c, align_d, static_cast<int64_t>(workspace_size),
-                  static_cast<int64_t>(D.get_device())};
-  std::optional<cublasLtMatmulAlgo_t> algo = lt_algorithms().find(key);
+                  (trans_a ? 1 : 0) | (trans_b ? 2 : 0) | (bias ? 4 : 0) | (C ? 8 : 0) |
+                      (tf32 ? 16 : 0),
+                  align_a, align_b, align_c, align_d,
+                  bias ? alignment(bias->const_data_ptr(), 0, 1) : 0,
+                  static_cast<int64_t>(workspace_size), static_cast<int64_t>(D.get_device())};
+  const std::optional<LtAnswer> cached = lt_algorithms().find(key);
+  if (cached && !*cached) return fallback("cuBLASLt has no algorithm for this case");
+  LtAnswer algo = cached ? *cached : std::nullopt;
   if (!algo) {
     cublasLtMatmulPreference_t raw_pref = nullptr;
     TM_CUBLAS(cublasLtMatmulPreferenceCreate(&raw_pref));
@@ -220,7 +231,8 @@ bool gemm_lt(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const 
     // Sums accumulate in fp32: a split-K reduction, if any, adds partial sums in the compute
     // type, never in the output buffer's 16-bit type (which INPLACE and OUTPUT_TYPE would do).
     set(raw_pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
-        static_cast<uint32_t>(CUBLASLT_REDUCTION_SCHEME_NONE | CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE));
+        static_cast<uint32_t>(CUBLASLT_REDUCTION_SCHEME_NONE |
+                              CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE));
     set(raw_pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, align_a);
     set(raw_pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, align_b);
     set(raw_pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, align_c);
@@ -233,6 +245,7 @@ bool gemm_lt(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const 
     // No algorithm for the case is not an error; anything else (a wrong attribute, say) is, so
     // that a broken fast path cannot hide behind the fallback.
     if (status == CUBLAS_STATUS_NOT_SUPPORTED || (status == CUBLAS_STATUS_SUCCESS && found == 0)) {
+      lt_algorithms().insert(key, std::nullopt);
       return fallback("cuBLASLt has no algorithm for this case");
     }
     TM_CUBLAS(status);
@@ -249,7 +262,7 @@ bool gemm_lt(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const 
   // cuBLASLt can refuse at launch what its heuristic offered (operands of mixed alignment,
   // pytorch/pytorch#92201); a refused launch enqueued nothing, so the cuBLAS path is safe.
   if (run == CUBLAS_STATUS_NOT_SUPPORTED) {
-    lt_algorithms().erase(key);
+    lt_algorithms().insert(key, std::nullopt);
     TORCH_WARN_ONCE("twinmerge: cuBLASLt refused a GEMM its heuristic offered (M=", M, ", N=", N,
                     ", K=", K, "); using cuBLAS for such cases");
     return fallback("cublasLtMatmul returned CUBLAS_STATUS_NOT_SUPPORTED");

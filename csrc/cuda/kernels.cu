@@ -106,7 +106,8 @@ void launch_scale_columns(const at::Tensor& in, at::Tensor& out, const at::Tenso
       {(R + block.y - 1) / block.y, (fill_blocks() + col_blocks - 1) / col_blocks, 65535});
   const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(row_blocks));
   const auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "scale_columns", [&] {
+  const auto dtype = out.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "scale_columns", [&] {
     using out_t = scalar_t;
     using opmath_t = at::opmath_type<out_t>;
     constexpr auto opmath = c10::CppTypeToScalarType<opmath_t>::value;

@@ -1,6 +1,6 @@
 // CUDA implementations of the merging ops: cuBLAS/cuBLASLt GEMMs around the one-pass scaling
-// kernel of kernels.cu. No op synchronizes with the host, so all of them can be captured in a CUDA
-// graph.
+// kernel of kernels.cu. No op here synchronizes with the host, so all of them can be captured
+// in a CUDA graph.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>

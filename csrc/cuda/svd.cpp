@@ -1,9 +1,10 @@
 // CUDA truncated SVD: a randomized range finder (Halko, Martinsson, Tropp 2011, Alg. 4.4) with
 // cuBLAS GEMMs and cuSOLVER Householder QR (geqrf + orgqr); the projected matrix's SVD is its QR
 // on the device and the small triangular factor's SVD on the host (tall_svd). When the sketch
-// would cover the whole matrix, cuSOLVER's exact gesvd. Matrices are column-major here, as cuSOLVER wants them: a column-major
-// P x Q matrix lives in a contiguous tensor of shape [batch, Q, P]. The Gaussian test matrix comes
-// from a generator seeded per call, so this op is deterministic but not CUDA-graph capturable.
+// would cover the whole matrix, cuSOLVER's exact gesvd. Matrices are column-major here, as
+// cuSOLVER wants them: a column-major P x Q matrix lives in a contiguous tensor of shape
+// [batch, Q, P]. The Gaussian test matrix comes from a generator seeded per call, so this op is
+// deterministic but not CUDA-graph capturable.
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -45,7 +46,8 @@ class Workspace {
 // columns (the Q of its Householder QR); with R, also writes each R factor there, row-major
 // [batch, l, l].
 template <typename T>
-void orthonormalize(cusolverDnHandle_t h, at::Tensor& Y, Workspace<T>& ws, at::Tensor* R = nullptr) {
+void orthonormalize(cusolverDnHandle_t h, at::Tensor& Y, Workspace<T>& ws,
+                    at::Tensor* R = nullptr) {
   const int64_t batch = Y.size(0);
   const int l = to_int(kOp, "sketch size", Y.size(1)), P = to_int(kOp, "rows", Y.size(2));
   auto tau = at::empty({l}, Y.options());
@@ -59,7 +61,8 @@ void orthonormalize(cusolverDnHandle_t h, at::Tensor& Y, Workspace<T>& ws, at::T
     if (R != nullptr) {
       // geqrf leaves R in the upper triangle of the first l rows: element (i, j) of the
       // column-major matrix is [j, i] of the row-major [l, P] view.
-      R->select(0, b).copy_(at::triu(Y.select(0, b).narrow(1, 0, l).mT()));
+      auto Rb = R->select(0, b);
+      at::triu_out(Rb, Y.select(0, b).narrow(1, 0, l).mT());
     }
     Solver<T>::orgqr(h, P, l, yb, P, tau.data_ptr<T>(), work, lwork, ws.info());
   }
@@ -90,29 +93,63 @@ void thin_svd(cusolverDnHandle_t h, at::Tensor& M, at::Tensor& U, at::Tensor& S,
   launch_nan_rows_where_failed(info, S);
 }
 
-// The thin SVD of each column-major P x l matrix of Z ([batch, l, P], P > l; destroyed) as
-// Z = Qz R, a Householder QR on the device, then R = Ur diag(S) Vr^T, LAPACK on the host in
-// double. cuSOLVER's gesvd on tall, thin matrices takes milliseconds per matrix, mostly latency
-// (pytorch/pytorch#41306), and so do its small SVDs; an l x l SVD on the host takes well under
-// one. Returns row-major Qz Ur [batch, P, l], S [batch, l] and Vr [batch, l, l] in Z's dtype; a
-// matrix with a non-finite entry gets NaN throughout instead of an error. Synchronizes with the
-// host once (truncated_svd is not a CUDA-graph op anyway: it seeds a generator per call).
-template <typename T>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> tall_svd(cusolverDnHandle_t h, at::Tensor& Z,
-                                                        Workspace<T>& ws) {
-  const int64_t batch = Z.size(0), l = Z.size(1);
-  auto R = at::empty({batch, l, l}, Z.options());
-  orthonormalize<T>(h, Z, ws, &R);
-  auto R_host = R.to(at::kCPU, at::kDouble);
-  const auto bad = at::isfinite(R_host).flatten(1).all(1).logical_not();  // [batch]
+// The SVD of each small matrix of R_host ([batch, l, l], double, on the host; destroyed) by
+// LAPACK. A matrix with a non-finite entry, or one LAPACK fails on, gets NaN throughout instead
+// of an error, so that one bad matrix does not fail a batch (as cuSOLVER's gesvd path does).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> host_svd(at::Tensor& R_host) {
+  const int64_t batch = R_host.size(0);
+  auto bad = at::isfinite(R_host).flatten(1).all(1).logical_not();  // [batch] bool
   R_host.masked_fill_(bad.view({batch, 1, 1}), 0.0);
-  auto [Ur, S, Vh] = at::linalg_svd(R_host, /*full_matrices=*/false);
+  at::Tensor Ur, S, Vh;
+  try {
+    std::tie(Ur, S, Vh) = at::linalg_svd(R_host, /*full_matrices=*/false);
+  } catch (const c10::Error&) {  // no convergence somewhere: find where, one matrix at a time
+    const int64_t l = R_host.size(1);
+    Ur = at::empty_like(R_host), Vh = at::empty_like(R_host);
+    S = at::empty({batch, l}, R_host.options());
+    for (int64_t b = 0; b < batch; ++b) {
+      try {
+        auto [u, s, vh] = at::linalg_svd(R_host[b], /*full_matrices=*/false);
+        Ur[b].copy_(u), S[b].copy_(s), Vh[b].copy_(vh);
+      } catch (const c10::Error&) {
+        bad[b] = true;
+      }
+    }
+  }
   const double nan = std::numeric_limits<double>::quiet_NaN();
   Ur.masked_fill_(bad.view({batch, 1, 1}), nan);
   Vh.masked_fill_(bad.view({batch, 1, 1}), nan);
   S.masked_fill_(bad.view({batch, 1}), nan);
-  const auto on_device = Z.options();
-  return {at::matmul(Z.mT(), Ur.to(on_device)), S.to(on_device), Vh.mT().to(on_device)};
+  return {Ur, S, Vh};
+}
+
+// The thin SVD of each column-major P x l matrix of Z ([batch, l, P], P > l; destroyed) as
+// Z = Qz R, a Householder QR on the device, then R = Ur diag(S) Vr^T on the host (host_svd, in
+// double). cuSOLVER's gesvd on tall, thin matrices takes milliseconds per matrix, mostly latency
+// (pytorch/pytorch#41306), and so do its small SVDs; an l x l SVD on the host takes about
+// l^3 / 1e8 seconds (0.7 ms at l = 87 on one slow core). Returns Qz Ur as a row-major
+// [batch, P, l] view, S [batch, l] and Vr^T [batch, l, l] (row-major, on the device). Waits for
+// the device once, to read R; the results go back in one copy from pinned memory.
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tall_svd(cusolverDnHandle_t h, at::Tensor& Z,
+                                                        Workspace<T>& ws) {
+  const int64_t batch = Z.size(0), l = Z.size(1), P = Z.size(2);
+  auto R = at::empty({batch, l, l}, Z.options());
+  orthonormalize<T>(h, Z, ws, &R);
+  auto R_host = R.to(at::kCPU, at::kDouble);
+  const auto [Ur, S, Vh] = host_svd(R_host);
+  auto packed = at::empty({batch, 2 * l * l + l},
+                          R_host.options().dtype(Z.scalar_type()).pinned_memory(true));
+  packed.copy_(at::cat({Ur.flatten(1), Vh.flatten(1), S}, 1));
+  const auto on_device = packed.to(Z.device(), /*non_blocking=*/true);
+  const auto Ur_d = on_device.narrow(1, 0, l * l).view({batch, l, l});
+  const auto Vh_d = on_device.narrow(1, l * l, l * l).view({batch, l, l});
+  // Qz Ur, column-major P x l: Ur_d row-major is Ur^T column-major, used transposed. An explicit
+  // FP32 GEMM: a matmul could take TF32 (torch's cuBLASLt backend ignores NoTF32Guard).
+  auto QU = at::empty({batch, l, P}, Z.options());
+  gemm_colmajor(CUBLAS_OP_N, CUBLAS_OP_T, P, l, l, Z, P, P * l, Ur_d.contiguous(), l, l * l, 0.0,
+                QU, P, P * l, batch);
+  return {QU.mT(), on_device.narrow(1, 2 * l * l, l), Vh_d.contiguous()};
 }
 
 at::Tensor gaussian(int64_t batch, int64_t rows, int64_t cols, int64_t seed,
@@ -157,9 +194,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> svd_tall(at::Tensor& M, int64_t r
   // Bt = M^T Y (Q x l, Q > l) = Ub Sb Vb^T, so M ~= Y Y^T M = Y Bt^T = (Y Vb) Sb Ub^T.
   gemm_colmajor(CUBLAS_OP_T, CUBLAS_OP_N, Q, l, P, M, P, P * Q, Y, P, P * l, 0.0, Z, Q, Q * l,
                 batch);
-  auto [Ub, Sb, Vb] = tall_svd<T>(h, Z, ws);
-  // Y, column-major P x l, is the row-major [P, l] matrix Y.mT().
-  return {at::matmul(Y.mT(), Vb.narrow(-1, 0, r)), Sb.narrow(-1, 0, r), Ub.narrow(-1, 0, r)};
+  auto [Ub, Sb, Vbt] = tall_svd<T>(h, Z, ws);
+  // Y Vb[:, :r], column-major P x r: Vb^T row-major is Vb column-major, its first r columns.
+  auto Um = at::empty({batch, r, P}, M.options());
+  gemm_colmajor(CUBLAS_OP_N, CUBLAS_OP_N, P, r, l, Y, P, P * l, Vbt, l, l * l, 0.0, Um, P, P * r,
+                batch);
+  return {Um.mT(), Sb.narrow(-1, 0, r), Ub.narrow(-1, 0, r)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> truncated_svd(const at::Tensor& A, int64_t rank,
