@@ -173,3 +173,29 @@ def test_runner_selects_records_failures_and_writes_json(monkeypatch, tmp_path, 
     assert [r["case"] for r in saved["results"]] == ["first_ok", "second_broken"]
     assert saved["results"][1]["error"] == "AssertionError: wrong result"
     assert all(r["case_seconds"] >= 0 for r in saved["results"])
+
+
+def test_report_renders_targets_and_times(tmp_path):
+    from bench import report
+    rows = [dict(row_of("merge"), case="merge_tiny"), dict(row_of("svd"), case="svd_tiny"),
+            {"op": "lowrank_mix_linear", "shape": {"rows": 32}, "case": "memory", "skipped": "needs CUDA"}]
+    rows[0]["targets"] = [dict(target="6: within 1.1x", metric="speedup.c_best_torch", value=0.98,
+                               limit=">= 0.909", met=True),
+                          dict(target="1: 3x faster", metric="speedup.c_best_torch", value=0.98,
+                               limit=">= 3", met=False)]
+    results = {"cpu": {"environment": dict(device="cpu", torch="x", cuda=None, threads=2, git="abc",
+                                           date="today", copy_bandwidth=1e10, gemm_rate={}),
+                       "results": rows}}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(results))
+    out = tmp_path / "r.md"
+    report.main([str(path), "--out", str(out)])
+    text = out.read_text()
+    assert "| `merge_tiny` | 6: within 1.1x | 0.980 | >= 0.909 | met |" in text
+    assert "| `merge_tiny` | 1: 3x faster | 0.980 | >= 3 | **not met** |" in text
+    assert "`svd_tiny`" in text and "torch_svd_lowrank" in text
+    assert "| `memory` | rows=32 | | needs CUDA | |" in text
+    assert "floor" in text  # the merge row's ours_over_floor
+    path.write_text(json.dumps({"cpu": [1, 2]}))
+    with pytest.raises(SystemExit):
+        report.main([str(path)])
