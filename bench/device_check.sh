@@ -8,7 +8,8 @@
 # command); each also has its own limit, so a slow one cannot eat the next one's time, and the
 # benchmark suite, last, gets what is left (it rewrites its JSON after every case, so a cut-short
 # run keeps the cases that finished). Logs go under $OUT (the device tool's return folder;
-# /tmp/twinmerge-device elsewhere): env.txt build.log tests.log profile.txt bench.log gpu.json.
+# /tmp/twinmerge-device elsewhere): env.txt build.log tests.log profile-run.log profile.txt
+# bench.log gpu.json gpu.md (8 files: the most the device tool brings back).
 # Expected on an H200 (16 cores): build ~2 min (sm_90 only), CUDA tests ~1-2 min, profile
 # ~30 s, GPU suite ~3-4 min. BENCH_CASES (comma-separated substrings, see bench.run --list)
 # narrows the suite, e.g. for a second call. Exits non-zero if any stage failed.
@@ -61,5 +62,8 @@ for s in "${stages[@]}"; do
     *) echo "unknown stage $s (build test profile bench)"; exit 2 ;;
   esac
 done
+
+# The suite's Markdown tables (bench.report), from whatever cases finished.
+[ -s "$OUT/gpu.json" ] && "$PY" -m bench.report "$OUT/gpu.json" --out "$OUT/gpu.md" && cat "$OUT/gpu.md"
 
 [ ${#failed[@]} -eq 0 ] || { echo "failed stages: ${failed[*]}"; exit 1; }
