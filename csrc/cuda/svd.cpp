@@ -5,6 +5,7 @@
 // cuSOLVER wants them: a column-major P x Q matrix lives in a contiguous tensor of shape
 // [batch, Q, P]. The Gaussian test matrix comes from a generator seeded per call, so this op is
 // deterministic but not CUDA-graph capturable.
+#include <ATen/Parallel.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -12,6 +13,7 @@
 
 #include <limits>
 #include <mutex>
+#include <vector>
 
 #include "../checks.h"
 #include "blas.h"
@@ -93,33 +95,37 @@ void thin_svd(cusolverDnHandle_t h, at::Tensor& M, at::Tensor& U, at::Tensor& S,
   launch_nan_rows_where_failed(info, S);
 }
 
-// The SVD of each small matrix of R_host ([batch, l, l], double, on the host; destroyed) by
-// LAPACK. A matrix with a non-finite entry, or one LAPACK fails on, gets NaN throughout instead
-// of an error, so that one bad matrix does not fail a batch (as cuSOLVER's gesvd path does).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> host_svd(at::Tensor& R_host) {
-  const int64_t batch = R_host.size(0);
-  auto bad = at::isfinite(R_host).flatten(1).all(1).logical_not();  // [batch] bool
-  R_host.masked_fill_(bad.view({batch, 1, 1}), 0.0);
-  at::Tensor Ur, S, Vh;
-  try {
-    std::tie(Ur, S, Vh) = at::linalg_svd(R_host, /*full_matrices=*/false);
-  } catch (const c10::Error&) {  // no convergence somewhere: find where, one matrix at a time
-    const int64_t l = R_host.size(1);
-    Ur = at::empty_like(R_host), Vh = at::empty_like(R_host);
-    S = at::empty({batch, l}, R_host.options());
-    for (int64_t b = 0; b < batch; ++b) {
+// The SVD of each small matrix of R_host ([batch, l, l], double, on the host) by LAPACK. A
+// matrix with a non-finite entry, or one LAPACK fails on, gets NaN throughout instead of an
+// error, so that one bad matrix does not fail a batch (as cuSOLVER's gesvd path does).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> host_svd(const at::Tensor& R_host) {
+  const int64_t batch = R_host.size(0), l = R_host.size(1);
+  auto Ur = at::empty_like(R_host), Vh = at::empty_like(R_host);
+  auto S = at::empty({batch, l}, R_host.options());
+  std::vector<char> bad(batch, 0);
+  // One matrix per task: LAPACK's SVD of a small matrix runs on one core, so the batch (the T
+  // experts of a parameter) is where the parallelism is.
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const auto Rb = R_host[b];
+      if (!at::isfinite(Rb).all().item<bool>()) {
+        bad[b] = 1;
+        continue;
+      }
       try {
-        auto [u, s, vh] = at::linalg_svd(R_host[b], /*full_matrices=*/false);
-        Ur[b].copy_(u), S[b].copy_(s), Vh[b].copy_(vh);
-      } catch (const c10::Error&) {
-        bad[b] = true;
+        const auto [u, s, vh] = at::linalg_svd(Rb, /*full_matrices=*/false);
+        Ur[b].copy_(u);
+        S[b].copy_(s);
+        Vh[b].copy_(vh);
+      } catch (const c10::Error&) {  // no convergence
+        bad[b] = 1;
       }
     }
-  }
+  });
   const double nan = std::numeric_limits<double>::quiet_NaN();
-  Ur.masked_fill_(bad.view({batch, 1, 1}), nan);
-  Vh.masked_fill_(bad.view({batch, 1, 1}), nan);
-  S.masked_fill_(bad.view({batch, 1}), nan);
+  for (int64_t b = 0; b < batch; ++b) {
+    if (bad[b]) Ur[b].fill_(nan), S[b].fill_(nan), Vh[b].fill_(nan);
+  }
   return {Ur, S, Vh};
 }
 
