@@ -16,42 +16,38 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import twinmerge_ext as tm
+from bench.run import _factors
 
 
-def _inputs(m, n, K, T, dtype, device, rows=None, B=None, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    mk = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(dtype).to(device)
-    d = dict(base=mk(m, n), U=mk(m, K, scale=K**-0.5), S=(torch.rand(K, generator=g) + 0.5).to(dtype).to(device),
-             V=mk(n, K, scale=n**-0.5), ranks=[K // T] * T,
-             w=torch.softmax(torch.randn(T, generator=g), 0).to(device))
-    if rows is not None:
-        d["x"] = mk(B, rows // B, n)
-        d["rw"] = torch.softmax(torch.randn(B, T, generator=g), 1).to(device)
-    return d
+def _one_matrix(m, n, T, r, dtype, device, seed):
+    """The runner's factors (bench.run._factors) for one m x n matrix: base, U, S, V, ranks, w."""
+    f = _factors(1, m, n, T, r, dtype, device, seed)
+    return {k: v[0] if k in ("base", "U", "S", "V") else v for k, v in f.items()}
 
 
 def cases(device):
     gpu = device.type == "cuda"
     dtype = torch.bfloat16 if gpu else torch.float32
-    big, K, T = (4096, 512, 8) if gpu else (1024, 128, 8)
-    merge = _inputs(big, big, K, T, dtype, device)
-    out = torch.empty_like(merge["base"])
-    yield (f"lowrank_merge_ {big}x{big} K={K} {dtype}",
-           lambda d=merge: tm.lowrank_merge_(out, d["base"], d["U"], d["S"], d["V"], d["ranks"], d["w"]))
-    if gpu:
-        tall = _inputs(11008, 4096, K, T, dtype, device)
-        out_tall = torch.empty_like(tall["base"])
-        yield (f"lowrank_merge_ 11008x4096 K={K} {dtype}",
-               lambda d=tall: tm.lowrank_merge_(out_tall, d["base"], d["U"], d["S"], d["V"], d["ranks"], d["w"]))
+    big, T, r = (4096, 8, 64) if gpu else (1024, 8, 16)
+    K = T * r
+    for m, n in [(big, big)] + ([(11008, 4096)] if gpu else []):
+        d = _one_matrix(m, n, T, r, dtype, device, seed=0)
+        out = torch.empty_like(d["base"])
+        yield (f"lowrank_merge_ {m}x{n} K={K} {dtype}",
+               lambda d=d, out=out: tm.lowrank_merge_(out, d["base"], d["U"], d["S"], d["V"],
+                                                      d["ranks"], d["w"]))
+    d = _one_matrix(big, big, T, r, dtype, device, seed=1)  # base: the layer's weight
+    g = torch.Generator().manual_seed(1)
     for rows, B in ((32, 32), (32 * 512, 32) if gpu else (32 * 128, 32)):
-        mix = _inputs(big, big, K, T, dtype, device, rows=rows, B=B, seed=1)
+        x = torch.randn(B, rows // B, big, generator=g).to(dtype).to(device)
+        rw = torch.softmax(torch.randn(B, T, generator=g), 1).to(device)
         yield (f"lowrank_mix_linear {rows} rows B={B} {big}x{big} K={K} {dtype}",
-               lambda d=mix: tm.lowrank_mix_linear(d["x"], d["base"], None, d["U"], d["S"], d["V"],
-                                                   d["ranks"], d["rw"]))
-        yield (f"base GEMM alone, {rows} rows",
-               lambda d=mix: torch.nn.functional.linear(d["x"], d["base"]))
-    A = torch.randn(8 if gpu else 2, big, big, generator=torch.Generator().manual_seed(2)).to(device)
-    yield f"truncated_svd {A.shape[0]}x{big}x{big} rank {K // T} fp32", lambda: tm.truncated_svd(A, K // T)
+               lambda x=x, rw=rw: tm.lowrank_mix_linear(x, d["base"], None, d["U"], d["S"], d["V"],
+                                                        d["ranks"], rw))
+        yield f"base GEMM alone, {rows} rows", lambda x=x: torch.nn.functional.linear(x, d["base"])
+    A = torch.randn(8 if gpu else 2, big, big,
+                    generator=torch.Generator().manual_seed(2)).to(device)
+    yield f"truncated_svd {A.shape[0]}x{big}x{big} rank {r} fp32", lambda: tm.truncated_svd(A, r)
 
 
 def profile_case(name, fn, device, reps=5):

@@ -22,7 +22,7 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const at:
 enum class LtMode { kAuto, kOff, kRequire };
 LtMode lt_mode();
 
-// Row-major batched GEMM through cuBLASLt, into a buffer other than the addend:
+// Row-major batched GEMM through cuBLASLt, whose output D may be a buffer other than the addend:
 //   D[b] = op(A[b]) op(B[b]) (+ C[b]) (+ bias[j] on every row's column j),
 // accumulating in fp32; shapes as for gemm(). C and D [batch, M, N] share a dtype (A's, or
 // float); bias [N] has D's dtype. All contiguous; C may be D. Returns false, having done
