@@ -407,7 +407,8 @@ def test_build_expert_errors(setup):
     with pytest.raises(ValueError, match=r"'layer.bias' has shape \[6\] in base but \[7\]"):
         TwinCheckpoint.build(base, wrong)
     nan = dict(experts, qqp=dict(experts["qqp"], **{"layer.bias": torch.full((6,), float("nan"))}))
-    with pytest.raises(ValueError, match="parameter 'layer.bias': the shared expert has NaN/Inf"):
+    with pytest.raises(ValueError, match=r"task_arithmetic: parameter 'layer.bias' of "
+                                         r"experts\['qqp'\] has 6 NaN/Inf entries"):
         TwinCheckpoint.build(base, nan, rank=1000)
     # A finite shared expert, but θ_sst2 − θs = 3e38 − (−1e38) overflows float32.
     huge = {task: dict(experts[task], **{"layer.weight": torch.full((6, 5), v)})

@@ -1,6 +1,7 @@
 """twinmerge_ext.merging against hand-computed examples, on state dicts and safetensors files."""
 
 import hashlib
+import re
 
 import pytest
 import torch
@@ -395,7 +396,7 @@ def test_average_without_base_checks_against_the_first_expert():
         average([{"w": torch.zeros(2)}, {"w": torch.zeros(3)}])
 
 
-@pytest.mark.parametrize("density", [0, -0.1, 1.5, float("nan")])
+@pytest.mark.parametrize("density", [0, -0.1, 1.5])
 def test_bad_density(density):
     with pytest.raises(ValueError, match=r"ties: density must be in \(0, 1\], got"):
         ties({"w": t(1.0)}, [{"w": t(2.0)}], density=density)
@@ -481,3 +482,30 @@ def test_inputs_are_not_modified(files):
 def test_progress_bar_gives_the_same_result():
     base, experts = random_model(0), [random_model(s) for s in (1, 2)]
     assert_same(ties(base, experts, progress=True), ties(base, experts))
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare", "average"])
+@pytest.mark.parametrize("where", ["base", "expert"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_tensors_are_named_not_merged(method, where, value):
+    base = {"w": torch.randn(4, 5), "b": torch.randn(5)}
+    experts = {t: {k: v + 0.1 * torch.randn_like(v) for k, v in base.items()} for t in "xyz"}
+    bad = (base if where == "base" else experts["y"])["w"]
+    bad[1, 2] = value
+    kwargs = {"dare": dict(drop_rate=0.5, seed=0, then="ties")}.get(method, {})
+    label = "base" if where == "base" else "experts['y']"
+    with pytest.raises(ValueError, match=rf"{method}: parameter 'w' of {re.escape(label)} has 1 "
+                                         rf"NaN/Inf entries \(of 20\)"):
+        if method == "average":
+            merging.average(experts, base=base, **kwargs)
+        else:
+            getattr(merging, method)(base, experts, **kwargs)
+
+
+@pytest.mark.parametrize("arg", ["scale", "density"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_hyper_parameters_are_refused(arg, value):
+    base = {"w": torch.randn(3, 3)}
+    experts = [{"w": base["w"] + 1}]
+    with pytest.raises(ValueError, match=re.escape(f"ties: {arg} must be finite, got {value!r}")):
+        merging.ties(base, experts, **{arg: value})

@@ -17,6 +17,11 @@ Common rules:
   base's dtype and lives on the base tensor's device. Experts are moved there one tensor at a
   time. Inputs are never modified; every output tensor owns its memory.
 - Every expert must have exactly the base's parameter names, shapes and dtypes.
+- Every floating tensor read (each of the base's, each selected one of every expert) must be
+  finite, and so must scale, density and drop_rate: a NaN would spread into task arithmetic and
+  averaging, and would silently drop the whole expert from TIES and DARE (their magnitude
+  threshold would be NaN). The check costs one read of each tensor, and a host sync per tensor
+  on CUDA.
 """
 
 import abc
@@ -213,7 +218,20 @@ def _real(value, arg: str, fn: str) -> float:
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{fn}: {arg} must be a real number, got {value!r} "
                         f"({type(value).__name__})")
+    if not math.isfinite(value):
+        raise ValueError(f"{fn}: {arg} must be finite, got {value!r}")
     return float(value)
+
+
+def _check_finite(t: Tensor, name: str, label: str, fn: str) -> Tensor:
+    """t, after checking it has no NaN/Inf: one would spread into the merge (task arithmetic,
+    averaging) or silently drop the whole expert (TIES' and DARE's magnitude threshold is NaN,
+    and every comparison with it false)."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(f"{fn}: parameter {name!r} of {label} has {bad} NaN/Inf entries (of "
+                         f"{t.numel()})")
+    return t
 
 
 def _density(value, fn: str) -> float:
@@ -247,17 +265,19 @@ def _merge_per_tensor(fn: str, ref: _Source, experts: List[_Expert], include: Pa
     for name in _progress(ref.keys(), progress, fn):
         _, dtype = ref.meta(name)
         if not (dtype.is_floating_point and selected(name)):
-            out[name] = ref.get_copy(name)
+            out[name] = _check_finite(ref.get_copy(name), name, ref.label, fn)
             continue
-        b = ref.get(name)
+        b = _check_finite(ref.get(name), name, ref.label, fn)
         out[name] = merge(name, b.to(_compute_dtype(dtype))).to(dtype)
     return out
 
 
-def _expert_tensors(name: str, like: Tensor, experts: List[_Expert]):
-    """Yields (key, expert tensor) on like's device and in its dtype, one expert at a time."""
-    for _, key, src in experts:
-        yield key, src.get(name).to(device=like.device, dtype=like.dtype)
+def _expert_tensors(name: str, like: Tensor, experts: List[_Expert], fn: str):
+    """Yields (key, expert tensor) on like's device and in its dtype, one expert at a time,
+    each checked finite."""
+    for label, key, src in experts:
+        t = _check_finite(src.get(name), name, label, fn)
+        yield key, t.to(device=like.device, dtype=like.dtype)
 
 
 def _kept_count(numel: int, density: float) -> int:
@@ -337,7 +357,7 @@ def _merge_task_vectors(fn: str, base: StateSource, experts: Experts, include: P
         named = _open_experts(experts, fn, stack)
 
         def merge(name: str, b: Tensor) -> Tensor:
-            taus = (transform(name, key, e - b) for key, e in _expert_tensors(name, b, named))
+            taus = (transform(name, key, e - b) for key, e in _expert_tensors(name, b, named, fn))
             return b + combine(taus, b)
 
         return _merge_per_tensor(fn, ref, named, include, exclude, progress, merge)
@@ -366,7 +386,7 @@ def task_arithmetic(base: StateSource, experts: Experts, scale: float = 0.3, *,
         TypeError: a base, expert, scale or pattern of the wrong type.
         ValueError: no experts; an expert missing a parameter of the base or having an extra
             one; a shape or dtype mismatch; a path that does not exist or is not a safetensors
-            file; an invalid regex.
+            file; an invalid regex; NaN/Inf in a tensor read or in scale (named).
     """
     fn = "task_arithmetic"
     combine = _sum_combine(_real(scale, "scale", fn))
@@ -486,7 +506,7 @@ def average(experts: Experts, base: Optional[StateSource] = None, *, include: Pa
 
         def merge(name: str, b: Tensor) -> Tensor:
             total = torch.zeros_like(b)
-            for _, e in _expert_tensors(name, b, named):
+            for _, e in _expert_tensors(name, b, named, fn):
                 total += e
             return total / len(named)
 
