@@ -71,6 +71,14 @@ def _real_arg(value, arg: str, fn: str) -> float:
     return value
 
 
+def _check_finite_rows(x: Tensor, arg: str, fn: str) -> None:
+    """Rows of x with NaN/Inf would route to NaN weights (or train a NaN router): named."""
+    if not bool(torch.isfinite(x).all()):
+        rows = (~torch.isfinite(x)).reshape(x.shape[0], -1).any(-1).nonzero().flatten().tolist()
+        raise ValueError(f"{fn}: {arg} has NaN/Inf entries in rows {rows[:8]}"
+                         + (f" (and {len(rows) - 8} more)" if len(rows) > 8 else ""))
+
+
 def _task_list(tasks, fn: str) -> List[str]:
     tasks = list(tasks)
     bad = [t for t in tasks if not isinstance(t, str)]
@@ -105,7 +113,8 @@ class TwinRouter(nn.Module):
 
     BatchNorm1d makes the output depend on the batch in training mode; call `.eval()` (as
     `fit_router` and `from_config` return it) before routing inputs.
-    Errors: TypeError/ValueError naming the argument and its value.
+    Errors: TypeError/ValueError naming the argument and its value; features with NaN/Inf
+    (their rows named) in forward and weights.
     """
 
     def __init__(self, in_features: int, tasks: Sequence[str], hidden: Optional[int] = None,
@@ -158,6 +167,7 @@ class TwinRouter(nn.Module):
                              f"got {list(features.shape)}")
         if not features.is_floating_point():
             raise TypeError(f"{fn}: features must be floating point, got {features.dtype}")
+        _check_finite_rows(features, "features", fn)
 
     def forward(self, features: Tensor) -> Tensor:
         """Semantics: logits[b, t] = router score of task t for input b.
@@ -277,15 +287,20 @@ def pooled_features(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
     _check_rows(mask, fn)
 
     device = _model_device(model)
+    # A model already in eval mode, as a served one is, is never written to, so threads can
+    # pool from it at once; one in training mode is switched to eval and back.
     flags = [(m, m.training) for m in model.modules()]
-    model.eval()
+    switch = any(training for _, training in flags)
+    if switch:
+        model.eval()
     try:
         with torch.no_grad():
             out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                         output_hidden_states=True)
     finally:
-        for m, training in flags:
-            m.training = training
+        if switch:
+            for m, training in flags:
+                m.training = training
     if isinstance(out, Mapping):
         hidden_states = out.get("hidden_states")
     else:
@@ -365,6 +380,7 @@ def _task_features(extract: Callable[[Any], Tensor], batches: Iterable[Any], tas
         if not isinstance(f, Tensor) or f.dim() != 2 or not f.is_floating_point():
             raise ValueError(f"{fn}: features of task {task!r} must be a floating 2-D tensor "
                              f"[b, d], got {_describe(f)}")
+        _check_finite_rows(f, f"features of task {task!r} (batch {len(chunks)})", fn)
         chunks.append(f.detach())
         count += f.shape[0]
         # Features cost a forward pass of the shared model: stop once there are enough.
