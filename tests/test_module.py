@@ -392,12 +392,14 @@ def test_materialize_buffers_are_allocated_once(bert_case):
     wrapped = TwinMergedModule(_bert(), twin, mode="materialize")
     ids, mask = _inputs(4, seed=8)
     _logits(wrapped, ids, mask, mix_weights=_weights(4, seed=8))
-    ptrs = [b.data_ptr() for b in wrapped._merge_buffers.buffers()]
+    (buffers,) = wrapped._pool._free
+    ptrs = [b.data_ptr() for b in buffers.tensors.values()]
     assert len(ptrs) == len(twin.lowrank) + len(twin.dense)
     with torch.inference_mode():
         wrapped(input_ids=ids, attention_mask=mask, mix_weights=_weights(4, seed=9))
     _logits(wrapped, ids, mask, mix_weights=_weights(4, seed=10))
-    assert [b.data_ptr() for b in wrapped._merge_buffers.buffers()] == ptrs
+    assert wrapped._pool.sets_made == 1
+    assert [b.data_ptr() for b in buffers.tensors.values()] == ptrs
 
 
 def test_to_float64_moves_factors_and_keeps_exactness(bert_case):
@@ -544,3 +546,52 @@ def test_cuda_serves_the_same_rows_as_cpu(bert_case, mode):
     gpu_model = TwinMergedModule(_bert().cuda(), twin.to("cuda"), mode=mode)
     got = _logits(gpu_model, ids.cuda(), mask.cuda(), mix_weights=rw.cuda())
     _close(got.cpu(), cpu, rtol=1e-4, atol=1e-4)
+
+
+class _Encoder(nn.Module):
+    """nn.TransformerEncoderLayer: nn.MultiheadAttention reads its out_proj's weight itself,
+    and in eval mode without grad the layer takes a fused path that reads every weight itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 16)
+        self.layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=24, dropout=0.0,
+                                                batch_first=True)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, ids):
+        return self.out(self.layer(self.embed(ids)))
+
+
+def test_layers_read_by_their_parent_mix_exactly_or_are_refused():
+    torch.manual_seed(0)
+    base = _Encoder().eval().state_dict()
+    experts = {t: {k: v + 0.05 * torch.randn_like(v) for k, v in base.items()} for t in "abc"}
+    twin = TwinCheckpoint.build(base, experts, rank_ratio=1.0)
+    ids, _ = _inputs(3, seed=21)
+    rw = _weights(3, seed=21)
+
+    def reference():
+        outs = []
+        for b in range(3):
+            m = _Encoder().eval()
+            m.load_state_dict(twin.merged_state_dict(rw[b]))
+            with torch.no_grad():
+                outs.append(m(ids[b:b + 1]))
+        return torch.cat(outs)
+
+    want = reference()
+    wrapped = TwinMergedModule(_Encoder().eval(), twin, mode="factored")
+    kinds = {type(layer).__mro__[1].__name__ for layer, _ in wrapped._patched}
+    assert "_TwinFallback" in kinds  # nn.MultiheadAttention and its out_proj
+    # With grad on, the layer runs module by module: the attention merges its own and its
+    # out_proj's tensors per row.
+    _close(wrapped(ids, mix_weights=rw).detach(), want)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"layer 'layer.self_attn' "
+                                                          r"\(MultiheadAttention\): its mixed "
+                                                          r"tensor 'in_proj_\w+' was read by "
+                                                          r"code outside the layer"):
+        wrapped(ids, mix_weights=rw)
+    wrapped.mode = "materialize"  # merged tensors are served to whoever reads them
+    with torch.no_grad():
+        _close(wrapped(ids, mix_weights=rw), want)

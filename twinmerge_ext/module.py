@@ -6,7 +6,8 @@ The wrapped module holds the shared expert θs. Each batch row b is served by
 - factored: mixing in activation space, nothing materialized. A Linear layer computes
   y = x Wsᵀ + bs + ((x V_cat) ⊙ s(w_b)) U_catᵀ + Σt w_b,t Δb_t (`lowrank_mix_linear`);
   embeddings gather rows of U_cat; LayerNorm weights and biases mix per row. One pass for the
-  whole batch, no host synchronization, differentiable in the weights, torch.compile-able.
+  whole batch, no host synchronization but the NaN check of the weights (`check_finite`),
+  differentiable in the weights, torch.compile-able.
 - materialize: θ(w) merged into buffers allocated once (`lowrank_merge_`, `dense_merge_`), the
   module run on the rows that share w (one sub-batch per distinct weight row). `merged(w)` keeps
   one merge for the calls of a block.
@@ -16,25 +17,43 @@ The wrapped module holds the shared expert θs. Each batch row b is served by
 - auto: factored or materialize per call, by the cost model of METHOD.md §3.
 
 Layers the factored mode mixes itself: nn.Linear, nn.Embedding (no max_norm), nn.LayerNorm and
-transformers' Conv1D. Any other module that owns twin parameters (an RMSNorm, a convolution)
-mixes by merging its own parameters per batch row and running on that row: exact, slower.
+transformers' Conv1D. Any other module that owns twin parameters (an RMSNorm, a convolution,
+nn.MultiheadAttention) mixes by merging its own parameters, and those of the mixing layers inside
+it, per batch row and running on that row: exact, slower.
 
 Task heads (a twin built with `heads=`): the module that holds them runs every task's head and
 each row keeps the output of its head task, by default the argmax of its weights (the router's
 choice). Heads of different widths are padded on the last dimension with `head_pad_value`.
+
+Threads: calls on one wrapper from several threads are safe and exact. Each call's weights, head
+tasks and merged tensors live in per-thread state (`_layers._Routing`) and reach the layers as
+served tensors: no call writes θs or swaps the module's parameters. Materialize and group calls
+merge into buffer sets lent one call at a time (`buffer_sets` of them; more calls wait).
 """
 
+import math
+import threading
 from contextlib import contextmanager
 from numbers import Integral, Real
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
-import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
+from twinmerge_ext._layers import (
+    _concat_outputs,
+    _error,
+    _kind,
+    _map_rows,
+    _own,
+    _patched_class,
+    _Routing,
+    _TwinFallback,
+    _TwinParams,
+)
+from twinmerge_ext._merge_pool import BufferSet, MergePool
 from twinmerge_ext.checkpoint import TwinCheckpoint
-from twinmerge_ext.ops import _per_column, dense_merge_, lowrank_merge_, lowrank_mix_linear
+from twinmerge_ext.ops import dense_merge_, lowrank_merge_
 from twinmerge_ext.router import TwinRouter, pooled_features
 
 __all__ = ["TwinMergedModule"]
@@ -47,297 +66,9 @@ MODES = ("auto", "factored", "materialize", "group")
 _CUDA_FLOP_PER_BYTE = 300.0
 
 
-class _Routing:
-    """Per-call state read by the patched layers. Plain mode (θs, the module's own forward)
-    when row_weights and head_tasks are None."""
-
-    __slots__ = ("row_weights", "head_tasks", "reentry", "T")
-
-    def __init__(self, T: int):
-        self.T = T
-        self.row_weights: Optional[Tensor] = None   # [B, T]: factored mixing is on
-        self.head_tasks: Optional[Tensor] = None    # [B] long: which task's head each row uses
-        self.reentry = False                        # inside functional_call of a patched layer
-
-
-def _error(layer, msg: str) -> ValueError:
-    return ValueError(f"TwinMergedModule: layer {layer._twin_name!r} "
-                      f"({type(layer).__bases__[1].__name__}): {msg}")
-
-
-def _check_batch(layer, x: Tensor, B: int, allow_one: bool = False) -> None:
-    ok = isinstance(x, Tensor) and x.dim() >= 1 and (x.shape[0] == B
-                                                      or (allow_one and x.shape[0] == 1))
-    if not ok:
-        raise _error(layer, f"mixing per row needs the batch (B={B}) as the first dimension of "
-                            f"the layer's input, got {list(getattr(x, 'shape', []))}")
-
-
-def _row_view(v: Tensor, B: int, ndim: int, trailing: Sequence[int]) -> Tensor:
-    """[B, *trailing] -> [B, 1, ..., 1, *trailing] broadcastable against an ndim-D tensor."""
-    return v.reshape((B,) + (1,) * (ndim - 1 - len(trailing)) + tuple(trailing))
-
-
-def _opmath(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _mix_dense(rw: Tensor, deltas: Tensor) -> Tensor:
-    """Σt rw[b, t]·deltas[t] per row, in fp32 (fp64 for fp64): [B, T] × [T, *shape] -> [B, *shape]."""
-    T, f = deltas.shape[0], _opmath(deltas.dtype)
-    return (rw.to(f) @ deltas.reshape(T, -1).to(f)).reshape((rw.shape[0],) + deltas.shape[1:])
-
-
-class _TwinLayer:
-    """Mixin placed before a layer's class: plain forward unless the routing asks for more."""
-
-    def forward(self, *args, **kwargs):
-        ctx: _Routing = self._twin_ctx
-        if ctx.reentry or (ctx.row_weights is None and not self._twin_is_head):
-            return super().forward(*args, **kwargs)
-        return self._twin_forward(ctx, *args, **kwargs)
-
-    def _twin_plain(self, *args, **kwargs):
-        """The layer's own forward (with θs, or whatever functional_call put in place)."""
-        return super().forward(*args, **kwargs)
-
-    def _twin_factors(self, attr: str):
-        U = getattr(self, f"_twin_{attr}_U")
-        return U, getattr(self, f"_twin_{attr}_S"), getattr(self, f"_twin_{attr}_V")
-
-    def _twin_dense(self, attr: str) -> Optional[Tensor]:
-        return getattr(self, f"_twin_{attr}_deltas", None)
-
-
-class _TwinLinear(_TwinLayer):
-    def _twin_as_linear(self):
-        """(W [m, n], U_cat [m, K], S_cat, V_cat [n, K]) of y = x Wᵀ + b, the op's layout."""
-        U, S, V = self._twin_factors("weight")
-        return self.weight, U, S, V
-
-    def _twin_forward(self, ctx, x):
-        rw = ctx.row_weights
-        B = rw.shape[0]
-        _check_batch(self, x, B)
-        db = self._twin_dense("bias")
-        lowrank = "weight" in self._twin_lowrank
-        if not lowrank:
-            y = self._twin_plain(x)
-        else:
-            W, U, S, V = self._twin_as_linear()
-            # With a mixed bias, the shared bias joins the per-row one ([B, m], small) below:
-            # one pass over y adds both, where the op's bias (copied into y first) and then the
-            # per-row delta took two.
-            y = lowrank_mix_linear(x, W, self.bias if db is None else None, U, S, V,
-                                   self._twin_ranks["weight"], rw)
-        if db is None:
-            return y
-        rb = _mix_dense(rw, db)
-        if lowrank and self.bias is not None:
-            rb = rb + self.bias.to(rb.dtype)
-        rb = _row_view(rb, B, y.dim(), db.shape[1:]).to(y.dtype)
-        # In place when nothing is recorded for backward (autograd forbids modifying a custom
-        # op's output in place): serving spares a y-sized allocation per layer.
-        return y + rb if y.requires_grad else y.add_(rb)
-
-
-class _TwinConv1D(_TwinLinear):
-    """transformers' Conv1D: y = x W + b with W [n_in, n_out], a transposed Linear."""
-
-    def _twin_as_linear(self):
-        # W = U diag(s) Vᵀ with U [n_in, K], V [n_out, K]: as a Linear the factors swap roles.
-        U, S, V = self._twin_factors("weight")
-        return self.weight.T, V, S, U
-
-
-class _TwinEmbedding(_TwinLayer):
-    def _twin_forward(self, ctx, ids):
-        rw = ctx.row_weights
-        B = rw.shape[0]
-        # Position ids are often [1, L], broadcast over the batch later: the output becomes [B, ...].
-        _check_batch(self, ids, B, allow_one=True)
-        y = self._twin_plain(ids)
-        U, S, V = self._twin_factors("weight")
-        f = _opmath(U.dtype)
-        s = _per_column(rw.to(f), self._twin_ranks["weight"]) * S.to(f)              # [B, K]
-        h = F.embedding(ids, U).to(f)                                                 # [b, ..., K]
-        delta = (h * _row_view(s, B, h.dim(), s.shape[1:])) @ V.to(f).T
-        return (y + delta).to(y.dtype)
-
-
-class _TwinLayerNorm(_TwinLayer):
-    def _twin_forward(self, ctx, x):
-        rw = ctx.row_weights
-        B = rw.shape[0]
-        _check_batch(self, x, B)
-        shape = tuple(self.normalized_shape)
-        y = F.layer_norm(x, shape, None, None, self.eps)
-        f = _opmath(y.dtype)
-        v = {}
-        for attr in ("weight", "bias"):
-            p = getattr(self, attr)
-            if p is None:
-                continue
-            d = self._twin_dense(attr)
-            v[attr] = _row_view((p.to(f) + _mix_dense(rw, d).to(f)) if d is not None
-                                else p.to(f).expand((B,) + shape), B, y.dim(), shape)
-        y = y.to(f)
-        if len(v) == 2:  # one pass: bias + y·weight
-            y = torch.addcmul(v["bias"], y, v["weight"])
-        elif "weight" in v:
-            y = y * v["weight"]
-        elif "bias" in v:
-            y = y + v["bias"]
-        return y.to(x.dtype)
-
-
-def _map_rows(fn: Callable[[Tensor], Tensor], B: int, tree):
-    """Applies fn to every tensor leaf whose first dimension is B (the batched ones)."""
-    return pytree.tree_map(lambda v: fn(v) if isinstance(v, Tensor) and v.dim() >= 1
-                           and v.shape[0] == B else v, tree)
-
-
-class _TwinFallback(_TwinLayer):
-    """Any other layer: its own parameters merged per batch row, the row run alone (or the whole
-    batch once when every row has the same weights)."""
-
-    def _twin_forward(self, ctx, *args, **kwargs):
-        rw = ctx.row_weights
-        B = rw.shape[0]
-        rows = [slice(0, B)] if self._twin_same_rows(rw) else [slice(b, b + 1) for b in range(B)]
-        outs = []
-        for sl in rows:
-            params = {attr: self._twin_merged(attr, rw[sl.start]) for attr in self._twin_attrs}
-            a, k = _map_rows(lambda v: v[sl], B, (args, kwargs))
-            ctx.reentry = True
-            try:
-                outs.append(torch.func.functional_call(self, params, a, k))
-            finally:
-                ctx.reentry = False
-        if len(outs) == 1:
-            return outs[0]
-        return _concat_outputs(outs, [1] * B, f"layer {self._twin_name!r}")
-
-    @staticmethod
-    def _twin_same_rows(rw: Tensor) -> bool:
-        # Rows given as one [T] vector expanded to [B, T] have stride 0: no need to compare.
-        return rw.shape[0] == 1 or rw.stride(0) == 0
-
-    def _twin_merged(self, attr: str, w: Tensor) -> Tensor:
-        """θs + Σt w[t]·v̂t for one parameter, differentiable, accumulated in fp32."""
-        p = getattr(self, attr)
-        f = _opmath(p.dtype)
-        if attr in self._twin_lowrank:
-            U, S, V = self._twin_factors(attr)
-            s = _per_column(w.to(f), self._twin_ranks[attr]) * S.to(f)
-            return (p.to(f) + (U.to(f) * s) @ V.to(f).T).to(p.dtype)
-        d = self._twin_dense(attr)
-        return (p.to(f) + torch.tensordot(w.to(f), d.to(f), 1)).to(p.dtype)
-
-
-class _TwinHead(_TwinLayer):
-    """A task head: every task's head runs on the rows, each row keeps its head task's output."""
-
-    def _twin_forward(self, ctx, *args, **kwargs):
-        if ctx.head_tasks is None:
-            return self._twin_plain(*args, **kwargs)
-        outs = []
-        ctx.reentry = True
-        try:
-            for t in range(ctx.T):
-                params = {n: getattr(self, f"_twin_head_{t}_{i}")
-                          for i, n in enumerate(self._twin_head_names)}
-                outs.append(torch.func.functional_call(self, params, args, kwargs))
-        finally:
-            ctx.reentry = False
-        bad = [type(o).__name__ for o in outs if not isinstance(o, Tensor)]
-        if bad:
-            raise _error(self, f"a task head must return one tensor, got {bad[0]}")
-        width = max(o.shape[-1] for o in outs)
-        shapes = {tuple(o.shape[:-1]) for o in outs}
-        if len(shapes) != 1:
-            raise _error(self, f"task heads disagree on their output shape except the last "
-                               f"dimension: {sorted(shapes)}")
-        outs = [F.pad(o, (0, width - o.shape[-1]), value=self._twin_head_pad)
-                if o.shape[-1] < width else o for o in outs]
-        stacked = torch.stack(outs)                                    # [T, B, ..., width]
-        B = stacked.shape[1]
-        heads = ctx.head_tasks
-        _check_batch(self, stacked[0], heads.shape[0])
-        rows = torch.arange(B, device=stacked.device)
-        if heads.dim() == 1:
-            return stacked[heads, rows]
-        # Several heads per row: [B, H, ..., width].
-        return stacked[heads.T, rows].movedim(0, 1)
-
-
-_KIND_MIXINS = {"linear": _TwinLinear, "conv1d": _TwinConv1D, "embedding": _TwinEmbedding,
-                "layernorm": _TwinLayerNorm, "fallback": _TwinFallback, "head": _TwinHead}
-_PATCHED_CLASSES: Dict[Tuple[str, type], type] = {}
-
-
-def _patched_class(kind: str, cls: type) -> type:
-    key = (kind, cls)
-    if key not in _PATCHED_CLASSES:
-        _PATCHED_CLASSES[key] = type(f"Twin{cls.__name__}", (_KIND_MIXINS[kind], cls),
-                                     {"__module__": __name__})
-    return _PATCHED_CLASSES[key]
-
-
-def _conv1d_class() -> Optional[type]:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:
-        return None
-    return Conv1D
-
-
-def _kind(layer: nn.Module, attrs: Dict[str, str]) -> str:
-    """The factored implementation for a layer owning twin parameters attr -> "lowrank"/"dense"."""
-    lowrank = {a for a, k in attrs.items() if k == "lowrank"}
-    dense = {a for a, k in attrs.items() if k == "dense"}
-    cls = type(layer)
-    conv1d = _conv1d_class()
-    if cls is nn.Linear and lowrank <= {"weight"} and dense <= {"bias"}:
-        return "linear"
-    if conv1d is not None and cls is conv1d and lowrank <= {"weight"} and dense <= {"bias"}:
-        return "conv1d"
-    if cls is nn.Embedding and lowrank == {"weight"} and not dense and layer.max_norm is None:
-        return "embedding"
-    if cls is nn.LayerNorm and not lowrank and dense <= {"weight", "bias"}:
-        return "layernorm"
-    return "fallback"
-
-
 def _register(layer: nn.Module, name: str, value: Tensor) -> None:
     # Non-persistent: moved by .to(), invisible to state_dict().
     layer.register_buffer(name, value, persistent=False)
-
-
-def _concat_outputs(outs: List[Any], counts: List[int], what: str):
-    """Concatenates sub-batch outputs (same structure) along the batch dimension."""
-    flat = [pytree.tree_flatten(o) for o in outs]
-    spec = flat[0][1]
-    for leaves, s in flat[1:]:
-        if s != spec:
-            raise ValueError(f"TwinMergedModule: {what}: sub-batches returned outputs of "
-                             f"different structure ({spec} vs {s})")
-    merged = []
-    for i in range(len(flat[0][0])):
-        leaves = [f[0][i] for f in flat]
-        if all(isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == c
-               for v, c in zip(leaves, counts)):
-            merged.append(torch.cat(leaves))
-        elif all(v is None for v in leaves):
-            merged.append(None)
-        else:
-            kinds = sorted({type(v).__name__ if not isinstance(v, Tensor) else
-                            f"Tensor{list(v.shape)}" for v in leaves})
-            raise ValueError(f"TwinMergedModule: {what}: output leaf {i} ({kinds}) is not "
-                             f"batched along dimension 0, so it cannot be reassembled from "
-                             f"sub-batches; use mode='factored' (one pass) or drop that output "
-                             f"(e.g. use_cache=False)")
-    return pytree.tree_unflatten(merged, spec)
 
 
 def _describe_tensor(v) -> str:
@@ -349,6 +80,28 @@ def _first_batched(args, kwargs) -> Optional[Tensor]:
         if isinstance(v, Tensor) and v.dim() >= 1:
             return v
     return None
+
+
+def _twin_tensors(twin: TwinCheckpoint):
+    """(name, tensor) of every tensor the twin holds."""
+    yield from ((f"shared/{k}", v) for k, v in twin.shared.items())
+    for k, lr in twin.lowrank.items():
+        yield from ((f"lowrank/{k}/{f}", t) for f, t in zip(("U_cat", "S_cat", "V_cat"),
+                                                            (lr.U_cat, lr.S_cat, lr.V_cat)))
+    yield from ((f"dense/{k}/deltas", v) for k, v in twin.dense.items())
+    for task, head in twin.heads.items():
+        yield from ((f"heads/{task}/{k}", v) for k, v in head.items())
+
+
+def _head_path(names: List[str]) -> str:
+    """The deepest module path that holds every head tensor ('' if none but the root)."""
+    parts = [n.split(".")[:-1] for n in names]
+    prefix = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
+            break
+        prefix.append(level[0])
+    return ".".join(prefix)
 
 
 class TwinMergedModule(nn.Module):
@@ -374,6 +127,12 @@ class TwinMergedModule(nn.Module):
             input_ids and attention_mask keyword arguments.
         head_pad_value: fills the last dimension of a narrower task head's output.
         seed: of KMeans in mode="group".
+        buffer_sets: how many materialize/group calls may merge at once (threads); each set is
+            one merged copy of the mixed tensors, allocated on first use. Further calls wait.
+        check_finite: reject mix_weights (and the router's weights) with NaN/Inf entries in every
+            mode, at the cost of one host synchronization per call. Pass False only where a
+            call must not synchronize (CUDA-graph capture, torch.compile(fullgraph=True)): NaN
+            weights then give NaN outputs in factored mode.
 
     Call: wrapped(*args, mix_weights=None, head_tasks=None, **kwargs) -> the module's output.
         mix_weights: [B, T] (row b gets its own model, B = the first dimension of the batched
@@ -387,24 +146,27 @@ class TwinMergedModule(nn.Module):
     Tensor inputs whose first dimension is B are the batched ones (sliced per sub-batch in the
     materialize and group modes); outputs are returned in input order.
 
-    `with wrapped.merged(w):` merges [T] weights once for every call in the block that passes no
-    mix_weights; `groups(weights)` is mode="group"'s plan, for servers that batch groups
-    themselves.
+    `with wrapped.merged(w):` merges [T] weights once for every call of this thread in the block
+    that passes no mix_weights; `groups(weights)` is mode="group"'s plan, for servers that batch
+    groups themselves.
 
-    One call at a time per wrapper: the routing state of a call lives on the wrapper (use one
-    wrapper per thread). After a call, `last_call` holds {"mode", "weights" [B, T], "head_tasks", and for auto the
-    cost estimates, for group the group of each row}.
+    Threads: any number of threads may call one wrapper at once, each with its own weights
+    (module docstring). `last_call` is per thread: {"mode", "weights" [B, T], "head_tasks", and
+    for auto the cost estimates, for group the group of each row} of this thread's last call.
+    After `unwrap()` every call raises.
 
     Errors: ValueError/TypeError naming the argument and its value (bad mode, a twin that does not
-    fit the module, weights of the wrong shape or with NaN, a layer whose input is not batch-first
-    in the factored mode).
+    fit the module, a module or twin on the meta device, weights of the wrong shape or with NaN,
+    a layer whose input is not batch-first in the factored mode, a layer the factored mode cannot
+    reach), raised before anything changes.
     """
 
     def __init__(self, module: nn.Module, twin: TwinCheckpoint, router: Optional[TwinRouter] = None,
                  mode: str = "auto", filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
                  n_groups: int = 20, temperature: float = 1.0, top_k: Optional[int] = None,
                  router_features: Optional[Callable[[nn.Module, tuple, dict], Tensor]] = None,
-                 head_pad_value: float = float("-inf"), seed: int = 0):
+                 head_pad_value: float = float("-inf"), seed: int = 0, buffer_sets: int = 1,
+                 check_finite: bool = True):
         super().__init__()
         fn = "TwinMergedModule"
         if not isinstance(module, nn.Module):
@@ -428,46 +190,90 @@ class TwinMergedModule(nn.Module):
         if router_features is not None and not callable(router_features):
             raise TypeError(f"{fn}: router_features must be callable, got "
                             f"{type(router_features).__name__}")
-        if isinstance(n_groups, bool) or not isinstance(n_groups, Integral) or n_groups < 1:
-            raise ValueError(f"{fn}: n_groups must be an int >= 1, got {n_groups!r}")
+        n_groups = self._int_arg(n_groups, "n_groups", fn)
+        buffer_sets = self._int_arg(buffer_sets, "buffer_sets", fn)
         if isinstance(temperature, bool) or not isinstance(temperature, Real) or \
-                not temperature > 0:
-            raise ValueError(f"{fn}: temperature must be a number > 0, got {temperature!r}")
+                not 0 < temperature < math.inf:
+            raise ValueError(f"{fn}: temperature must be a finite number > 0, got "
+                             f"{temperature!r}")
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, Integral)
                                   or not 1 <= top_k <= len(twin.tasks)):
             raise ValueError(f"{fn}: top_k must be None or an int in [1, {len(twin.tasks)}], "
                              f"got {top_k!r}")
-        if any(isinstance(m, _TwinLayer) for m in module.modules()):
+        if isinstance(head_pad_value, bool) or not isinstance(head_pad_value, Real) or \
+                math.isnan(head_pad_value):
+            raise ValueError(f"{fn}: head_pad_value must be a number (not NaN: the argmax of a "
+                             f"padded row would be undefined), got {head_pad_value!r}")
+        if isinstance(seed, bool) or not isinstance(seed, Integral):
+            raise TypeError(f"{fn}: seed must be an int, got {seed!r}")
+        if not isinstance(check_finite, bool):
+            raise TypeError(f"{fn}: check_finite must be a bool, got {check_finite!r}")
+        if any(isinstance(m, _TwinParams) for m in module.modules()):
             raise ValueError(f"{fn}: module is already wrapped by a TwinMergedModule; unwrap() it "
                              f"first")
+        self._check_data(module, twin, fn)
+        self._check_shared(module, twin, fn)
+        head = self._head_plan(module, twin, fn)
 
         self.module = module
         self.router = router
         self.mode = mode
-        self.n_groups = int(n_groups)
+        self.n_groups = n_groups
         self.temperature = float(temperature)
         self.top_k = top_k
         self.router_features = router_features
         self.head_pad_value = float(head_pad_value)
-        self.seed = seed
+        self.seed = int(seed)
+        self.check_finite = check_finite
         self.tasks = twin.tasks
-        self.last_call: Dict[str, Any] = {}
         self._ctx = _Routing(len(self.tasks))
+        self._pool = MergePool(buffer_sets)
+        self._state_lock = threading.Lock()   # guards _in_flight and _unwrapped
+        self._in_flight = 0
+        self._unwrapped = False
         self._patched: List[Tuple[nn.Module, type]] = []
-        # (name of a mixed tensor, its layer, attribute, "lowrank"/"dense"); canonical names only.
+        # (name of a mixed tensor, its layer, attribute, "lowrank"/"dense"): one per distinct
+        # tensor, merged into one buffer of a set.
         self._mixed: List[Tuple[str, nn.Module, str, str]] = []
-        self._load_shared(twin, fn)
-        self._patch_layers(twin, filter_fn, fn)
-        self._patch_heads(twin, fn)
-        self._buffers_ready = False
-        self._merge_buffers = nn.Module()
-        self._pinned: Optional[Tensor] = None       # the weights of a merged() block
-        self._buffers_hold: Optional[Tensor] = None  # the weights the buffers were merged with
+        # (layer, attribute, index into _mixed): every name a merged buffer is served under
+        # (tied tensors, GPT-2's wte and lm_head, have two).
+        self._served: List[Tuple[nn.Module, str, int]] = []
+        with torch.no_grad():  # θs into the module: from here on nothing can fail
+            own = module.state_dict(keep_vars=True)
+            for name, value in twin.shared.items():
+                own[name].copy_(value)
+        self._patch_layers(twin, filter_fn)
+        self._patch_heads(twin, head)
+
+    @staticmethod
+    def _int_arg(value, arg: str, fn: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+            raise ValueError(f"{fn}: {arg} must be an int >= 1, got {value!r}")
+        return int(value)
 
     # --- construction ---------------------------------------------------------------------------
 
-    def _load_shared(self, twin: TwinCheckpoint, fn: str) -> None:
-        own = self.module.state_dict(keep_vars=True)
+    @staticmethod
+    def _check_data(module: nn.Module, twin: TwinCheckpoint, fn: str) -> None:
+        """Tensors on the meta device hold no data: copying θs into them, or factors out of
+        them, would fail later with torch's generic error (or serve nothing)."""
+        own = module.state_dict(keep_vars=True)
+        for name in twin.shared:
+            t = own.get(name)
+            if isinstance(t, Tensor) and t.device.type == "meta":
+                raise ValueError(f"{fn}: module tensor {name!r} is on the meta device (it holds "
+                                 f"no data); materialize the module first, e.g. "
+                                 f"module.to_empty(device='cpu'), then wrap it")
+        for name, t in _twin_tensors(twin):
+            if t.device.type == "meta":
+                raise ValueError(f"{fn}: twin tensor {name!r} is on the meta device (it holds no "
+                                 f"data); load the twin onto a real device")
+
+    @staticmethod
+    def _check_shared(module: nn.Module, twin: TwinCheckpoint, fn: str) -> None:
+        """The twin's shared tensors are exactly the module's (less the task heads), shape by
+        shape."""
+        own = module.state_dict(keep_vars=True)
         unknown = [k for k in twin.shared if k not in own]
         if unknown:
             raise ValueError(f"{fn}: the twin has tensor {unknown[0]!r} that the module does not "
@@ -483,43 +289,33 @@ class TwinMergedModule(nn.Module):
             if tuple(own[name].shape) != tuple(value.shape):
                 raise ValueError(f"{fn}: tensor {name!r} has shape {list(own[name].shape)} in "
                                  f"the module but {list(value.shape)} in the twin")
-        with torch.no_grad():
-            for name, value in twin.shared.items():
-                own[name].copy_(value)
 
-    def _patch(self, layer: nn.Module, kind: str, name: str) -> None:
+    def _patch(self, layer: nn.Module, kind: str, name: str, mixed_attrs=()) -> None:
         self._patched.append((layer, type(layer)))
+        layer._twin_class = type(layer)
         layer.__class__ = _patched_class(kind, type(layer))
         layer._twin_ctx = self._ctx
         layer._twin_name = name
         layer._twin_is_head = kind == "head"
+        layer._twin_mixed_attrs = frozenset(mixed_attrs)
 
-    def _patch_layers(self, twin: TwinCheckpoint, filter_fn, fn: str) -> None:
+    def _patch_layers(self, twin: TwinCheckpoint, filter_fn) -> None:
         by_layer: Dict[str, Dict[str, str]] = {}
-        canonical: List[Tuple[str, str, str]] = []
-        seen = set()
-        tensors = dict(self.module.named_parameters(remove_duplicate=False))
-        tensors.update(self.module.named_buffers(remove_duplicate=False))
         for name in list(twin.lowrank) + list(twin.dense):
             path, _, attr = name.rpartition(".")
             by_layer.setdefault(path, {})[attr] = "lowrank" if name in twin.lowrank else "dense"
-            # Tied tensors (GPT-2's lm_head and wte) mix under each name, but are merged once.
-            if id(tensors[name]) not in seen:
-                seen.add(id(tensors[name]))
-                canonical.append((name, path, attr))
-        chosen = set()
+        chosen: Dict[str, nn.Module] = {}
         for path, attrs in by_layer.items():
             layer = self.module.get_submodule(path)
             if filter_fn is not None and not filter_fn(layer, path):
                 continue
-            chosen.add(path)
-            kind = _kind(layer, attrs)
-            self._patch(layer, kind, path)
+            chosen[path] = layer
+            self._patch(layer, _kind(layer, attrs), path, attrs)
             layer._twin_lowrank = {a for a, k in attrs.items() if k == "lowrank"}
             layer._twin_attrs = list(attrs)
             layer._twin_ranks = {}
             for attr, k in attrs.items():
-                p = getattr(layer, attr)
+                p = _own(layer, attr)
                 full = f"{path}.{attr}" if path else attr
                 if k == "lowrank":
                     lr = twin.lowrank[full]
@@ -529,55 +325,128 @@ class TwinMergedModule(nn.Module):
                 else:
                     _register(layer, f"_twin_{attr}_deltas",
                               twin.dense[full].to(device=p.device, dtype=p.dtype))
-        for name, path, attr in canonical:
-            if path in chosen:
-                self._mixed.append((name, self.module.get_submodule(path), attr,
+        mixing = {id(layer) for layer in chosen.values()}
+        for layer in chosen.values():
+            # The mixing layers inside it (itself first): a fallback serves them per row too.
+            layer._twin_subtree = [m for m in layer.modules() if id(m) in mixing]
+        for layer in chosen.values():
+            # The layers whose forward mixes it: itself, and the fallbacks around it.
+            layer._twin_mixed_by = [m for m in chosen.values() if layer in m._twin_subtree]
+        tensors = dict(self.module.named_parameters(remove_duplicate=False))
+        tensors.update(self.module.named_buffers(remove_duplicate=False))
+        index: Dict[int, int] = {}
+        for name in list(twin.lowrank) + list(twin.dense):
+            path, _, attr = name.rpartition(".")
+            if path not in chosen:
+                continue
+            # Tied tensors mix under each name but are merged once.
+            key = id(tensors[name])
+            if key not in index:
+                index[key] = len(self._mixed)
+                self._mixed.append((name, chosen[path], attr,
                                     "lowrank" if name in twin.lowrank else "dense"))
+            self._served.append((chosen[path], attr, index[key]))
 
-    def _patch_heads(self, twin: TwinCheckpoint, fn: str) -> None:
-        # In __dict__, not as a submodule: it is already inside self.module.
-        self.__dict__["_head_layer"] = None
+    @staticmethod
+    def _head_plan(module: nn.Module, twin: TwinCheckpoint, fn: str):
+        """(path, head layer, relative names) of the task heads, checked before anything
+        changes; None without heads."""
         if not twin.heads:
-            return
+            return None
         names = list(next(iter(twin.heads.values())))
-        parts = [n.split(".")[:-1] for n in names]
-        prefix = []
-        for level in zip(*parts):
-            if len(set(level)) != 1:
-                break
-            prefix.append(level[0])
-        path = ".".join(prefix)
+        path = _head_path(names)
         try:
-            layer = self.module.get_submodule(path)
+            layer = module.get_submodule(path)
         except AttributeError as e:
             raise ValueError(f"{fn}: the twin's head tensors {names} are not in one submodule of "
                              f"the module: {e}") from e
-        if path == "" or layer is self.module:
+        if path == "" or layer is module:
             raise ValueError(f"{fn}: the twin's head tensors {names} must sit in one submodule "
                              f"(e.g. 'classifier'), not across the model")
-        if isinstance(layer, _TwinLayer) or any(isinstance(m, _TwinLayer) for m in layer.modules()):
-            raise ValueError(f"{fn}: the head module {path!r} also holds mixed twin parameters")
-        self._patch(layer, "head", path)
+        mixed = [n for n in list(twin.lowrank) + list(twin.dense) if n.startswith(path + ".")]
+        if mixed:
+            raise ValueError(f"{fn}: the head module {path!r} also holds mixed twin parameters "
+                             f"({mixed[0]!r})")
         rel = [n[len(path) + 1:] for n in names]
-        layer._twin_head_names = rel
+        for r in rel:
+            sub = r.rpartition(".")[0]
+            try:
+                layer.get_submodule(sub)
+            except AttributeError as e:
+                raise ValueError(f"{fn}: head tensor {path}.{r!r} has no module in the module: "
+                                 f"{e}") from e
+        return path, layer, rel
+
+    def _patch_heads(self, twin: TwinCheckpoint, head) -> None:
+        # In __dict__, not as a submodule: it is already inside self.module.
+        self.__dict__["_head_layer"] = None
+        if head is None:
+            return
+        path, layer, rel = head
+        self._patch(layer, "head", path)
+        targets = []
+        for r in rel:
+            sub, _, attr = r.rpartition(".")
+            owner = layer.get_submodule(sub)
+            if not isinstance(owner, _TwinParams):  # serves its head tensors per task
+                self._patch(owner, "params", f"{path}.{sub}")
+            targets.append((owner, attr))
+        layer._twin_head_targets = targets
         layer._twin_head_pad = self.head_pad_value
         device = next(iter(layer.parameters()), torch.empty(0)).device
+        names = list(next(iter(twin.heads.values())))
         for t, task in enumerate(self.tasks):
             for i, n in enumerate(names):
                 _register(layer, f"_twin_head_{t}_{i}", twin.heads[task][n].to(device))
         self.__dict__["_head_layer"] = layer
 
     def unwrap(self) -> nn.Module:
-        """Restores the module's layers (classes, no twin buffers) and returns it; it keeps θs."""
-        for layer, cls in reversed(self._patched):
-            for key in [k for k in layer._buffers if k.startswith("_twin_")]:
-                del layer._buffers[key]
-            for attr in [a for a in vars(layer) if a.startswith("_twin_")]:
-                delattr(layer, attr)
-            layer.__class__ = cls
-        self._patched.clear()
-        self._mixed.clear()
+        """Restores the module's layers (classes, no twin buffers) and returns it; it keeps θs.
+        The wrapper refuses every call afterwards. Calling it again returns the module.
+
+        Errors: ValueError while calls (another thread's, a merged() block) are in flight."""
+        with self._state_lock:
+            if self._in_flight:
+                raise ValueError(f"TwinMergedModule.unwrap: {self._in_flight} call(s) or merged() "
+                                 f"block(s) are in flight on this wrapper; unwrap once they "
+                                 f"have returned")
+            self._unwrapped = True
+            for layer, cls in reversed(self._patched):
+                for key in [k for k in layer._buffers if k.startswith("_twin_")]:
+                    del layer._buffers[key]
+                for attr in [a for a in vars(layer) if a.startswith("_twin_")]:
+                    delattr(layer, attr)
+                layer.__class__ = cls
+            self._patched.clear()
+            self._mixed.clear()
+            self._served.clear()
+        self._pool.clear()
         return self.module
+
+    @contextmanager
+    def _in_call(self, fn: str) -> Iterator[None]:
+        """Counts a call in flight (unwrap waits for none), after refusing an unwrapped wrapper."""
+        with self._state_lock:
+            if self._unwrapped:
+                raise ValueError(f"{fn}: this wrapper was unwrapped (unwrap() gave its module "
+                                 f"back, holding θs, with its layers restored); wrap the module "
+                                 f"again to serve the twin")
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            with self._state_lock:
+                self._in_flight -= 1
+
+    def _apply(self, fn, recurse=True):
+        # .to(), .half(), ...: merged copies belong to the old device and dtype.
+        self._pool.clear()
+        return super()._apply(fn, recurse)
+
+    @property
+    def last_call(self) -> Dict[str, Any]:
+        """This thread's last call: {"mode", "weights", "head_tasks", ...} (class docstring)."""
+        return self._ctx.last_call
 
     # --- routing --------------------------------------------------------------------------------
 
@@ -589,26 +458,28 @@ class TwinMergedModule(nn.Module):
         to time it separately, then pass the result as mix_weights.
         """
         fn = "TwinMergedModule.route"
-        if self.router is None:
-            raise ValueError(f"{fn}: no router: pass mix_weights, or give the wrapper a router "
-                             f"(or a twin with one attached)")
-        if self.router_features is not None:
-            feats = self.router_features(self.module, args, kwargs)
-        else:
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            if not isinstance(ids, Tensor):
-                raise ValueError(f"{fn}: the default router features need input_ids (a [B, L] "
-                                 f"tensor, first positional or keyword argument); pass "
-                                 f"router_features= for other inputs")
-            mask = kwargs.get("attention_mask")
-            if mask is None:
-                mask = torch.ones_like(ids)
-            feats = pooled_features(self.module, ids, mask, layer=self.router.layer,
-                                    pooling=self.router.pooling)
-        with torch.no_grad():
-            return self.router.weights(feats, self.temperature, self.top_k)
+        with self._in_call(fn):
+            if self.router is None:
+                raise ValueError(f"{fn}: no router: pass mix_weights, or give the wrapper a "
+                                 f"router (or a twin with one attached)")
+            if self.router_features is not None:
+                feats = self.router_features(self.module, args, kwargs)
+            else:
+                ids = kwargs.get("input_ids", args[0] if args else None)
+                if not isinstance(ids, Tensor):
+                    raise ValueError(f"{fn}: the default router features need input_ids (a "
+                                     f"[B, L] tensor, first positional or keyword argument); "
+                                     f"pass router_features= for other inputs")
+                mask = kwargs.get("attention_mask")
+                if mask is None:
+                    mask = torch.ones_like(ids)
+                feats = pooled_features(self.module, ids, mask, layer=self.router.layer,
+                                        pooling=self.router.pooling)
+            with torch.no_grad():
+                return self.router.weights(feats, self.temperature, self.top_k)
 
-    def _check_weights(self, w, B: Optional[int], fn: str) -> Tensor:
+    def _check_weights(self, w, B: Optional[int], fn: str, routed: bool = False,
+                       values: bool = True) -> Tensor:
         T = len(self.tasks)
         if not isinstance(w, Tensor) or not w.is_floating_point():
             raise TypeError(f"{fn}: mix_weights must be a floating tensor [B, T] or [T], got "
@@ -619,14 +490,20 @@ class TwinMergedModule(nn.Module):
                                  f"{list(w.shape)}")
             if B is None:
                 raise ValueError(f"{fn}: no batched tensor input to take B from")
-            return w.unsqueeze(0).expand(B, T)
-        if w.dim() != 2 or w.shape[1] != T:
+        elif w.dim() != 2 or w.shape[1] != T:
             raise ValueError(f"{fn}: mix_weights must have shape [B, T={T}] or [T={T}], got "
                              f"{list(w.shape)}")
-        if B is not None and w.shape[0] != B:
+        elif B is not None and w.shape[0] != B:
             raise ValueError(f"{fn}: mix_weights has {w.shape[0]} rows but the batch has B={B} "
                              f"(the first dimension of the first tensor input)")
-        return w
+        if values and self.check_finite and not bool(torch.isfinite(w).all()):
+            rows = (~torch.isfinite(w.reshape(-1, T))).any(-1).nonzero().flatten().tolist()
+            what = ("the router's weights have NaN/Inf entries (NaN/Inf in the router's "
+                    "features: check the inputs and router_features)" if routed else
+                    "mix_weights has NaN/Inf entries")
+            raise ValueError(f"{fn}: {what} in rows {rows[:8]}"
+                             + (f" (and {len(rows) - 8} more)" if len(rows) > 8 else ""))
+        return w.unsqueeze(0).expand(B, T) if w.dim() == 1 else w
 
     def _check_head_tasks(self, head_tasks, B: int, device, fn: str) -> Tensor:
         if self._head_layer is None:
@@ -651,117 +528,150 @@ class TwinMergedModule(nn.Module):
     def forward(self, *args, mix_weights: Optional[Tensor] = None,
                 head_tasks: Optional[Tensor] = None, **kwargs):
         fn = "TwinMergedModule"
-        first = _first_batched(args, kwargs)
-        B = first.shape[0] if first is not None else None
-        pinned = mix_weights is None and self._pinned is not None
-        if pinned:
-            mix_weights = self._pinned
-        elif mix_weights is None:
-            mix_weights = self.route(*args, **kwargs)
-        one_vector = isinstance(mix_weights, Tensor) and mix_weights.dim() == 1
-        rw = self._check_weights(mix_weights, B, fn)
-        B = rw.shape[0]
-        if head_tasks is not None:
-            head_tasks = self._check_head_tasks(head_tasks, B, rw.device, fn)
-        elif self._head_layer is not None:
-            head_tasks = rw.argmax(-1)
+        with self._in_call(fn):
+            ctx = self._ctx
+            first = _first_batched(args, kwargs)
+            B = first.shape[0] if first is not None else None
+            pinned = ctx.pinned is not None and mix_weights is None
+            routed = mix_weights is None and not pinned
+            if pinned:
+                mix_weights = ctx.pinned
+            elif routed:
+                mix_weights = self.route(*args, **kwargs)
+            one_vector = isinstance(mix_weights, Tensor) and mix_weights.dim() == 1
+            # A block's weights were checked when it began.
+            rw = self._check_weights(mix_weights, B, fn, routed, values=not pinned)
+            B = rw.shape[0]
+            if head_tasks is not None:
+                head_tasks = self._check_head_tasks(head_tasks, B, rw.device, fn)
+            elif self._head_layer is not None:
+                head_tasks = rw.argmax(-1)
 
-        mode = "materialize" if pinned else self.mode
-        plan: Dict[str, Any] = {"merged_block": True} if pinned else {}
-        if mode == "auto":
-            mode, plan = self._plan(rw, one_vector, first)
-        elif mode == "group" and one_vector:
-            mode = "materialize"
-        self.last_call = {"mode": mode, "weights": rw, "head_tasks": head_tasks, **plan}
-        if mode == "factored":
-            return self._run(args, kwargs, rw, head_tasks)
-        return self._run_merged(args, kwargs, rw, head_tasks, one_vector, group=mode == "group",
-                                pinned=pinned)
+            mode = "materialize" if pinned else self.mode
+            plan: Dict[str, Any] = {"merged_block": True} if pinned else {}
+            if mode == "auto":
+                mode, plan = self._plan(rw, one_vector, first)
+            elif mode == "group" and one_vector:
+                mode = "materialize"
+            ctx.last_call = {"mode": mode, "weights": rw, "head_tasks": head_tasks, **plan}
+            if mode == "factored":
+                return self._run(args, kwargs, rw, head_tasks)
+            return self._run_merged(args, kwargs, rw, head_tasks, one_vector,
+                                    group=mode == "group", pinned=pinned)
 
-    def _run(self, args, kwargs, rw: Optional[Tensor], head_tasks: Optional[Tensor]):
+    def _run(self, args, kwargs, rw: Tensor, head_tasks: Optional[Tensor]):
         ctx = self._ctx
         ctx.row_weights, ctx.head_tasks = rw, head_tasks
+        ctx.ran, ctx.outside = set(), []
         try:
-            return self.module(*args, **kwargs)
+            out = self.module(*args, **kwargs)
+            ran, outside = ctx.ran, ctx.outside
         finally:
-            ctx.row_weights = ctx.head_tasks = None
+            ctx.row_weights = ctx.head_tasks = ctx.ran = ctx.outside = None
+        for layer, attr in outside:
+            if not any(m in ran for m in layer._twin_mixed_by):
+                raise _error(layer, f"its mixed tensor {attr!r} was read by code outside the "
+                                    f"layer, and neither the layer's forward nor that of a layer "
+                                    f"around it that mixes it ran (a fused fast path, e.g. nn.TransformerEncoderLayer's in eval mode, or a "
+                                    f"weight used directly): the factored mode mixes a layer in "
+                                    f"its forward, so these rows would get θs. Serve this model "
+                                    f"with mode='materialize', or let it call the layer")
+        return out
 
     # --- materialize / group ----------------------------------------------------------------------
 
-    def _merge_targets(self) -> Dict[str, Tensor]:
-        """One buffer per mixed tensor, allocated on first use and reused by every call."""
-        if not self._buffers_ready:
-            with torch.inference_mode(False), torch.no_grad():
-                for i, (name, layer, attr, _) in enumerate(self._mixed):
-                    p = getattr(layer, attr)
-                    _register(self._merge_buffers, f"b{i}",
-                              torch.empty_like(p, memory_format=torch.contiguous_format))
-            self._buffers_ready = True
-        return {name: getattr(self._merge_buffers, f"b{i}")
-                for i, (name, _, _, _) in enumerate(self._mixed)}
-
-    def _merge_into(self, buffers: Dict[str, Tensor], w: Tensor) -> Dict[str, Tensor]:
-        self._buffers_hold = w  # which weights the buffers hold (by identity), for merged()
+    def _merge_into(self, s: BufferSet, w: Tensor) -> None:
+        """θ(w) into the set's buffers (allocated on first use, or again after .to())."""
+        s.holds = None  # a merge cut short leaves a set that holds nothing
+        fresh = s.overrides is None
+        on_device: Dict[torch.device, Tensor] = {}
         with torch.no_grad():
-            for name, layer, attr, kind in self._mixed:
-                p, buf = getattr(layer, attr), buffers[name]
-                wd = w.to(p.device)
+            for i, (_, layer, attr, kind) in enumerate(self._mixed):
+                p, buf = _own(layer, attr), s.tensors.get(i)
+                if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or \
+                        buf.device != p.device:
+                    with torch.inference_mode(False):
+                        buf = torch.empty_like(p, memory_format=torch.contiguous_format)
+                    s.tensors[i] = buf
+                    fresh = True
+                wd = on_device.get(p.device)
+                if wd is None:
+                    wd = on_device[p.device] = w.to(p.device)
                 if kind == "lowrank":
                     U, S, V = layer._twin_factors(attr)
                     lowrank_merge_(buf, p, U, S, V, layer._twin_ranks[attr], wd)
                 else:
                     dense_merge_(buf, p, layer._twin_dense(attr), wd)
-        return buffers
+        if fresh:
+            over: Dict[nn.Module, Dict[str, Tensor]] = {}
+            for layer, attr, i in self._served:
+                over.setdefault(layer, {})[attr] = s.tensors[i]
+            s.overrides = over
+        s.holds = w
+
+    def _serve_merged(self, w: Tensor, pinned: bool, args, kwargs, head_tasks):
+        """The module on these rows with θ(w), from a buffer set of this call alone."""
+        ctx = self._ctx
+        with self._pool.take(w if pinned else None) as s:
+            if s.holds is not w:
+                self._merge_into(s, w)
+            saved = ctx.overrides, ctx.head_tasks
+            ctx.overrides, ctx.head_tasks = s.overrides, head_tasks
+            try:
+                return self.module(*args, **kwargs)
+            finally:
+                ctx.overrides, ctx.head_tasks = saved
 
     @contextmanager
     def merged(self, weights: Tensor):
         """One merge for several calls with the same weights (a group's rows served in several
         length-bucketed batches, a request's generation steps).
 
-        Semantics: on entry θ(weights) is merged into the wrapper's buffers; inside the block a
-        call without mix_weights serves these weights on every row (materialize mode, whatever
-        `mode` is) and does not merge again. A call with mix_weights runs as usual; if it
-        merges (materialize, group), the block's weights are merged again at its next call.
-        The block must not change θs or the twin's tensors: what was merged is what is served.
-        Shape: weights [T]. Blocks do not nest.
+        Semantics: on entry θ(weights) is merged into a buffer set; inside the block a call of
+        this thread without mix_weights serves these weights on every row (materialize mode,
+        whatever `mode` is) and does not merge again while the set still holds them. A call with
+        mix_weights runs as usual; if another call (of this thread or another) merged into the
+        set meanwhile, the block's weights are merged again at its next call. Blocks are per
+        thread: other threads' calls do not see them. The block must not change θs or the
+        twin's tensors: what was merged is what is served.
+        Shape: weights [T]. Blocks do not nest (in one thread).
         Errors: ValueError for weights not of shape [T], with NaN/Inf, or a nested block.
         """
         fn = "TwinMergedModule.merged"
-        if self._pinned is not None:
-            raise ValueError(f"{fn}: already inside a merged() block; blocks do not nest")
-        T = len(self.tasks)
-        if not isinstance(weights, Tensor) or not weights.is_floating_point() or \
-                weights.shape != (T,):
-            raise ValueError(f"{fn}: weights must be a floating tensor of shape [T={T}], got "
-                             f"{_describe_tensor(weights)}")
-        if not torch.isfinite(weights).all():
-            raise ValueError(f"{fn}: weights has NaN/Inf entries: {weights.tolist()}")
-        pinned = weights.detach().clone()  # its identity marks the block's merge
-        self._merge_into(self._merge_targets(), pinned)
-        self._pinned = pinned
-        try:
-            yield self
-        finally:
-            self._pinned = None
+        ctx = self._ctx
+        with self._in_call(fn):
+            if ctx.pinned is not None:
+                raise ValueError(f"{fn}: already inside a merged() block; blocks do not nest")
+            T = len(self.tasks)
+            if not isinstance(weights, Tensor) or not weights.is_floating_point() or \
+                    weights.shape != (T,):
+                raise ValueError(f"{fn}: weights must be a floating tensor of shape [T={T}], "
+                                 f"got {_describe_tensor(weights)}")
+            if not torch.isfinite(weights).all():
+                raise ValueError(f"{fn}: weights has NaN/Inf entries: {weights.tolist()}")
+            pinned = weights.detach().clone()  # its identity marks the block's merge
+            with self._pool.take() as s:
+                self._merge_into(s, pinned)
+            ctx.pinned = pinned
+            try:
+                yield self
+            finally:
+                ctx.pinned = None
 
     def _run_merged(self, args, kwargs, rw: Tensor, head_tasks: Optional[Tensor],
                     one_vector: bool, group: bool, pinned: bool = False):
-        fn = "TwinMergedModule"
-        if not torch.isfinite(rw).all():
-            raise ValueError(f"{fn}: mix_weights has NaN/Inf entries")
         B = rw.shape[0]
         if one_vector:
-            groups = [(None, self._pinned if pinned else rw[0])]
+            groups = [(None, self._ctx.pinned if pinned else rw[0])]
         else:
             if group:
                 member, centers = self.groups(rw)
-                self.last_call["groups"] = member
+                self._ctx.last_call["groups"] = member
             else:
                 centers, member = torch.unique(rw, dim=0, return_inverse=True)
             groups = [((member == g).nonzero().flatten(), centers[g])
                       for g in range(centers.shape[0])]
             groups = [(idx, c) for idx, c in groups if idx.numel()]
-        buffers = self._merge_targets()
         outs, counts, order = [], [], []
         for idx, w in groups:
             if idx is not None and idx.numel() == B:
@@ -771,17 +681,7 @@ class TwinMergedModule(nn.Module):
             else:
                 a, k = _map_rows(lambda v: v[idx.to(v.device)], B, (args, kwargs))
                 h = head_tasks[idx.to(head_tasks.device)] if head_tasks is not None else None
-            if pinned and self._buffers_hold is w:
-                params = buffers  # the block's merge, still in the buffers
-            else:
-                params = self._merge_into(buffers, w)
-            ctx = self._ctx
-            ctx.head_tasks = h
-            try:
-                outs.append(torch.func.functional_call(self.module, params, a, k,
-                                                       tie_weights=True, strict=False))
-            finally:
-                ctx.head_tasks = None
+            outs.append(self._serve_merged(w, pinned, a, k, h))
             counts.append(B if idx is None else idx.numel())
             order.append(idx)
         if len(outs) == 1:

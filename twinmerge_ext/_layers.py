@@ -1,0 +1,368 @@
+"""The layers a TwinMergedModule patches, and the per-thread state they read.
+
+The wrapper swaps the class of every module that owns a twin tensor for a subclass with one of
+these mixins in front of its own class (`unwrap()` swaps it back):
+
+- mixing layers (`_TwinLinear`, `_TwinConv1D`, `_TwinEmbedding`, `_TwinLayerNorm`,
+  `_TwinFallback`) compute their own per-row mix when a factored call is under way;
+- the task head (`_TwinHead`) runs every task's head and keeps each row's;
+- `_TwinParams` alone patches the submodules of a head, so that their tensors can be served.
+
+Nothing here writes to a module during a call. What a call needs (its mixing weights, its head
+tasks, the tensors to serve instead of a module's own) lives in `_Routing`, a threading.local:
+two threads calling one wrapper each see only their own. Served tensors reach the layers through
+`__getattr__` (a module's parameters and buffers are not in its `__dict__`, so every read of them
+by name goes there), never by swapping them into the module as torch.func.functional_call
+does, which two threads would undo for each other.
+"""
+
+import threading
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+import torch.utils._pytree as pytree
+from torch import Tensor, nn
+
+from twinmerge_ext.ops import _per_column, lowrank_mix_linear
+
+# {module: {attribute: tensor}}: what a call serves instead of a module's own tensors.
+Overrides = Dict[nn.Module, Dict[str, Tensor]]
+
+
+class _Routing(threading.local):
+    """What the patched layers of one wrapper read during a call, per thread.
+
+    Plain mode (θs, every layer's own forward) when row_weights, head_tasks and overrides are
+    None. threading.local runs __init__ again, with the same T, in every thread that touches it.
+    """
+
+    def __init__(self, T: int):
+        self.T = T
+        self.row_weights: Optional[Tensor] = None   # [B, T]: factored mixing is on
+        self.head_tasks: Optional[Tensor] = None    # [B] or [B, H] long: each row's head task
+        self.overrides: Optional[Overrides] = None  # tensors served instead of the modules' own
+        self.reentry = False        # inside a fallback row or a head: patched layers run plain
+        self.current: Optional[nn.Module] = None    # the layer whose _twin_forward runs
+        self.ran: Optional[set] = None              # factored call: mixing layers that ran
+        self.outside: Optional[List[Tuple[nn.Module, str]]] = None  # their tensors read by others
+        self.pinned: Optional[Tensor] = None        # the weights of this thread's merged() block
+        self.last_call: Dict[str, Any] = {}
+
+
+def _own(module: nn.Module, name: str):
+    """The module's own parameter, buffer or submodule `name`, never a served override."""
+    return nn.Module.__getattr__(module, name)
+
+
+def _error(layer, msg: str) -> ValueError:
+    return ValueError(f"TwinMergedModule: layer {layer._twin_name!r} "
+                      f"({layer._twin_class.__name__}): {msg}")
+
+
+class _TwinParams:
+    """Serves the calling thread's overrides of this module's tensors."""
+
+    def __getattr__(self, name: str):
+        ctx = self.__dict__.get("_twin_ctx")
+        if ctx is not None:
+            over = ctx.overrides
+            if over is not None:
+                mine = over.get(self)
+                if mine is not None and name in mine:
+                    return mine[name]
+            outside = ctx.outside
+            if outside is not None and ctx.current is not self and \
+                    name in self.__dict__["_twin_mixed_attrs"]:
+                outside.append((self, name))
+        return super().__getattr__(name)
+
+
+def _serve_plain(ctx: _Routing, layer: nn.Module, over: Overrides, args, kwargs):
+    """layer's own forward with `over` served on top of the call's overrides; patched layers
+    inside it run plain (their tensors are in `over` when they must be mixed)."""
+    saved = ctx.overrides, ctx.reentry
+    ctx.overrides = {**saved[0], **over} if saved[0] else over
+    ctx.reentry = True
+    try:
+        return layer._twin_plain(*args, **kwargs)
+    finally:
+        ctx.overrides, ctx.reentry = saved
+
+
+def _check_batch(layer, x: Tensor, B: int, allow_one: bool = False) -> None:
+    ok = isinstance(x, Tensor) and x.dim() >= 1 and (x.shape[0] == B
+                                                      or (allow_one and x.shape[0] == 1))
+    if not ok:
+        raise _error(layer, f"mixing per row needs the batch (B={B}) as the first dimension of "
+                            f"the layer's input, got {list(getattr(x, 'shape', []))}")
+
+
+def _row_view(v: Tensor, B: int, ndim: int, trailing: Sequence[int]) -> Tensor:
+    """[B, *trailing] -> [B, 1, ..., 1, *trailing] broadcastable against an ndim-D tensor."""
+    return v.reshape((B,) + (1,) * (ndim - 1 - len(trailing)) + tuple(trailing))
+
+
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _mix_dense(rw: Tensor, deltas: Tensor) -> Tensor:
+    """Σt rw[b, t]·deltas[t] per row, in fp32 (fp64 for fp64): [B, T] × [T, *shape] -> [B, *shape]."""
+    T, f = deltas.shape[0], _opmath(deltas.dtype)
+    return (rw.to(f) @ deltas.reshape(T, -1).to(f)).reshape((rw.shape[0],) + deltas.shape[1:])
+
+
+class _TwinLayer(_TwinParams):
+    """Mixin placed before a layer's class: plain forward unless the routing asks for more."""
+
+    def forward(self, *args, **kwargs):
+        ctx: _Routing = self._twin_ctx
+        if ctx.reentry or (ctx.row_weights is None and not self._twin_is_head):
+            return super().forward(*args, **kwargs)
+        if ctx.ran is not None:
+            ctx.ran.add(self)
+        outer, ctx.current = ctx.current, self
+        try:
+            return self._twin_forward(ctx, *args, **kwargs)
+        finally:
+            ctx.current = outer
+
+    def _twin_plain(self, *args, **kwargs):
+        """The layer's own forward (with θs, or whatever the call serves)."""
+        return super().forward(*args, **kwargs)
+
+    def _twin_factors(self, attr: str):
+        return tuple(_own(self, f"_twin_{attr}_{f}") for f in "USV")
+
+    def _twin_dense(self, attr: str) -> Optional[Tensor]:
+        return self._buffers.get(f"_twin_{attr}_deltas")
+
+    def _twin_merged(self, attr: str, w: Tensor) -> Tensor:
+        """θs + Σt w[t]·v̂t for one tensor and one weight vector [T], differentiable in w,
+        accumulated in fp32 (fp64 for fp64)."""
+        p = _own(self, attr)
+        f = _opmath(p.dtype)
+        if attr in self._twin_lowrank:
+            U, S, V = self._twin_factors(attr)
+            s = _per_column(w.to(f), self._twin_ranks[attr]) * S.to(f)
+            return (p.to(f) + (U.to(f) * s) @ V.to(f).T).to(p.dtype)
+        d = self._twin_dense(attr)
+        return (p.to(f) + torch.tensordot(w.to(f), d.to(f), 1)).to(p.dtype)
+
+
+class _TwinLinear(_TwinLayer):
+    def _twin_as_linear(self):
+        """(W [m, n], U_cat [m, K], S_cat, V_cat [n, K]) of y = x Wᵀ + b, the op's layout."""
+        return (_own(self, "weight"),) + self._twin_factors("weight")
+
+    def _twin_forward(self, ctx, x):
+        rw = ctx.row_weights
+        B = rw.shape[0]
+        _check_batch(self, x, B)
+        db = self._twin_dense("bias")
+        bias = _own(self, "bias")
+        lowrank = "weight" in self._twin_lowrank
+        if not lowrank:
+            y = self._twin_plain(x)
+        else:
+            W, U, S, V = self._twin_as_linear()
+            # With a mixed bias, the shared bias joins the per-row one ([B, m], small) below:
+            # one pass over y adds both, where the op's bias (copied into y first) and then the
+            # per-row delta took two.
+            y = lowrank_mix_linear(x, W, bias if db is None else None, U, S, V,
+                                   self._twin_ranks["weight"], rw)
+        if db is None:
+            return y
+        rb = _mix_dense(rw, db)
+        if lowrank and bias is not None:
+            rb = rb + bias.to(rb.dtype)
+        rb = _row_view(rb, B, y.dim(), db.shape[1:]).to(y.dtype)
+        # In place when nothing is recorded for backward (autograd forbids modifying a custom
+        # op's output in place): serving spares a y-sized allocation per layer.
+        return y + rb if y.requires_grad else y.add_(rb)
+
+
+class _TwinConv1D(_TwinLinear):
+    """transformers' Conv1D: y = x W + b with W [n_in, n_out], a transposed Linear."""
+
+    def _twin_as_linear(self):
+        # W = U diag(s) Vᵀ with U [n_in, K], V [n_out, K]: as a Linear the factors swap roles.
+        U, S, V = self._twin_factors("weight")
+        return _own(self, "weight").T, V, S, U
+
+
+class _TwinEmbedding(_TwinLayer):
+    def _twin_forward(self, ctx, ids):
+        rw = ctx.row_weights
+        B = rw.shape[0]
+        # Position ids are often [1, L], broadcast over the batch later: the output becomes [B, ...].
+        _check_batch(self, ids, B, allow_one=True)
+        y = self._twin_plain(ids)
+        U, S, V = self._twin_factors("weight")
+        f = _opmath(U.dtype)
+        s = _per_column(rw.to(f), self._twin_ranks["weight"]) * S.to(f)              # [B, K]
+        h = F.embedding(ids, U).to(f)                                                 # [b, ..., K]
+        delta = (h * _row_view(s, B, h.dim(), s.shape[1:])) @ V.to(f).T
+        return (y + delta).to(y.dtype)
+
+
+class _TwinLayerNorm(_TwinLayer):
+    def _twin_forward(self, ctx, x):
+        rw = ctx.row_weights
+        B = rw.shape[0]
+        _check_batch(self, x, B)
+        shape = tuple(self.normalized_shape)
+        y = F.layer_norm(x, shape, None, None, self.eps)
+        f = _opmath(y.dtype)
+        v = {}
+        for attr in ("weight", "bias"):
+            p = _own(self, attr)
+            if p is None:
+                continue
+            d = self._twin_dense(attr)
+            v[attr] = _row_view((p.to(f) + _mix_dense(rw, d).to(f)) if d is not None
+                                else p.to(f).expand((B,) + shape), B, y.dim(), shape)
+        y = y.to(f)
+        if len(v) == 2:  # one pass: bias + y·weight
+            y = torch.addcmul(v["bias"], y, v["weight"])
+        elif "weight" in v:
+            y = y * v["weight"]
+        elif "bias" in v:
+            y = y + v["bias"]
+        return y.to(x.dtype)
+
+
+def _map_rows(fn: Callable[[Tensor], Tensor], B: int, tree):
+    """Applies fn to every tensor leaf whose first dimension is B (the batched ones)."""
+    return pytree.tree_map(lambda v: fn(v) if isinstance(v, Tensor) and v.dim() >= 1
+                           and v.shape[0] == B else v, tree)
+
+
+class _TwinFallback(_TwinLayer):
+    """Any other layer: its tensors, and those of the mixing layers inside it, merged per batch
+    row and served to its own forward on that row (the whole batch at once when every row has
+    the same weights). Serving the layers inside it too keeps a module that reads a child's
+    tensors itself (nn.MultiheadAttention reads out_proj.weight) exact."""
+
+    def _twin_forward(self, ctx, *args, **kwargs):
+        rw = ctx.row_weights
+        B = rw.shape[0]
+        rows = [slice(0, B)] if self._twin_same_rows(rw) else [slice(b, b + 1) for b in range(B)]
+        outs = []
+        for sl in rows:
+            w = rw[sl.start]
+            over = {layer: {attr: layer._twin_merged(attr, w) for attr in layer._twin_attrs}
+                    for layer in self._twin_subtree}
+            a, k = _map_rows(lambda v: v[sl], B, (args, kwargs))
+            outs.append(_serve_plain(ctx, self, over, a, k))
+        if len(outs) == 1:
+            return outs[0]
+        return _concat_outputs(outs, [1] * B, f"layer {self._twin_name!r}")
+
+    @staticmethod
+    def _twin_same_rows(rw: Tensor) -> bool:
+        # Rows given as one [T] vector expanded to [B, T] have stride 0: no need to compare.
+        return rw.shape[0] == 1 or rw.stride(0) == 0
+
+
+class _TwinHead(_TwinLayer):
+    """A task head: every task's head runs on the rows, each row keeps its head task's output."""
+
+    def _twin_task_head(self, t: int) -> Overrides:
+        over: Overrides = {}
+        for i, (module, attr) in enumerate(self._twin_head_targets):
+            over.setdefault(module, {})[attr] = _own(self, f"_twin_head_{t}_{i}")
+        return over
+
+    def _twin_forward(self, ctx, *args, **kwargs):
+        if ctx.head_tasks is None:
+            return self._twin_plain(*args, **kwargs)
+        outs = [_serve_plain(ctx, self, self._twin_task_head(t), args, kwargs)
+                for t in range(ctx.T)]
+        bad = [type(o).__name__ for o in outs if not isinstance(o, Tensor)]
+        if bad:
+            raise _error(self, f"a task head must return one tensor, got {bad[0]}")
+        width = max(o.shape[-1] for o in outs)
+        shapes = {tuple(o.shape[:-1]) for o in outs}
+        if len(shapes) != 1:
+            raise _error(self, f"task heads disagree on their output shape except the last "
+                               f"dimension: {sorted(shapes)}")
+        outs = [F.pad(o, (0, width - o.shape[-1]), value=self._twin_head_pad)
+                if o.shape[-1] < width else o for o in outs]
+        stacked = torch.stack(outs)                                    # [T, B, ..., width]
+        B = stacked.shape[1]
+        heads = ctx.head_tasks
+        _check_batch(self, stacked[0], heads.shape[0])
+        rows = torch.arange(B, device=stacked.device)
+        if heads.dim() == 1:
+            return stacked[heads, rows]
+        # Several heads per row: [B, H, ..., width].
+        return stacked[heads.T, rows].movedim(0, 1)
+
+
+_KIND_MIXINS = {"linear": _TwinLinear, "conv1d": _TwinConv1D, "embedding": _TwinEmbedding,
+                "layernorm": _TwinLayerNorm, "fallback": _TwinFallback, "head": _TwinHead,
+                "params": _TwinParams}
+_PATCHED_CLASSES: Dict[Tuple[str, type], type] = {}
+_PATCHED_LOCK = threading.Lock()
+
+
+def _patched_class(kind: str, cls: type) -> type:
+    with _PATCHED_LOCK:  # one class per (kind, cls), whichever thread wraps first
+        key = (kind, cls)
+        if key not in _PATCHED_CLASSES:
+            _PATCHED_CLASSES[key] = type(f"Twin{cls.__name__}", (_KIND_MIXINS[kind], cls),
+                                         {"__module__": __name__})
+        return _PATCHED_CLASSES[key]
+
+
+def _conv1d_class() -> Optional[type]:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    return Conv1D
+
+
+def _kind(layer: nn.Module, attrs: Dict[str, str]) -> str:
+    """The factored implementation for a layer owning twin tensors attr -> "lowrank"/"dense"."""
+    lowrank = {a for a, k in attrs.items() if k == "lowrank"}
+    dense = {a for a, k in attrs.items() if k == "dense"}
+    cls = type(layer)
+    conv1d = _conv1d_class()
+    if cls is nn.Linear and lowrank <= {"weight"} and dense <= {"bias"}:
+        return "linear"
+    if conv1d is not None and cls is conv1d and lowrank <= {"weight"} and dense <= {"bias"}:
+        return "conv1d"
+    if cls is nn.Embedding and lowrank == {"weight"} and not dense and layer.max_norm is None:
+        return "embedding"
+    if cls is nn.LayerNorm and not lowrank and dense <= {"weight", "bias"}:
+        return "layernorm"
+    return "fallback"
+
+
+def _concat_outputs(outs: List[Any], counts: List[int], what: str):
+    """Concatenates sub-batch outputs (same structure) along the batch dimension."""
+    flat = [pytree.tree_flatten(o) for o in outs]
+    spec = flat[0][1]
+    for leaves, s in flat[1:]:
+        if s != spec:
+            raise ValueError(f"TwinMergedModule: {what}: sub-batches returned outputs of "
+                             f"different structure ({spec} vs {s})")
+    merged = []
+    for i in range(len(flat[0][0])):
+        leaves = [f[0][i] for f in flat]
+        if all(isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == c
+               for v, c in zip(leaves, counts)):
+            merged.append(torch.cat(leaves))
+        elif all(v is None for v in leaves):
+            merged.append(None)
+        else:
+            kinds = sorted({type(v).__name__ if not isinstance(v, Tensor) else
+                            f"Tensor{list(v.shape)}" for v in leaves})
+            raise ValueError(f"TwinMergedModule: {what}: output leaf {i} ({kinds}) is not "
+                             f"batched along dimension 0, so it cannot be reassembled from "
+                             f"sub-batches; use mode='factored' (one pass) or drop that output "
+                             f"(e.g. use_cache=False)")
+    return pytree.tree_unflatten(merged, spec)
