@@ -595,3 +595,18 @@ def test_layers_read_by_their_parent_mix_exactly_or_are_refused():
     wrapped.mode = "materialize"  # merged tensors are served to whoever reads them
     with torch.no_grad():
         _close(wrapped(ids, mix_weights=rw), want)
+
+
+def test_all_finite_is_isfinite_whatever_the_sum_does():
+    from twinmerge_ext._finite import all_finite
+    for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+        big = torch.finfo(dtype).max
+        x = torch.full((1000,), big / 4, dtype=dtype)       # finite, its sum overflows
+        assert all_finite(x)
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            y = x.clone()
+            y[17] = bad
+            assert not all_finite(y)
+        z = torch.tensor([big, -big, float("inf"), -float("inf")], dtype=dtype)  # sum NaN
+        assert not all_finite(z)
+    assert all_finite(torch.empty(0)) and all_finite(torch.ones(3, dtype=torch.long))

@@ -70,6 +70,7 @@ from torch import Tensor
 
 import twinmerge_ext
 from twinmerge_ext import merging
+from twinmerge_ext._finite import all_finite
 from twinmerge_ext.lora import LoraExpert
 from twinmerge_ext.merging import Patterns, StateSource
 from twinmerge_ext.ops import dense_merge_, lowrank_merge_, reconstruct_delta, truncated_svd
@@ -568,6 +569,8 @@ class TwinCheckpoint:
         if w.shape != (len(self._tasks),):
             raise ValueError(f"{fn}: weights must have shape [T={len(self._tasks)}] (one per task "
                              f"{self._tasks}), got {list(w.shape)}")
+        if not all_finite(w):
+            raise ValueError(f"{fn}: weights has NaN/Inf entries: {w.tolist()}")
         return w
 
     def task_index(self, task: Union[str, int], fn: str = "TwinCheckpoint.task_index") -> int:

@@ -38,6 +38,8 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
+from twinmerge_ext._finite import all_finite
+
 __all__ = ["average", "dare", "task_arithmetic", "ties"]
 
 StateSource = Union[Mapping[str, Tensor], str, os.PathLike]
@@ -227,7 +229,7 @@ def _check_finite(t: Tensor, name: str, label: str, fn: str) -> Tensor:
     """t, after checking it has no NaN/Inf: one would spread into the merge (task arithmetic,
     averaging) or silently drop the whole expert (TIES' and DARE's magnitude threshold is NaN,
     and every comparison with it false)."""
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    if not all_finite(t):
         bad = int((~torch.isfinite(t)).sum())
         raise ValueError(f"{fn}: parameter {name!r} of {label} has {bad} NaN/Inf entries (of "
                          f"{t.numel()})")

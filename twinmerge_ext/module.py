@@ -40,6 +40,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from twinmerge_ext._finite import all_finite, nonfinite_rows
 from twinmerge_ext._layers import (
     _concat_outputs,
     _error,
@@ -496,13 +497,11 @@ class TwinMergedModule(nn.Module):
         elif B is not None and w.shape[0] != B:
             raise ValueError(f"{fn}: mix_weights has {w.shape[0]} rows but the batch has B={B} "
                              f"(the first dimension of the first tensor input)")
-        if values and self.check_finite and not bool(torch.isfinite(w).all()):
-            rows = (~torch.isfinite(w.reshape(-1, T))).any(-1).nonzero().flatten().tolist()
+        if values and self.check_finite and not all_finite(w):
             what = ("the router's weights have NaN/Inf entries (NaN/Inf in the router's "
                     "features: check the inputs and router_features)" if routed else
                     "mix_weights has NaN/Inf entries")
-            raise ValueError(f"{fn}: {what} in rows {rows[:8]}"
-                             + (f" (and {len(rows) - 8} more)" if len(rows) > 8 else ""))
+            raise ValueError(f"{fn}: {what} in {nonfinite_rows(w.reshape(-1, T))}")
         return w.unsqueeze(0).expand(B, T) if w.dim() == 1 else w
 
     def _check_head_tasks(self, head_tasks, B: int, device, fn: str) -> Tensor:
@@ -647,7 +646,7 @@ class TwinMergedModule(nn.Module):
                     weights.shape != (T,):
                 raise ValueError(f"{fn}: weights must be a floating tensor of shape [T={T}], "
                                  f"got {_describe_tensor(weights)}")
-            if not torch.isfinite(weights).all():
+            if not all_finite(weights):
                 raise ValueError(f"{fn}: weights has NaN/Inf entries: {weights.tolist()}")
             pinned = weights.detach().clone()  # its identity marks the block's merge
             with self._pool.take() as s:
@@ -710,7 +709,7 @@ class TwinMergedModule(nn.Module):
                 weights.dim() != 2 or weights.shape[1] != T or weights.shape[0] == 0:
             raise ValueError(f"{fn}: weights must be a floating tensor [B, T={T}] with B >= 1, "
                              f"got {_describe_tensor(weights)}")
-        if not torch.isfinite(weights).all():
+        if not all_finite(weights):
             raise ValueError(f"{fn}: weights has NaN/Inf entries")
         if n_groups is None:
             n_groups = self.n_groups

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from twinmerge_ext._finite import all_finite, nonfinite_rows
+
 __all__ = ["TwinRouter", "fit_router", "pool_hidden_states", "pooled_features"]
 
 _POOLINGS = ("mean", "max", "cls", "last")
@@ -73,10 +75,8 @@ def _real_arg(value, arg: str, fn: str) -> float:
 
 def _check_finite_rows(x: Tensor, arg: str, fn: str) -> None:
     """Rows of x with NaN/Inf would route to NaN weights (or train a NaN router): named."""
-    if not bool(torch.isfinite(x).all()):
-        rows = (~torch.isfinite(x)).reshape(x.shape[0], -1).any(-1).nonzero().flatten().tolist()
-        raise ValueError(f"{fn}: {arg} has NaN/Inf entries in rows {rows[:8]}"
-                         + (f" (and {len(rows) - 8} more)" if len(rows) > 8 else ""))
+    if not all_finite(x):
+        raise ValueError(f"{fn}: {arg} has NaN/Inf entries in {nonfinite_rows(x)}")
 
 
 def _task_list(tasks, fn: str) -> List[str]:
@@ -173,7 +173,10 @@ class TwinRouter(nn.Module):
         """Semantics: logits[b, t] = router score of task t for input b.
         Shape: features [B, d] -> logits [B, T], in the router's dtype.
         """
-        self._check_features(features, "TwinRouter.forward")
+        return self._logits(features, "TwinRouter.forward")
+
+    def _logits(self, features: Tensor, fn: str) -> Tensor:
+        self._check_features(features, fn)
         weight = self.net[0].weight
         x = features.to(device=weight.device)
         if self.standardize:
@@ -199,7 +202,7 @@ class TwinRouter(nn.Module):
             top_k = _int_arg(top_k, "top_k", fn, 1)
             if top_k > self.num_tasks:
                 raise ValueError(f"{fn}: top_k must be in [1, T={self.num_tasks}], got {top_k}")
-        logits = self(features) / temperature
+        logits = self._logits(features, fn) / temperature
         if top_k is None or top_k == self.num_tasks:
             return torch.softmax(logits, dim=-1)
         # Renormalizing the softmax over the kept entries is exactly a softmax over their
@@ -275,8 +278,9 @@ def pooled_features(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
     """
     fn = "pooled_features"
     pooling = _pooling_arg(pooling, fn)
-    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
-        raise ValueError(f"{fn}: input_ids must be a 2-D tensor [B, L], got "
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or \
+            input_ids.is_floating_point() or input_ids.is_complex():
+        raise ValueError(f"{fn}: input_ids must be a 2-D integer tensor [B, L], got "
                          f"{_describe(input_ids)}")
     if not isinstance(attention_mask, Tensor) or attention_mask.shape != input_ids.shape:
         raise ValueError(f"{fn}: attention_mask must be a tensor of input_ids' shape "
