@@ -414,6 +414,13 @@ CASES = [
     ("call/weights_nan_auto",
      lambda: _wrapped(mode="auto")(_ids(), mix_weights=torch.full((2, 3), NAN)), ValueError,
      r"TwinMergedModule: mix_weights has NaN/Inf entries in rows \[0, 1\]"),
+    ("call/weights_grad_materialize",
+     lambda: _wrapped(mode="materialize")(_ids(), mix_weights=torch.ones(2, 3).requires_grad_()),
+     ValueError, r"TwinMergedModule: mix_weights requires grad, but mode 'materialize' merges "
+                 r"without recording gradients"),
+    ("call/weights_grad_group",
+     lambda: _wrapped(mode="group")(_ids(), mix_weights=torch.ones(3).requires_grad_()),
+     ValueError, r"TwinMergedModule: mix_weights requires grad, but mode 'group' merges"),
     ("call/router_nan", _router_nan_features, ValueError,
      r"TwinRouter.weights: features has NaN/Inf entries in rows \[0, 1\]"),
     ("call/no_router", lambda: _wrapped()(_ids()), ValueError,
@@ -500,6 +507,20 @@ def test_refused_calls_leave_the_wrapper_serving():
     state = w.module.state_dict()
     for name, value in _twin().shared.items():
         assert torch.equal(state[name], value), name
+
+
+@pytest.mark.parametrize("mode", ["factored", "materialize", "group", "auto"])
+def test_an_empty_batch_gives_an_empty_output_in_every_mode(mode):
+    out = _wrapped(mode=mode)(torch.zeros(0, 3, dtype=torch.long), mix_weights=torch.zeros(0, 3))
+    assert out.shape == (0, 3, 4)
+
+
+def test_auto_mode_carries_gradients_to_weights_that_require_them():
+    w = _wrapped(mode="auto")
+    rw = torch.softmax(torch.randn(2, 3), -1).requires_grad_()
+    w(_ids(L=40), mix_weights=rw).sum().backward()
+    assert w.last_call["mode"] == "factored" and w.last_call["weights_require_grad"]
+    assert rw.grad is not None and rw.grad.abs().sum() > 0
 
 
 def test_unchecked_weights_flow_as_documented():

@@ -548,8 +548,18 @@ class TwinMergedModule(nn.Module):
 
             mode = "materialize" if pinned else self.mode
             plan: Dict[str, Any] = {"merged_block": True} if pinned else {}
-            if mode == "auto":
-                mode, plan = self._plan(rw, one_vector, first)
+            # Merges run under no_grad: only the factored mode carries gradients to the weights.
+            needs_grad = torch.is_grad_enabled() and rw.requires_grad
+            if B == 0:
+                mode, plan = "factored", {"empty_batch": True}  # one pass, nothing to merge
+            elif mode == "auto":
+                mode, plan = ("factored", {"weights_require_grad": True}) if needs_grad else \
+                    self._plan(rw, one_vector, first)
+            elif needs_grad and mode != "factored":
+                raise ValueError(f"{fn}: mix_weights requires grad, but mode {mode!r} merges "
+                                 f"without recording gradients, so none would reach the "
+                                 f"weights; use mode='factored' (or 'auto') to train through "
+                                 f"them, or pass mix_weights.detach()")
             elif mode == "group" and one_vector:
                 mode = "materialize"
             ctx.last_call = {"mode": mode, "weights": rw, "head_tasks": head_tasks, **plan}
