@@ -1,7 +1,10 @@
-"""TwinCheckpoint: exactness at full rank, compression error, rank rule, save/load, validation."""
+"""TwinCheckpoint: exactness at full rank, compression error, rank rule, save/load, validation,
+checksums."""
 
+import hashlib
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -450,6 +453,7 @@ def test_save_load_round_trip_is_bit_exact(saved):
     with safe_open(path, framework="pt") as f:
         assert sorted(f.keys()) == sorted(twin_tensors(twin))
         assert json.loads(f.metadata()["twinmerge"]) == twin.metadata
+        assert sorted(f.metadata()) == ["twinmerge", "twinmerge.checksums"]
     # A loaded twin saves to the same contents.
     loaded.save(path + ".2")
     assert_twins_equal(twin, TwinCheckpoint.load(path + ".2", device="cpu"))
@@ -462,8 +466,27 @@ def test_round_trip_bf16(tmp_path):
     assert_twins_equal(twin, TwinCheckpoint.load(tmp_path / "bf16.safetensors"))
 
 
-def rewrite(src, dst, tensors=None, meta=None):
-    """Copies a saved twin, applying tensors(dict) and meta(dict) edits in place."""
+def file_layout(path):
+    """(safetensors header, offset of the data, the file's bytes), parsed by hand."""
+    raw = open(path, "rb").read()
+    n = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8:8 + n]), 8 + n, raw
+
+
+def file_checksums(path):
+    """The checksums a twin file must carry, computed from its raw bytes: sha256 of each
+    tensor's byte range and of the twinmerge metadata string."""
+    header, start, raw = file_layout(path)
+    spans = {k: v["data_offsets"] for k, v in header.items() if k != "__metadata__"}
+    return {"algorithm": "sha256",
+            "metadata": hashlib.sha256(header["__metadata__"]["twinmerge"].encode()).hexdigest(),
+            "tensors": {k: hashlib.sha256(raw[start + a:start + b]).hexdigest()
+                        for k, (a, b) in spans.items()}}
+
+
+def rewrite(src, dst, tensors=None, meta=None, checksums=True):
+    """Copies a saved twin, applying tensors(dict) and meta(dict) edits in place, with checksums
+    recomputed for the result (checksums=False: none, a file from before they existed)."""
     with safe_open(src, framework="pt") as f:
         data = {k: f.get_tensor(k) for k in f.keys()}
         header = json.loads(f.metadata()["twinmerge"])
@@ -471,7 +494,11 @@ def rewrite(src, dst, tensors=None, meta=None):
         tensors(data)
     if meta:
         meta(header)
-    save_file(data, dst, metadata={"twinmerge": json.dumps(header)})
+    metadata = {"twinmerge": json.dumps(header)}
+    save_file(data, dst, metadata=metadata)
+    if checksums:
+        metadata["twinmerge.checksums"] = json.dumps(file_checksums(dst))
+        save_file(data, dst, metadata=metadata)
 
 
 def _set_ranks(h):
@@ -582,6 +609,123 @@ def test_save_rejects_a_directory(saved, tmp_path):
         twin.save(tmp_path)
 
 
+# --- checksums ----------------------------------------------------------------------------------
+
+def flip_byte(path, offset):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ 0x01]))
+
+
+def test_save_writes_the_checksums_of_the_bytes_in_the_file(saved):
+    twin, path = saved
+    with safe_open(path, framework="pt") as f:
+        stored = json.loads(f.metadata()["twinmerge.checksums"])
+    assert stored == file_checksums(path)
+    assert sorted(stored["tensors"]) == sorted(twin_tensors(twin))
+
+
+def test_a_flipped_byte_in_tensor_data_is_caught_and_named(saved):
+    twin, path = saved
+    header, start, _ = file_layout(path)
+    a, b = header["lowrank/embed.weight/V_cat"]["data_offsets"]
+    stored = json.loads(header["__metadata__"]["twinmerge.checksums"])["tensors"]
+    flip_byte(path, start + (a + b) // 2)
+    computed = file_checksums(path)["tensors"]["lowrank/embed.weight/V_cat"]
+    with pytest.raises(ValueError) as info:
+        TwinCheckpoint.load(path)
+    message = str(info.value)
+    assert message.startswith(f"TwinCheckpoint.load: {path!r}: tensor 'lowrank/embed.weight/V_cat' "
+                              f"does not match its checksum")
+    assert stored["lowrank/embed.weight/V_cat"] in message and computed in message
+    # verify=False skips the tensors' checksums: the damaged file loads, with a wrong factor.
+    loaded = TwinCheckpoint.load(path, verify=False)
+    assert not torch.equal(loaded.lowrank["embed.weight"].V_cat, twin.lowrank["embed.weight"].V_cat)
+    assert torch.equal(loaded.lowrank["embed.weight"].U_cat, twin.lowrank["embed.weight"].U_cat)
+
+
+def test_a_flipped_digit_in_the_metadata_is_caught(saved):
+    # A compression error (one stored number) changes: the file still parses, every tensor is
+    # intact, only the metadata's own checksum can tell.
+    twin, path = saved
+    raw = open(path, "rb").read()
+    at = raw.index(b'errors\\": [0.') + len(b'errors\\": [0.')
+    digit = raw[at:at + 1]
+    assert digit.isdigit()
+    flip_byte(path, at)   # '3' <-> '2', '0' <-> '1', ...: still a digit
+    with pytest.raises(ValueError, match=f"{path!r}: the 'twinmerge' metadata does not match its "
+                                         f"checksum .*the file is damaged"):
+        TwinCheckpoint.load(path)
+    with pytest.raises(ValueError, match="'twinmerge' metadata does not match its checksum"):
+        TwinCheckpoint.load(path, verify=False)   # the metadata's checksum is always checked
+
+
+def test_files_without_checksums_load_with_a_warning(saved, tmp_path):
+    twin, path = saved
+    old = tmp_path / "old.safetensors"
+    rewrite(path, old, checksums=False)   # what save wrote before checksums existed
+    with pytest.warns(UserWarning, match=f"{str(old)!r} has no checksums .* save it again"):
+        loaded = TwinCheckpoint.load(old)
+    assert_twins_equal(twin, loaded)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_twins_equal(twin, TwinCheckpoint.load(old, verify=False))
+        loaded.save(old)                  # saving it again adds them
+        assert_twins_equal(twin, TwinCheckpoint.load(old))
+    assert json.loads(file_layout(old)[0]["__metadata__"]["twinmerge.checksums"]) == \
+        file_checksums(old)
+
+
+def _edit_checksums(edit):
+    def apply(src, dst):
+        rewrite(src, dst)
+        with safe_open(dst, framework="pt") as f:
+            data = {k: f.get_tensor(k) for k in f.keys()}
+            metadata = f.metadata()
+        sums = json.loads(metadata["twinmerge.checksums"])
+        edit(sums)
+        metadata["twinmerge.checksums"] = json.dumps(sums) if isinstance(sums, dict) else sums
+        save_file(data, dst, metadata=metadata)
+    return apply
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda s: s.update(algorithm="crc32"), r"must be an object with algorithm 'sha256'"),
+    (lambda s: s.pop("metadata"), r"must hold a 'metadata' digest and a 'tensors' object"),
+    (lambda s: s["tensors"].update({"shared/layer.bias": 7}), r"a 'tensors' object of digests"),
+    (lambda s: s["tensors"].pop("shared/layer.bias"),
+     r"tensor 'shared/layer.bias' is without checksum"),
+    (lambda s: s["tensors"].update({"shared/ghost": "00"}),
+     r"tensor 'shared/ghost' is in the checksums only"),
+    (lambda s: s["tensors"].update({"dense/layer.bias/deltas": "0" * 64}),
+     r"tensor 'dense/layer.bias/deltas' does not match its checksum \(sha256 [0-9a-f]{64}, "
+     r"the file says 0{64}\)"),
+])
+def test_load_rejects_bad_checksums(saved, tmp_path, edit, match):
+    _, path = saved
+    bad = str(tmp_path / "bad.safetensors")
+    _edit_checksums(edit)(path, bad)
+    with pytest.raises(ValueError, match=match) as info:
+        TwinCheckpoint.load(bad)
+    assert str(info.value).startswith(f"TwinCheckpoint.load: {bad!r}: ")
+
+
+def test_load_rejects_checksums_that_are_not_json(saved, tmp_path):
+    _, path = saved
+    bad = str(tmp_path / "bad.safetensors")
+    rewrite(path, bad, checksums=False)
+    with safe_open(bad, framework="pt") as f:
+        data = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = dict(f.metadata(), **{"twinmerge.checksums": "{oops"})
+    save_file(data, bad, metadata=metadata)
+    with pytest.raises(ValueError, match="'twinmerge.checksums' metadata is not valid JSON"):
+        TwinCheckpoint.load(bad, verify=False)
+    with pytest.raises(TypeError, match="verify must be a bool, got 'yes'"):
+        TwinCheckpoint.load(path, verify="yes")
+
+
 # --- task heads ---------------------------------------------------------------------------------
 
 def with_heads(models, widths):
@@ -635,8 +779,9 @@ def test_heads_round_trip_and_old_files_without_heads(setup, tmp_path):
 
     def drop(h):
         del h["heads"], h["tensors"]["heads"]
-    rewrite(plain, tmp_path / "old.safetensors", meta=drop)
-    old = TwinCheckpoint.load(tmp_path / "old.safetensors")
+    rewrite(plain, tmp_path / "old.safetensors", meta=drop, checksums=False)
+    with pytest.warns(UserWarning, match="has no checksums"):
+        old = TwinCheckpoint.load(tmp_path / "old.safetensors")
     assert dict(old.heads) == {} and old.metadata["heads"] is None
 
 
