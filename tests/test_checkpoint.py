@@ -726,6 +726,89 @@ def test_load_rejects_checksums_that_are_not_json(saved, tmp_path):
         TwinCheckpoint.load(path, verify="yes")
 
 
+# --- non-finite values ---------------------------------------------------------------------------
+
+def _poison(key, value, index=1):
+    def edit(d):
+        t = d[key].clone()
+        t.view(-1)[index] = value
+        d[key] = t
+    return edit
+
+
+@pytest.mark.parametrize("key", ["shared/layer.weight", "lowrank/embed.weight/U_cat",
+                                 "lowrank/layer.weight/S_cat", "dense/layer.bias/deltas",
+                                 "dense/logit_scale/deltas", "heads/mnli/classifier.bias",
+                                 "router/net.0.weight", "router/feature_std"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_load_rejects_non_finite_tensors_whatever_verify_says(setup, tmp_path, key, value):
+    # Written by hand with valid checksums: only the finiteness check can catch it.
+    base, experts = setup
+    twin = TwinCheckpoint.build(base, with_heads(experts, [3, 2, 4]), rank=2, heads="^classifier")
+    twin = twin.with_router(trained_like_router())
+    good, bad = tmp_path / "good.safetensors", str(tmp_path / "bad.safetensors")
+    twin.save(good)
+    rewrite(good, bad, tensors=_poison(key, value))
+    assert json.loads(file_layout(bad)[0]["__metadata__"]["twinmerge.checksums"]) == \
+        file_checksums(bad)
+    for verify in (True, False):
+        with pytest.raises(ValueError, match=rf"tensor '{key}' has a non-finite value "
+                                             rf"\({value} at \[\d+(, \d+)*\]\)") as info:
+            TwinCheckpoint.load(bad, verify=verify)
+        assert str(info.value).startswith(f"TwinCheckpoint.load: {bad!r}: ")
+
+
+def test_load_rejects_non_finite_tensors_in_files_without_checksums(saved, tmp_path):
+    _, path = saved
+    bad = tmp_path / "bad.safetensors"
+    rewrite(path, bad, tensors=_poison("shared/conv.weight", float("nan"), 5), checksums=False)
+    with pytest.raises(ValueError, match=r"tensor 'shared/conv.weight' has a non-finite value "
+                                         r"\(nan at \[1, 0, 1\]\)"):
+        TwinCheckpoint.load(bad)
+
+
+def test_save_refuses_non_finite_tensors_before_writing_anything(saved, tmp_path):
+    twin, path = saved
+    before = open(path, "rb").read()
+    meta = twin.metadata
+    info = {k: v for k, v in meta.items() if k not in ("tasks", "tensors")}
+    errors = {name: spec["errors"] for name, spec in meta["tensors"]["lowrank"].items()}
+    dense = dict(twin.dense, **{"layer.bias": twin.dense["layer.bias"].clone()})
+    dense["layer.bias"][2, 4] = float("inf")
+    by_hand = TwinCheckpoint(twin.tasks, twin.shared, twin.lowrank, dense, errors, info)
+    with pytest.raises(ValueError, match=r"^TwinCheckpoint.save: tensor 'dense/layer.bias/deltas' "
+                                         r"must be finite, got inf at \[2, 4\]; nothing was "
+                                         r"written$"):
+        by_hand.save(path)
+    with pytest.raises(ValueError, match="'dense/layer.bias/deltas' must be finite"):
+        by_hand.save(tmp_path / "new.safetensors")
+    assert open(path, "rb").read() == before
+    assert sorted(os.listdir(tmp_path)) == ["twin.safetensors"]
+    # A router attached finite and changed afterwards (it is the twin's own module).
+    routed = twin.with_router(trained_like_router())
+    with torch.no_grad():
+        routed.router.net[0].weight[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"tensor 'router/net.0.weight' must be finite, got nan "
+                                         r"at \[1, 2\]"):
+        routed.save(path)
+    assert sorted(os.listdir(tmp_path)) == ["twin.safetensors"]
+
+
+def test_build_and_with_router_refuse_non_finite_heads_and_routers(setup, saved):
+    base, experts = setup
+    headed = with_heads(experts, [3, 2, 4])
+    headed["mnli"]["classifier.bias"][1] = float("nan")
+    with pytest.raises(ValueError, match=r"head tensor 'classifier.bias' of experts\['mnli'\] "
+                                         r"must be finite, got nan at \[1\]"):
+        TwinCheckpoint.build(base, headed, rank=1, heads="^classifier")
+    twin, _ = saved
+    router = trained_like_router()
+    router.feature_std[3] = float("-inf")
+    with pytest.raises(ValueError, match=r"router tensor 'feature_std' must be finite, got -inf "
+                                         r"at \[3\]"):
+        twin.with_router(router)
+
+
 # --- task heads ---------------------------------------------------------------------------------
 
 def with_heads(models, widths):

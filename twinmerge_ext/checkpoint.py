@@ -79,7 +79,7 @@ from torch import Tensor
 
 import twinmerge_ext
 from twinmerge_ext import merging
-from twinmerge_ext._files import DIGEST_ALGORITHM, tensor_digest, text_digest
+from twinmerge_ext._files import DIGEST_ALGORITHM, non_finite, tensor_digest, text_digest
 from twinmerge_ext.lora import LoraExpert
 from twinmerge_ext.merging import Patterns, StateSource
 from twinmerge_ext.ops import dense_merge_, lowrank_merge_, reconstruct_delta, truncated_svd
@@ -255,6 +255,11 @@ def _extract_heads(experts: Mapping[str, StateSource], is_head, patterns: Patter
             if not names:
                 raise ValueError(f"{fn}: heads {patterns!r} match no tensor of {label}")
             out[task] = {name: src.get_copy(name) for name in names}
+            for name, t in out[task].items():
+                problem = non_finite(t)
+                if problem is not None:
+                    raise ValueError(f"{fn}: head tensor {name!r} of {label} must be finite, got "
+                                     f"{problem}")
     first_task, first = next(iter(out.items()))
     for task, head in out.items():
         if set(head) != set(first):
@@ -352,7 +357,8 @@ class TwinCheckpoint:
 
         Raises:
             TypeError: router not a TwinRouter, or info not JSON-serializable.
-            ValueError: router.tasks differ from the twin's tasks.
+            ValueError: router.tasks differ from the twin's tasks; a router tensor with NaN/Inf
+                (a twin is saved only finite).
         """
         fn = "TwinCheckpoint.with_router"
         if not isinstance(router, TwinRouter):
@@ -360,6 +366,10 @@ class TwinCheckpoint:
         if list(router.tasks) != self._tasks:
             raise ValueError(f"{fn}: router.tasks must be the twin's tasks in order, "
                              f"{self._tasks}, got {list(router.tasks)}")
+        for name, t in router.state_dict().items():
+            problem = non_finite(t)
+            if problem is not None:
+                raise ValueError(f"{fn}: router tensor {name!r} must be finite, got {problem}")
         try:
             info = json.loads(json.dumps(dict(info or {}), allow_nan=False))
         except (TypeError, ValueError) as e:
@@ -456,7 +466,7 @@ class TwinCheckpoint:
             TypeError: experts not a mapping, a non-str task name, shared_kwargs that the method
                 does not take or that are not JSON-serializable, non-int rank/oversample/...
             ValueError: unknown shared method, no experts, rank < 1, rank_ratio not in (0, 1],
-                a delta with NaN/Inf, heads patterns matching nothing in an expert or different
+                a delta or a head tensor with NaN/Inf, heads patterns matching nothing in an expert or different
                 names in two experts; and whatever `merging` rejects (missing or extra parameters,
                 shape/dtype mismatches, bad paths, bad regexes).
         """
@@ -710,11 +720,14 @@ class TwinCheckpoint:
 
         The file is written to a temporary file in the same directory, fsynced, then renamed
         onto `path` (os.replace): a save that fails or is interrupted leaves any previous file at
-        `path` untouched and removes its temporary file.
+        `path` untouched and removes its temporary file. The file carries the sha256 of every
+        tensor and of the metadata (`load` checks them). A twin holding NaN/Inf in any floating
+        tensor is refused before anything is written.
 
         Raises:
             TypeError: path not a str or os.PathLike.
-            ValueError: path is a directory.
+            ValueError: path is a directory; a floating tensor with NaN/Inf (named, with its
+                first such entry).
             OSError: from the file system.
         """
         fn = "TwinCheckpoint.save"
@@ -725,6 +738,11 @@ class TwinCheckpoint:
             raise ValueError(f"{fn}: path {path!r} is a directory")
         directory = os.path.dirname(os.path.abspath(path))
         tensors = self._file_tensors()
+        for key, t in tensors.items():
+            problem = non_finite(t)
+            if problem is not None:
+                raise ValueError(f"{fn}: tensor {key!r} must be finite, got {problem}; nothing "
+                                 f"was written")
         meta = json.dumps(self.metadata)
         checksums = {"algorithm": DIGEST_ALGORITHM, "metadata": text_digest(meta),
                      "tensors": {key: tensor_digest(t) for key, t in tensors.items()}}
@@ -762,6 +780,10 @@ class TwinCheckpoint:
         verify=True it warns (UserWarning) that nothing could be verified. Saving it again adds
         the checksums.
 
+        Every floating tensor is checked finite whatever `verify` says (`build` and `save`
+        refuse NaN/Inf, so a file holding one was not written by them): one min/max pass at
+        memory bandwidth, about 1% of the hashing.
+
         Args:
             path: the .safetensors file.
             device: where to put every tensor (default: CPU).
@@ -770,11 +792,12 @@ class TwinCheckpoint:
         Raises:
             TypeError: path not a str or os.PathLike.
             ValueError (naming the path and the problem): not a file; not a safetensors file or
-                truncated; no `twinmerge` metadata or invalid JSON in it; the metadata or (with
-                verify) a tensor not matching its checksum (both checksums named); malformed
-                checksums; an unknown format version; malformed metadata; a tensor listed in the metadata missing from the
-                file, or an unexpected extra tensor; a shape or dtype that disagrees with the
-                metadata; ranks whose count is not T or whose sum is not the factors' K.
+                truncated; no `twinmerge` metadata or invalid JSON in it; the metadata, or with
+                verify a tensor, not matching its checksum (both digests named); malformed
+                checksums; an unknown format version; malformed metadata; a tensor listed in the
+                metadata missing from the file, or an unexpected extra tensor; a shape or dtype
+                that disagrees with the metadata; ranks whose count is not T or whose sum is not
+                the factors' K; a floating tensor with NaN/Inf (named, with its first such entry).
         """
         fn = "TwinCheckpoint.load"
         if not isinstance(path, (str, os.PathLike)):
@@ -856,6 +879,10 @@ class TwinCheckpoint:
                     if actual != digests[key]:
                         raise bad(f"tensor {key!r} does not match its checksum ({DIGEST_ALGORITHM} "
                                   f"{actual}, the file says {digests[key]}): the file is damaged")
+                problem = non_finite(t)
+                if problem is not None:
+                    raise bad(f"tensor {key!r} has a non-finite value ({problem}); a twin's "
+                              f"tensors must be finite")
                 tensors[key] = t if device is None else t.to(device)
         shared = {name: tensors[f"shared/{name}"] for name in specs["shared"]}
         lowrank = {name: LowRankDelta(tensors[f"lowrank/{name}/U_cat"],
