@@ -1,9 +1,12 @@
 """TwinCheckpoint: exactness at full rank, compression error, rank rule, save/load, validation,
 checksums."""
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import stat
 import warnings
 
 import pytest
@@ -11,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from twinmerge_ext import TwinRouter, checkpoint, merging
+from twinmerge_ext import TwinRouter, _files, checkpoint, merging
 from twinmerge_ext.checkpoint import FORMAT_VERSION, TwinCheckpoint
 
 from conftest import HAS_CUDA, assert_close
@@ -607,6 +610,143 @@ def test_save_rejects_a_directory(saved, tmp_path):
     twin, _ = saved
     with pytest.raises(ValueError, match="is a directory"):
         twin.save(tmp_path)
+
+
+# --- atomic saves: permissions, temporary directories, errors --------------------------------------
+
+def temp_dir_name(name="twin.safetensors", hex16="0123456789abcdef"):
+    return f".{name}.{hex16}.tmpdir"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_the_file_gets_the_permissions_of_a_new_file(saved, tmp_path, umask):
+    twin, path = saved
+    os.chmod(path, 0o640)               # an existing file's mode is not kept
+    old = os.umask(umask)
+    try:
+        twin.save(path)
+        twin.save(tmp_path / "new.safetensors")
+    finally:
+        os.umask(old)
+    for p in (path, tmp_path / "new.safetensors"):
+        assert stat.S_IMODE(os.stat(p).st_mode) == 0o666 & ~umask
+    assert sorted(os.listdir(tmp_path)) == ["new.safetensors", "twin.safetensors"]
+
+
+def test_save_removes_dead_saves_temporaries_and_only_those(saved, tmp_path):
+    twin, path = saved
+    dead = tmp_path / temp_dir_name(hex16="00000000000000aa")
+    dead.mkdir()
+    (dead / "twin.safetensors").write_bytes(b"half a file")
+    (dead / ".tmpAbC123").write_bytes(b"the writer's own temporary")
+    empty = tmp_path / temp_dir_name(hex16="00000000000000bb")   # killed after its rename
+    empty.mkdir()
+    live = tmp_path / temp_dir_name(hex16="00000000000000cc")
+    live.mkdir()
+    (live / "twin.safetensors").write_bytes(b"being written")
+    keep = [temp_dir_name("other.safetensors"),              # another path's
+            ".twin.safetensors.0123.tmpdir",                  # not 16 hex digits
+            ".twin.safetensors.0123456789abcdef.tmp",         # not a directory name of ours
+            temp_dir_name(hex16="00000000000000dd"),          # a file, not a directory
+            temp_dir_name(hex16="00000000000000ee")]          # a symlink to a directory
+    (tmp_path / keep[0]).mkdir()
+    (tmp_path / keep[1]).mkdir()
+    (tmp_path / keep[2]).write_bytes(b"")
+    (tmp_path / keep[3]).write_bytes(b"")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / keep[4]).symlink_to(tmp_path / "elsewhere")
+    fd = os.open(live, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # a live save holds its lock
+        twin.save(path)
+        assert sorted(os.listdir(tmp_path)) == sorted(keep + [live.name, "elsewhere",
+                                                              "twin.safetensors"])
+        assert (live / "twin.safetensors").read_bytes() == b"being written"
+        assert_twins_equal(twin, TwinCheckpoint.load(path))   # load ignores temporaries
+    finally:
+        os.close(fd)
+    twin.save(tmp_path / "unrelated.safetensors")           # cleans its own name's only
+    assert live.exists()
+    twin.save(path)                                          # its writer is gone now
+    assert not live.exists()
+
+
+def _racing_cleaner(monkeypatch, tmp_path, hold):
+    """Makes a concurrent save's cleanup reach the writer's first temporary directory between
+    its creation and its lock: removing it (hold=False) or holding its lock (hold=True, the
+    descriptor is returned in the list)."""
+    held = []
+
+    class Racing:
+        LOCK_EX, LOCK_NB = fcntl.LOCK_EX, fcntl.LOCK_NB
+
+        @staticmethod
+        def flock(fd, op):
+            monkeypatch.setattr(_files, "fcntl", fcntl)   # once
+            if hold:
+                entry = next(e for e in os.listdir(tmp_path) if e.endswith(".tmpdir"))
+                held.append(os.open(tmp_path / entry, os.O_RDONLY))
+                fcntl.flock(held[0], fcntl.LOCK_EX)
+            else:
+                _files.remove_stale_temps(str(tmp_path), "twin.safetensors")
+            return fcntl.flock(fd, op)
+
+    monkeypatch.setattr(_files, "fcntl", Racing)
+    return held
+
+
+def test_a_temporary_removed_before_its_lock_is_replaced(saved, tmp_path, monkeypatch):
+    twin, path = saved
+    _racing_cleaner(monkeypatch, tmp_path, hold=False)
+    twin.save(path)
+    assert _files.fcntl is fcntl                              # the race happened
+    assert os.listdir(tmp_path) == ["twin.safetensors"]
+    assert_twins_equal(twin, TwinCheckpoint.load(path))
+
+
+def test_a_temporary_locked_by_a_cleaner_is_given_up(saved, tmp_path, monkeypatch):
+    twin, path = saved
+    held = _racing_cleaner(monkeypatch, tmp_path, hold=True)
+    twin.save(path)
+    assert len(held) == 1 and len(os.listdir(tmp_path)) == 2  # the cleaner's to remove
+    assert_twins_equal(twin, TwinCheckpoint.load(path))
+    os.close(held[0])
+    twin.save(path)
+    assert os.listdir(tmp_path) == ["twin.safetensors"]
+
+
+@pytest.mark.parametrize("where,error,code,problem", [
+    ("nope/t.safetensors", FileNotFoundError, errno.ENOENT, "directory {d}/nope' does not exist"),
+    ("file/t.safetensors", NotADirectoryError, errno.ENOTDIR, "{d}/file' is not a directory"),
+    ("file/sub/t.safetensors", NotADirectoryError, errno.ENOTDIR,
+     "{d}/file' is not a directory"),
+])
+def test_save_names_a_missing_or_unusable_directory(saved, tmp_path, where, error, code, problem):
+    twin, _ = saved
+    (tmp_path / "file").write_bytes(b"")
+    path = str(tmp_path / where)
+    with pytest.raises(error) as info:
+        twin.save(path)
+    assert info.value.errno == code
+    assert str(info.value) == f"TwinCheckpoint.save: {path!r}: " + problem.format(
+        d=repr(str(tmp_path))[:-1])
+    assert sorted(os.listdir(tmp_path)) == ["file", "twin.safetensors"]
+
+
+def test_save_names_an_unwritable_directory(saved, tmp_path, monkeypatch):
+    # As root, permission bits do not stop a write: tests/test_checkpoint_faults.py checks a
+    # real read-only directory in a child process without that privilege.
+    twin, _ = saved
+    path = str(tmp_path / "t.safetensors")
+
+    def refuse(p, mode=0o777):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), p)
+    monkeypatch.setattr(_files.os, "mkdir", refuse)
+    with pytest.raises(PermissionError) as info:
+        twin.save(path)
+    assert info.value.errno == errno.EACCES
+    assert str(info.value) == (f"TwinCheckpoint.save: {path!r}: directory {str(tmp_path)!r} is "
+                               f"not writable: Permission denied")
 
 
 # --- checksums ----------------------------------------------------------------------------------

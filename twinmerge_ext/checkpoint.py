@@ -63,7 +63,7 @@ import inspect
 import json
 import math
 import os
-import secrets
+import re
 import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -73,13 +73,14 @@ from types import MappingProxyType
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
 import twinmerge_ext
 from twinmerge_ext import merging
-from twinmerge_ext._files import DIGEST_ALGORITHM, non_finite, tensor_digest, text_digest
+from twinmerge_ext._files import (DIGEST_ALGORITHM, non_finite, tensor_digest, text_digest,
+                                  write_atomically)
 from twinmerge_ext.lora import LoraExpert
 from twinmerge_ext.merging import Patterns, StateSource
 from twinmerge_ext.ops import dense_merge_, lowrank_merge_, reconstruct_delta, truncated_svd
@@ -271,21 +272,6 @@ def _extract_heads(experts: Mapping[str, StateSource], is_head, patterns: Patter
 
 def _nbytes(t: Tensor) -> int:
     return t.numel() * t.element_size()
-
-
-def _fsync_dir(directory: str) -> None:
-    # Makes the rename itself durable. Not possible on every platform (Windows cannot open a
-    # directory), where the rename is still atomic, just not yet flushed.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class TwinCheckpoint:
@@ -718,17 +704,30 @@ class TwinCheckpoint:
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Writes the twin to one .safetensors file (layout in the module docstring), atomically.
 
-        The file is written to a temporary file in the same directory, fsynced, then renamed
-        onto `path` (os.replace): a save that fails or is interrupted leaves any previous file at
-        `path` untouched and removes its temporary file. The file carries the sha256 of every
-        tensor and of the metadata (`load` checks them). A twin holding NaN/Inf in any floating
-        tensor is refused before anything is written.
+        The file carries the sha256 of every tensor and of the metadata (`load` checks them). A
+        twin holding NaN/Inf in any floating tensor is refused before anything is written.
+
+        Atomic: the file is written in a private temporary directory next to `path`,
+        `.<name>.<16 hex digits>.tmpdir/`, fsynced, renamed onto `path` (os.replace), and the
+        directory is fsynced and the temporary one removed. Readers of `path` see the previous
+        file or the new one, never a part; a save that fails leaves nothing behind. A save
+        killed on the way can leave its temporary directory: the writer holds an exclusive
+        flock on it throughout, and the next save to the same path removes every such directory
+        whose lock is free (its writer is dead), never one a live save is writing. Concurrent
+        saves to one path each write their own file; the last rename wins. Without fcntl
+        (Windows), and on file systems without flock, stale directories are not removed.
+
+        The file's permissions are those of any new file: 0o666 less the umask (0o644 under the
+        usual umask 0o022), also when it replaces a file that had other permissions.
 
         Raises:
             TypeError: path not a str or os.PathLike.
             ValueError: path is a directory; a floating tensor with NaN/Inf (named, with its
                 first such entry).
-            OSError: from the file system.
+            OSError: the subclass and errno of the failure, with a message naming the path and
+                the problem: the directory does not exist (FileNotFoundError), a component of it
+                is a file (NotADirectoryError), it is not writable (PermissionError, or EROFS),
+                or writing failed (e.g. ENOSPC).
         """
         fn = "TwinCheckpoint.save"
         if not isinstance(path, (str, os.PathLike)):
@@ -736,7 +735,6 @@ class TwinCheckpoint:
         path = os.fspath(path)
         if os.path.isdir(path):
             raise ValueError(f"{fn}: path {path!r} is a directory")
-        directory = os.path.dirname(os.path.abspath(path))
         tensors = self._file_tensors()
         for key, t in tensors.items():
             problem = non_finite(t)
@@ -747,23 +745,17 @@ class TwinCheckpoint:
         checksums = {"algorithm": DIGEST_ALGORITHM, "metadata": text_digest(meta),
                      "tensors": {key: tensor_digest(t) for key, t in tensors.items()}}
         header = {METADATA_KEY: meta, CHECKSUMS_KEY: json.dumps(checksums)}
-        # Same directory, so os.replace is a rename within one file system (atomic); created
-        # with O_EXCL under an unguessable name, with the umask's permissions like any new file.
-        tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(8)}.tmp")
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        try:
-            save_file(tensors, tmp, metadata=header)
-            with open(tmp, "rb+") as f:
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
+
+        def write(tmp: str) -> None:
             try:
-                os.remove(tmp)
-            except OSError:
-                pass
-            raise
-        _fsync_dir(directory)
+                save_file(tensors, tmp, metadata=header)
+            except SafetensorError as e:  # an I/O error, its errno only in the message
+                code = re.search(r"\(os error (\d+)\)", str(e))
+                if code is None:
+                    raise
+                raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from e
+
+        write_atomically(path, write, fn)
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike],
