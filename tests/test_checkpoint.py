@@ -509,7 +509,6 @@ def _set_ranks(h):
 
 
 LOAD_ERRORS = {
-    "not_a_file": (None, r"is not a file"),
     "garbage": (lambda src, dst: open(dst, "wb").write(b"definitely not safetensors" * 10),
                 r"not a valid safetensors file"),
     "truncated": (lambda src, dst: open(dst, "wb").write(open(src, "rb").read()[:-100]),
@@ -557,18 +556,31 @@ def test_load_rejects_bad_files(saved, tmp_path, case):
     _, path = saved
     make, match = LOAD_ERRORS[case]
     bad = str(tmp_path / "bad.safetensors")
-    if make is None:
-        bad = str(tmp_path)                   # a directory
-    else:
-        make(path, bad)
+    make(path, bad)
     with pytest.raises(ValueError, match=match) as info:
         TwinCheckpoint.load(bad)
-    assert repr(bad) in str(info.value)
+    assert str(info.value).startswith(f"TwinCheckpoint.load: {bad!r}: ")
 
 
-def test_load_rejects_a_missing_path(tmp_path):
-    with pytest.raises(ValueError, match="is not a file"):
-        TwinCheckpoint.load(tmp_path / "nope.safetensors")
+@pytest.mark.parametrize("where,error,code,problem", [
+    ("nope.safetensors", FileNotFoundError, errno.ENOENT, "no such file"),
+    ("", IsADirectoryError, errno.EISDIR, "is a directory, not a file"),
+    ("file/t.safetensors", NotADirectoryError, errno.ENOTDIR, "{file} is not a directory"),
+])
+def test_load_names_a_path_that_is_not_a_file(tmp_path, where, error, code, problem):
+    (tmp_path / "file").write_bytes(b"")
+    path = str(tmp_path / where) if where else str(tmp_path)
+    with pytest.raises(error) as info:
+        TwinCheckpoint.load(path)
+    assert info.value.errno == code
+    assert str(info.value) == f"TwinCheckpoint.load: {path!r}: " + problem.format(
+        file=repr(str(tmp_path / "file")))
+
+
+def test_load_rejects_what_is_not_a_regular_file(tmp_path):
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(ValueError, match=r"'[^']*/fifo': is not a regular file"):
+        TwinCheckpoint.load(tmp_path / "fifo")
 
 
 def _failing_writer(tensors, filename, metadata=None):
@@ -608,8 +620,10 @@ def test_interrupted_first_save_leaves_nothing(setup, tmp_path, monkeypatch):
 
 def test_save_rejects_a_directory(saved, tmp_path):
     twin, _ = saved
-    with pytest.raises(ValueError, match="is a directory"):
+    with pytest.raises(IsADirectoryError) as info:
         twin.save(tmp_path)
+    assert info.value.errno == errno.EISDIR
+    assert str(info.value) == f"TwinCheckpoint.save: {str(tmp_path)!r}: is a directory"
 
 
 # --- atomic saves: permissions, temporary directories, errors --------------------------------------

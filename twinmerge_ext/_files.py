@@ -76,6 +76,30 @@ def _in_the_way(directory: str) -> str:
     return p
 
 
+def check_readable(path: str, fn: str) -> None:
+    """Raises the OSError subclass and errno of what stops `path` from being read as a file,
+    with a message "<fn>: <path>: <problem>"; ValueError for something that is not a regular
+    file (a FIFO, a device)."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            problem = "no such file"
+        elif e.errno == errno.ENOTDIR:
+            problem = f"{_in_the_way(os.path.dirname(os.path.abspath(path)))!r} is not a directory"
+        else:
+            problem = f"cannot be reached: {e.strerror or e}"
+        raise os_error(e.errno, f"{fn}: {path!r}: {problem}") from e
+    if stat.S_ISDIR(st.st_mode):
+        raise os_error(errno.EISDIR, f"{fn}: {path!r}: is a directory, not a file")
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{fn}: {path!r}: is not a regular file")
+    try:
+        os.close(os.open(path, os.O_RDONLY))
+    except OSError as e:
+        raise os_error(e.errno, f"{fn}: {path!r}: is not readable: {e.strerror or e}") from e
+
+
 def _directory_error(e: OSError, directory: str, fn: str, path: str) -> OSError:
     if e.errno == errno.ENOENT:
         problem = f"directory {directory!r} does not exist"

@@ -59,6 +59,7 @@ verify=True. The format version is still 1: the checksums are a key older reader
 """
 
 import copy
+import errno
 import inspect
 import json
 import math
@@ -79,8 +80,8 @@ from torch import Tensor
 
 import twinmerge_ext
 from twinmerge_ext import merging
-from twinmerge_ext._files import (DIGEST_ALGORITHM, non_finite, tensor_digest, text_digest,
-                                  write_atomically)
+from twinmerge_ext._files import (DIGEST_ALGORITHM, check_readable, non_finite, os_error,
+                                  tensor_digest, text_digest, write_atomically)
 from twinmerge_ext.lora import LoraExpert
 from twinmerge_ext.merging import Patterns, StateSource
 from twinmerge_ext.ops import dense_merge_, lowrank_merge_, reconstruct_delta, truncated_svd
@@ -722,19 +723,18 @@ class TwinCheckpoint:
 
         Raises:
             TypeError: path not a str or os.PathLike.
-            ValueError: path is a directory; a floating tensor with NaN/Inf (named, with its
-                first such entry).
+            ValueError: a floating tensor with NaN/Inf (named, with its first such entry).
             OSError: the subclass and errno of the failure, with a message naming the path and
-                the problem: the directory does not exist (FileNotFoundError), a component of it
-                is a file (NotADirectoryError), it is not writable (PermissionError, or EROFS),
-                or writing failed (e.g. ENOSPC).
+                the problem: path is a directory (IsADirectoryError), its directory does not
+                exist (FileNotFoundError), a component of it is a file (NotADirectoryError), it
+                is not writable (PermissionError, or EROFS), or writing failed (e.g. ENOSPC).
         """
         fn = "TwinCheckpoint.save"
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"{fn}: path must be a str or os.PathLike, got {type(path).__name__}")
         path = os.fspath(path)
         if os.path.isdir(path):
-            raise ValueError(f"{fn}: path {path!r} is a directory")
+            raise os_error(errno.EISDIR, f"{fn}: {path!r}: is a directory")
         tensors = self._file_tensors()
         for key, t in tensors.items():
             problem = non_finite(t)
@@ -782,9 +782,12 @@ class TwinCheckpoint:
             verify: hash every tensor and compare with its checksum (default True).
 
         Raises:
-            TypeError: path not a str or os.PathLike.
-            ValueError (naming the path and the problem): not a file; not a safetensors file or
-                truncated; no `twinmerge` metadata or invalid JSON in it; the metadata, or with
+            TypeError: path not a str or os.PathLike; verify not a bool.
+            OSError (the subclass and errno, naming the path and the problem): no such file
+                (FileNotFoundError), a directory (IsADirectoryError), not readable
+                (PermissionError).
+            ValueError (naming the path and the problem): not a regular file; not a safetensors
+                file or truncated; no `twinmerge` metadata or invalid JSON in it; the metadata, or with
                 verify a tensor, not matching its checksum (both digests named); malformed
                 checksums; an unknown format version; malformed metadata; a tensor listed in the
                 metadata missing from the file, or an unexpected extra tensor; a shape or dtype
@@ -801,8 +804,7 @@ class TwinCheckpoint:
 
         if not isinstance(verify, bool):
             raise TypeError(f"{fn}: verify must be a bool, got {verify!r}")
-        if not os.path.isfile(path):
-            raise ValueError(f"{fn}: {path!r} is not a file")
+        check_readable(path, fn)
         with ExitStack() as stack:
             try:
                 f = stack.enter_context(safe_open(path, framework="pt", device="cpu"))
