@@ -626,7 +626,7 @@ def test_save_rejects_a_directory(saved, tmp_path):
     assert str(info.value) == f"TwinCheckpoint.save: {str(tmp_path)!r}: is a directory"
 
 
-# --- atomic saves: permissions, temporary directories, errors --------------------------------------
+# --- atomic saves: permissions, temporary directories, errors -----------------------------------
 
 def temp_dir_name(name="twin.safetensors", hex16="0123456789abcdef"):
     return f".{name}.{hex16}.tmpdir"
@@ -880,7 +880,7 @@ def test_load_rejects_checksums_that_are_not_json(saved, tmp_path):
         TwinCheckpoint.load(path, verify="yes")
 
 
-# --- non-finite values ---------------------------------------------------------------------------
+# --- non-finite values --------------------------------------------------------------------------
 
 def _poison(key, value, index=1):
     def edit(d):

@@ -56,6 +56,10 @@ two keys. `twinmerge` holds JSON:
 tensor against its own. Files written before heads existed (no "heads" keys) load with no heads.
 Files written before checksums existed (no `twinmerge.checksums`) load too, with a warning when
 verify=True. The format version is still 1: the checksums are a key older readers ignore.
+
+Every floating tensor of a file is finite: `build` and `save` refuse NaN/Inf, `load` rejects them.
+`save` replaces a file atomically, through a private temporary directory next to it,
+`.<name>.<16 hex digits>.tmpdir/`, that only saves to the same path look at (`save` says how).
 """
 
 import copy
@@ -453,9 +457,9 @@ class TwinCheckpoint:
             TypeError: experts not a mapping, a non-str task name, shared_kwargs that the method
                 does not take or that are not JSON-serializable, non-int rank/oversample/...
             ValueError: unknown shared method, no experts, rank < 1, rank_ratio not in (0, 1],
-                a delta or a head tensor with NaN/Inf, heads patterns matching nothing in an expert or different
-                names in two experts; and whatever `merging` rejects (missing or extra parameters,
-                shape/dtype mismatches, bad paths, bad regexes).
+                a delta or a head tensor with NaN/Inf, heads patterns matching nothing in an
+                expert or different names in two experts; and whatever `merging` rejects
+                (missing or extra parameters, shape/dtype mismatches, bad paths, bad regexes).
         """
         fn = "TwinCheckpoint.build"
         tasks = _task_names(experts, fn)
@@ -787,12 +791,13 @@ class TwinCheckpoint:
                 (FileNotFoundError), a directory (IsADirectoryError), not readable
                 (PermissionError).
             ValueError (naming the path and the problem): not a regular file; not a safetensors
-                file or truncated; no `twinmerge` metadata or invalid JSON in it; the metadata, or with
-                verify a tensor, not matching its checksum (both digests named); malformed
-                checksums; an unknown format version; malformed metadata; a tensor listed in the
-                metadata missing from the file, or an unexpected extra tensor; a shape or dtype
-                that disagrees with the metadata; ranks whose count is not T or whose sum is not
-                the factors' K; a floating tensor with NaN/Inf (named, with its first such entry).
+                file or truncated; no `twinmerge` metadata or invalid JSON in it; the metadata,
+                or with verify a tensor, not matching its checksum (both digests named);
+                malformed checksums; an unknown format version; malformed metadata; a tensor
+                listed in the metadata missing from the file, or an unexpected extra tensor; a
+                shape or dtype that disagrees with the metadata; ranks whose count is not T or
+                whose sum is not the factors' K; a floating tensor with NaN/Inf (named, with its
+                first such entry).
         """
         fn = "TwinCheckpoint.load"
         if not isinstance(path, (str, os.PathLike)):
