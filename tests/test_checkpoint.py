@@ -2,7 +2,6 @@
 checksums."""
 
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -18,6 +17,12 @@ from twinmerge_ext import TwinRouter, _files, checkpoint, merging
 from twinmerge_ext.checkpoint import FORMAT_VERSION, TwinCheckpoint
 
 from conftest import HAS_CUDA, assert_close
+
+try:
+    import fcntl
+except ImportError:  # Windows: saves take no locks and remove no stale temporaries
+    fcntl = None
+needs_flock = pytest.mark.skipif(fcntl is None, reason="no fcntl.flock on this platform")
 
 TASKS = ["sst2", "mnli", "qqp"]
 
@@ -577,6 +582,7 @@ def test_load_names_a_path_that_is_not_a_file(tmp_path, where, error, code, prob
         file=repr(str(tmp_path / "file")))
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
 def test_load_rejects_what_is_not_a_regular_file(tmp_path):
     os.mkfifo(tmp_path / "fifo")
     with pytest.raises(ValueError, match=r"'[^']*/fifo': is not a regular file"):
@@ -647,6 +653,7 @@ def test_the_file_gets_the_permissions_of_a_new_file(saved, tmp_path, umask):
     assert sorted(os.listdir(tmp_path)) == ["new.safetensors", "twin.safetensors"]
 
 
+@needs_flock
 def test_save_removes_dead_saves_temporaries_and_only_those(saved, tmp_path):
     twin, path = saved
     dead = tmp_path / temp_dir_name(hex16="00000000000000aa")
@@ -709,6 +716,7 @@ def _racing_cleaner(monkeypatch, tmp_path, hold):
     return held
 
 
+@needs_flock
 def test_a_temporary_removed_before_its_lock_is_replaced(saved, tmp_path, monkeypatch):
     twin, path = saved
     _racing_cleaner(monkeypatch, tmp_path, hold=False)
@@ -718,6 +726,7 @@ def test_a_temporary_removed_before_its_lock_is_replaced(saved, tmp_path, monkey
     assert_twins_equal(twin, TwinCheckpoint.load(path))
 
 
+@needs_flock
 def test_a_temporary_locked_by_a_cleaner_is_given_up(saved, tmp_path, monkeypatch):
     twin, path = saved
     held = _racing_cleaner(monkeypatch, tmp_path, hold=True)

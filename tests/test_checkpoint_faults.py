@@ -28,6 +28,8 @@ import torch
 from twinmerge_ext import LowRankDelta, TwinCheckpoint
 from twinmerge_ext import _files, checkpoint
 
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork and flock (POSIX)")
+
 REPO = Path(__file__).resolve().parents[1]
 NAME = "twin.safetensors"
 TEMP_DIR = re.compile(rf"\.{re.escape(NAME)}\.[0-9a-f]{{16}}\.tmpdir")
