@@ -122,7 +122,7 @@ def _directory_error(e: OSError, directory: str, fn: str, path: str) -> OSError:
 # removes the directory. A save killed on the way leaves only such a directory; the next save to
 # the same path removes those whose lock it can take without waiting (their writer is dead).
 
-def _temp_name(name: str) -> "re.Pattern[str]":
+def _temp_pattern(name: str) -> "re.Pattern[str]":
     return re.compile(rf"\.{re.escape(name)}\.[0-9a-f]{{16}}\.tmpdir")
 
 
@@ -162,7 +162,7 @@ def remove_stale_temps(directory: str, name: str) -> None:
     file system, or no fcntl), is left alone."""
     if fcntl is None:
         return
-    pattern = _temp_name(name)
+    pattern = _temp_pattern(name)
     try:
         entries = [e for e in os.listdir(directory) if pattern.fullmatch(e)]
     except OSError:
