@@ -8,7 +8,6 @@ shapes and dtypes, are in test_ops.py and test_fuzz.py; the file faults in
 test_checkpoint_faults.py.
 """
 
-import copy
 import functools
 import os
 
@@ -16,7 +15,6 @@ import pytest
 import torch
 from torch import nn
 
-import twinmerge_ext as tm
 from twinmerge_ext import (LoraExpert, TwinCheckpoint, TwinMergedModule, TwinRouter, fit_router,
                            merging, pooled_features)
 from twinmerge_ext.router import pool_hidden_states
@@ -273,12 +271,22 @@ CASES = [
      r"TwinCheckpoint.with_router: info must be JSON-serializable"),
     ("save/path_type", lambda: _twin().save(3), TypeError,
      r"TwinCheckpoint.save: path must be a str or os.PathLike, got int"),
-    ("save/path_directory", lambda: _twin().save(os.getcwd()), ValueError,
-     r"TwinCheckpoint.save: path .* is a directory"),
+    ("save/path_directory", lambda: _twin().save(os.getcwd()), IsADirectoryError,
+     r"TwinCheckpoint.save: '.*': is a directory"),
+    ("save/parent_is_file", lambda: _twin().save(os.path.join(__file__, "twin.safetensors")),
+     NotADirectoryError, r"TwinCheckpoint.save: '.*twin.safetensors': '.*test_bad_input.py' is "
+                         r"not a directory"),
+    ("save/missing_directory", lambda: _twin().save("/nonexistent/dir/twin.safetensors"),
+     FileNotFoundError, r"TwinCheckpoint.save: '/nonexistent/dir/twin.safetensors': directory "
+                        r"'/nonexistent/dir' does not exist"),
     ("load/path_type", lambda: TwinCheckpoint.load(None), TypeError,
      r"TwinCheckpoint.load: path must be a str or os.PathLike, got NoneType"),
     ("load/missing", lambda: TwinCheckpoint.load("/nonexistent/twin.safetensors"),
-     (ValueError, OSError), r"TwinCheckpoint.load: .*'/nonexistent/twin.safetensors'"),
+     FileNotFoundError, r"TwinCheckpoint.load: '/nonexistent/twin.safetensors': no such file"),
+    ("load/directory", lambda: TwinCheckpoint.load(os.getcwd()), IsADirectoryError,
+     r"TwinCheckpoint.load: '.*': is a directory, not a file"),
+    ("load/not_safetensors", lambda: TwinCheckpoint.load(__file__), ValueError,
+     r"TwinCheckpoint.load: '.*test_bad_input.py': not a valid safetensors file"),
 
     # --- the router -------------------------------------------------------------------------
     ("router/in_features", lambda: TwinRouter(0, TASKS), ValueError,

@@ -1,17 +1,28 @@
-"""TwinCheckpoint: exactness at full rank, compression error, rank rule, save/load, validation."""
+"""TwinCheckpoint: exactness at full rank, compression error, rank rule, save/load, validation,
+checksums."""
 
+import errno
+import hashlib
 import json
 import os
+import stat
+import warnings
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from twinmerge_ext import TwinRouter, checkpoint, merging
+from twinmerge_ext import TwinRouter, _files, checkpoint, merging
 from twinmerge_ext.checkpoint import FORMAT_VERSION, TwinCheckpoint
 
 from conftest import HAS_CUDA, assert_close
+
+try:
+    import fcntl
+except ImportError:  # Windows: saves take no locks and remove no stale temporaries
+    fcntl = None
+needs_flock = pytest.mark.skipif(fcntl is None, reason="no fcntl.flock on this platform")
 
 TASKS = ["sst2", "mnli", "qqp"]
 
@@ -451,6 +462,7 @@ def test_save_load_round_trip_is_bit_exact(saved):
     with safe_open(path, framework="pt") as f:
         assert sorted(f.keys()) == sorted(twin_tensors(twin))
         assert json.loads(f.metadata()["twinmerge"]) == twin.metadata
+        assert sorted(f.metadata()) == ["twinmerge", "twinmerge.checksums"]
     # A loaded twin saves to the same contents.
     loaded.save(path + ".2")
     assert_twins_equal(twin, TwinCheckpoint.load(path + ".2", device="cpu"))
@@ -463,8 +475,27 @@ def test_round_trip_bf16(tmp_path):
     assert_twins_equal(twin, TwinCheckpoint.load(tmp_path / "bf16.safetensors"))
 
 
-def rewrite(src, dst, tensors=None, meta=None):
-    """Copies a saved twin, applying tensors(dict) and meta(dict) edits in place."""
+def file_layout(path):
+    """(safetensors header, offset of the data, the file's bytes), parsed by hand."""
+    raw = open(path, "rb").read()
+    n = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8:8 + n]), 8 + n, raw
+
+
+def file_checksums(path):
+    """The checksums a twin file must carry, computed from its raw bytes: sha256 of each
+    tensor's byte range and of the twinmerge metadata string."""
+    header, start, raw = file_layout(path)
+    spans = {k: v["data_offsets"] for k, v in header.items() if k != "__metadata__"}
+    return {"algorithm": "sha256",
+            "metadata": hashlib.sha256(header["__metadata__"]["twinmerge"].encode()).hexdigest(),
+            "tensors": {k: hashlib.sha256(raw[start + a:start + b]).hexdigest()
+                        for k, (a, b) in spans.items()}}
+
+
+def rewrite(src, dst, tensors=None, meta=None, checksums=True):
+    """Copies a saved twin, applying tensors(dict) and meta(dict) edits in place, with checksums
+    recomputed for the result (checksums=False: none, a file from before they existed)."""
     with safe_open(src, framework="pt") as f:
         data = {k: f.get_tensor(k) for k in f.keys()}
         header = json.loads(f.metadata()["twinmerge"])
@@ -472,7 +503,11 @@ def rewrite(src, dst, tensors=None, meta=None):
         tensors(data)
     if meta:
         meta(header)
-    save_file(data, dst, metadata={"twinmerge": json.dumps(header)})
+    metadata = {"twinmerge": json.dumps(header)}
+    save_file(data, dst, metadata=metadata)
+    if checksums:
+        metadata["twinmerge.checksums"] = json.dumps(file_checksums(dst))
+        save_file(data, dst, metadata=metadata)
 
 
 def _set_ranks(h):
@@ -480,7 +515,6 @@ def _set_ranks(h):
 
 
 LOAD_ERRORS = {
-    "not_a_file": (None, r"is not a file"),
     "garbage": (lambda src, dst: open(dst, "wb").write(b"definitely not safetensors" * 10),
                 r"not a valid safetensors file"),
     "truncated": (lambda src, dst: open(dst, "wb").write(open(src, "rb").read()[:-100]),
@@ -528,18 +562,32 @@ def test_load_rejects_bad_files(saved, tmp_path, case):
     _, path = saved
     make, match = LOAD_ERRORS[case]
     bad = str(tmp_path / "bad.safetensors")
-    if make is None:
-        bad = str(tmp_path)                   # a directory
-    else:
-        make(path, bad)
+    make(path, bad)
     with pytest.raises(ValueError, match=match) as info:
         TwinCheckpoint.load(bad)
-    assert repr(bad) in str(info.value)
+    assert str(info.value).startswith(f"TwinCheckpoint.load: {bad!r}: ")
 
 
-def test_load_rejects_a_missing_path(tmp_path):
-    with pytest.raises(ValueError, match="is not a file"):
-        TwinCheckpoint.load(tmp_path / "nope.safetensors")
+@pytest.mark.parametrize("where,error,code,problem", [
+    ("nope.safetensors", FileNotFoundError, errno.ENOENT, "no such file"),
+    ("", IsADirectoryError, errno.EISDIR, "is a directory, not a file"),
+    ("file/t.safetensors", NotADirectoryError, errno.ENOTDIR, "{file} is not a directory"),
+])
+def test_load_names_a_path_that_is_not_a_file(tmp_path, where, error, code, problem):
+    (tmp_path / "file").write_bytes(b"")
+    path = str(tmp_path / where) if where else str(tmp_path)
+    with pytest.raises(error) as info:
+        TwinCheckpoint.load(path)
+    assert info.value.errno == code
+    assert str(info.value) == f"TwinCheckpoint.load: {path!r}: " + problem.format(
+        file=repr(str(tmp_path / "file")))
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+def test_load_rejects_what_is_not_a_regular_file(tmp_path):
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(ValueError, match=r"'[^']*/fifo': is not a regular file"):
+        TwinCheckpoint.load(tmp_path / "fifo")
 
 
 def _failing_writer(tensors, filename, metadata=None):
@@ -579,8 +627,350 @@ def test_interrupted_first_save_leaves_nothing(setup, tmp_path, monkeypatch):
 
 def test_save_rejects_a_directory(saved, tmp_path):
     twin, _ = saved
-    with pytest.raises(ValueError, match="is a directory"):
+    with pytest.raises(IsADirectoryError) as info:
         twin.save(tmp_path)
+    assert info.value.errno == errno.EISDIR
+    assert str(info.value) == f"TwinCheckpoint.save: {str(tmp_path)!r}: is a directory"
+
+
+# --- atomic saves: permissions, temporary directories, errors -----------------------------------
+
+def temp_dir_name(name="twin.safetensors", hex16="0123456789abcdef"):
+    return f".{name}.{hex16}.tmpdir"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_the_file_gets_the_permissions_of_a_new_file(saved, tmp_path, umask):
+    twin, path = saved
+    os.chmod(path, 0o640)               # an existing file's mode is not kept
+    old = os.umask(umask)
+    try:
+        twin.save(path)
+        twin.save(tmp_path / "new.safetensors")
+    finally:
+        os.umask(old)
+    for p in (path, tmp_path / "new.safetensors"):
+        assert stat.S_IMODE(os.stat(p).st_mode) == 0o666 & ~umask
+    assert sorted(os.listdir(tmp_path)) == ["new.safetensors", "twin.safetensors"]
+
+
+@needs_flock
+def test_save_removes_dead_saves_temporaries_and_only_those(saved, tmp_path):
+    twin, path = saved
+    dead = tmp_path / temp_dir_name(hex16="00000000000000aa")
+    dead.mkdir()
+    (dead / "twin.safetensors").write_bytes(b"half a file")
+    (dead / ".tmpAbC123").write_bytes(b"the writer's own temporary")
+    empty = tmp_path / temp_dir_name(hex16="00000000000000bb")   # killed after its rename
+    empty.mkdir()
+    live = tmp_path / temp_dir_name(hex16="00000000000000cc")
+    live.mkdir()
+    (live / "twin.safetensors").write_bytes(b"being written")
+    keep = [temp_dir_name("other.safetensors"),              # another path's
+            ".twin.safetensors.0123.tmpdir",                  # not 16 hex digits
+            ".twin.safetensors.0123456789abcdef.tmp",         # not a directory name of ours
+            temp_dir_name(hex16="00000000000000dd"),          # a file, not a directory
+            temp_dir_name(hex16="00000000000000ee")]          # a symlink to a directory
+    (tmp_path / keep[0]).mkdir()
+    (tmp_path / keep[1]).mkdir()
+    (tmp_path / keep[2]).write_bytes(b"")
+    (tmp_path / keep[3]).write_bytes(b"")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / keep[4]).symlink_to(tmp_path / "elsewhere")
+    fd = os.open(live, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # a live save holds its lock
+        twin.save(path)
+        assert sorted(os.listdir(tmp_path)) == sorted(keep + [live.name, "elsewhere",
+                                                              "twin.safetensors"])
+        assert (live / "twin.safetensors").read_bytes() == b"being written"
+        assert_twins_equal(twin, TwinCheckpoint.load(path))   # load ignores temporaries
+    finally:
+        os.close(fd)
+    twin.save(tmp_path / "unrelated.safetensors")           # cleans its own name's only
+    assert live.exists()
+    twin.save(path)                                          # its writer is gone now
+    assert not live.exists()
+
+
+def _racing_cleaner(monkeypatch, tmp_path, hold):
+    """Makes a concurrent save's cleanup reach the writer's first temporary directory between
+    its creation and its lock: removing it (hold=False) or holding its lock (hold=True, the
+    descriptor is returned in the list)."""
+    held = []
+
+    class Racing:
+        LOCK_EX, LOCK_NB = fcntl.LOCK_EX, fcntl.LOCK_NB
+
+        @staticmethod
+        def flock(fd, op):
+            monkeypatch.setattr(_files, "fcntl", fcntl)   # once
+            if hold:
+                entry = next(e for e in os.listdir(tmp_path) if e.endswith(".tmpdir"))
+                held.append(os.open(tmp_path / entry, os.O_RDONLY))
+                fcntl.flock(held[0], fcntl.LOCK_EX)
+            else:
+                _files.remove_stale_temps(str(tmp_path), "twin.safetensors")
+            return fcntl.flock(fd, op)
+
+    monkeypatch.setattr(_files, "fcntl", Racing)
+    return held
+
+
+@needs_flock
+def test_a_temporary_removed_before_its_lock_is_replaced(saved, tmp_path, monkeypatch):
+    twin, path = saved
+    _racing_cleaner(monkeypatch, tmp_path, hold=False)
+    twin.save(path)
+    assert _files.fcntl is fcntl                              # the race happened
+    assert os.listdir(tmp_path) == ["twin.safetensors"]
+    assert_twins_equal(twin, TwinCheckpoint.load(path))
+
+
+@needs_flock
+def test_a_temporary_locked_by_a_cleaner_is_given_up(saved, tmp_path, monkeypatch):
+    twin, path = saved
+    held = _racing_cleaner(monkeypatch, tmp_path, hold=True)
+    twin.save(path)
+    assert len(held) == 1 and len(os.listdir(tmp_path)) == 2  # the cleaner's to remove
+    assert_twins_equal(twin, TwinCheckpoint.load(path))
+    os.close(held[0])
+    twin.save(path)
+    assert os.listdir(tmp_path) == ["twin.safetensors"]
+
+
+@pytest.mark.parametrize("where,error,code,problem", [
+    ("nope/t.safetensors", FileNotFoundError, errno.ENOENT, "directory {d}/nope' does not exist"),
+    ("file/t.safetensors", NotADirectoryError, errno.ENOTDIR, "{d}/file' is not a directory"),
+    ("file/sub/t.safetensors", NotADirectoryError, errno.ENOTDIR,
+     "{d}/file' is not a directory"),
+])
+def test_save_names_a_missing_or_unusable_directory(saved, tmp_path, where, error, code, problem):
+    twin, _ = saved
+    (tmp_path / "file").write_bytes(b"")
+    path = str(tmp_path / where)
+    with pytest.raises(error) as info:
+        twin.save(path)
+    assert info.value.errno == code
+    assert str(info.value) == f"TwinCheckpoint.save: {path!r}: " + problem.format(
+        d=repr(str(tmp_path))[:-1])
+    assert sorted(os.listdir(tmp_path)) == ["file", "twin.safetensors"]
+
+
+def test_save_names_an_unwritable_directory(saved, tmp_path, monkeypatch):
+    # As root, permission bits do not stop a write: tests/test_checkpoint_faults.py checks a
+    # real read-only directory in a child process without that privilege.
+    twin, _ = saved
+    path = str(tmp_path / "t.safetensors")
+
+    def refuse(p, mode=0o777):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), p)
+    monkeypatch.setattr(_files.os, "mkdir", refuse)
+    with pytest.raises(PermissionError) as info:
+        twin.save(path)
+    assert info.value.errno == errno.EACCES
+    assert str(info.value) == (f"TwinCheckpoint.save: {path!r}: directory {str(tmp_path)!r} is "
+                               f"not writable: Permission denied")
+
+
+# --- checksums ----------------------------------------------------------------------------------
+
+def flip_byte(path, offset):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ 0x01]))
+
+
+def test_save_writes_the_checksums_of_the_bytes_in_the_file(saved):
+    twin, path = saved
+    with safe_open(path, framework="pt") as f:
+        stored = json.loads(f.metadata()["twinmerge.checksums"])
+    assert stored == file_checksums(path)
+    assert sorted(stored["tensors"]) == sorted(twin_tensors(twin))
+
+
+def test_a_flipped_byte_in_tensor_data_is_caught_and_named(saved):
+    twin, path = saved
+    header, start, _ = file_layout(path)
+    a, b = header["lowrank/embed.weight/V_cat"]["data_offsets"]
+    stored = json.loads(header["__metadata__"]["twinmerge.checksums"])["tensors"]
+    flip_byte(path, start + (a + b) // 2)
+    computed = file_checksums(path)["tensors"]["lowrank/embed.weight/V_cat"]
+    with pytest.raises(ValueError) as info:
+        TwinCheckpoint.load(path)
+    message = str(info.value)
+    assert message.startswith(f"TwinCheckpoint.load: {path!r}: tensor 'lowrank/embed.weight/V_cat' "
+                              f"does not match its checksum")
+    assert stored["lowrank/embed.weight/V_cat"] in message and computed in message
+    # verify=False skips the tensors' checksums: the damaged file loads, with a wrong factor.
+    loaded = TwinCheckpoint.load(path, verify=False)
+    assert not torch.equal(loaded.lowrank["embed.weight"].V_cat, twin.lowrank["embed.weight"].V_cat)
+    assert torch.equal(loaded.lowrank["embed.weight"].U_cat, twin.lowrank["embed.weight"].U_cat)
+
+
+def test_a_flipped_digit_in_the_metadata_is_caught(saved):
+    # A compression error (one stored number) changes: the file still parses, every tensor is
+    # intact, only the metadata's own checksum can tell.
+    twin, path = saved
+    raw = open(path, "rb").read()
+    at = raw.index(b'errors\\": [0.') + len(b'errors\\": [0.')
+    digit = raw[at:at + 1]
+    assert digit.isdigit()
+    flip_byte(path, at)   # '3' <-> '2', '0' <-> '1', ...: still a digit
+    with pytest.raises(ValueError, match=f"{path!r}: the 'twinmerge' metadata does not match its "
+                                         f"checksum .*the file is damaged"):
+        TwinCheckpoint.load(path)
+    with pytest.raises(ValueError, match="'twinmerge' metadata does not match its checksum"):
+        TwinCheckpoint.load(path, verify=False)   # the metadata's checksum is always checked
+
+
+def test_files_without_checksums_load_with_a_warning(saved, tmp_path):
+    twin, path = saved
+    old = tmp_path / "old.safetensors"
+    rewrite(path, old, checksums=False)   # what save wrote before checksums existed
+    with pytest.warns(UserWarning, match=f"{str(old)!r} has no checksums .* save it again"):
+        loaded = TwinCheckpoint.load(old)
+    assert_twins_equal(twin, loaded)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_twins_equal(twin, TwinCheckpoint.load(old, verify=False))
+        loaded.save(old)                  # saving it again adds them
+        assert_twins_equal(twin, TwinCheckpoint.load(old))
+    assert json.loads(file_layout(old)[0]["__metadata__"]["twinmerge.checksums"]) == \
+        file_checksums(old)
+
+
+def _edit_checksums(edit):
+    def apply(src, dst):
+        rewrite(src, dst)
+        with safe_open(dst, framework="pt") as f:
+            data = {k: f.get_tensor(k) for k in f.keys()}
+            metadata = f.metadata()
+        sums = json.loads(metadata["twinmerge.checksums"])
+        edit(sums)
+        metadata["twinmerge.checksums"] = json.dumps(sums) if isinstance(sums, dict) else sums
+        save_file(data, dst, metadata=metadata)
+    return apply
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda s: s.update(algorithm="crc32"), r"must be an object with algorithm 'sha256'"),
+    (lambda s: s.pop("metadata"), r"must hold a 'metadata' digest and a 'tensors' object"),
+    (lambda s: s["tensors"].update({"shared/layer.bias": 7}), r"a 'tensors' object of digests"),
+    (lambda s: s["tensors"].pop("shared/layer.bias"),
+     r"tensor 'shared/layer.bias' is without checksum"),
+    (lambda s: s["tensors"].update({"shared/ghost": "00"}),
+     r"tensor 'shared/ghost' is in the checksums only"),
+    (lambda s: s["tensors"].update({"dense/layer.bias/deltas": "0" * 64}),
+     r"tensor 'dense/layer.bias/deltas' does not match its checksum \(sha256 [0-9a-f]{64}, "
+     r"the file says 0{64}\)"),
+])
+def test_load_rejects_bad_checksums(saved, tmp_path, edit, match):
+    _, path = saved
+    bad = str(tmp_path / "bad.safetensors")
+    _edit_checksums(edit)(path, bad)
+    with pytest.raises(ValueError, match=match) as info:
+        TwinCheckpoint.load(bad)
+    assert str(info.value).startswith(f"TwinCheckpoint.load: {bad!r}: ")
+
+
+def test_load_rejects_checksums_that_are_not_json(saved, tmp_path):
+    _, path = saved
+    bad = str(tmp_path / "bad.safetensors")
+    rewrite(path, bad, checksums=False)
+    with safe_open(bad, framework="pt") as f:
+        data = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = dict(f.metadata(), **{"twinmerge.checksums": "{oops"})
+    save_file(data, bad, metadata=metadata)
+    with pytest.raises(ValueError, match="'twinmerge.checksums' metadata is not valid JSON"):
+        TwinCheckpoint.load(bad, verify=False)
+    with pytest.raises(TypeError, match="verify must be a bool, got 'yes'"):
+        TwinCheckpoint.load(path, verify="yes")
+
+
+# --- non-finite values --------------------------------------------------------------------------
+
+def _poison(key, value, index=1):
+    def edit(d):
+        t = d[key].clone()
+        t.view(-1)[index] = value
+        d[key] = t
+    return edit
+
+
+@pytest.mark.parametrize("key", ["shared/layer.weight", "lowrank/embed.weight/U_cat",
+                                 "lowrank/layer.weight/S_cat", "dense/layer.bias/deltas",
+                                 "dense/logit_scale/deltas", "heads/mnli/classifier.bias",
+                                 "router/net.0.weight", "router/feature_std"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_load_rejects_non_finite_tensors_whatever_verify_says(setup, tmp_path, key, value):
+    # Written by hand with valid checksums: only the finiteness check can catch it.
+    base, experts = setup
+    twin = TwinCheckpoint.build(base, with_heads(experts, [3, 2, 4]), rank=2, heads="^classifier")
+    twin = twin.with_router(trained_like_router())
+    good, bad = tmp_path / "good.safetensors", str(tmp_path / "bad.safetensors")
+    twin.save(good)
+    rewrite(good, bad, tensors=_poison(key, value))
+    assert json.loads(file_layout(bad)[0]["__metadata__"]["twinmerge.checksums"]) == \
+        file_checksums(bad)
+    for verify in (True, False):
+        with pytest.raises(ValueError, match=rf"tensor '{key}' has a non-finite value "
+                                             rf"\({value} at \[\d+(, \d+)*\]\)") as info:
+            TwinCheckpoint.load(bad, verify=verify)
+        assert str(info.value).startswith(f"TwinCheckpoint.load: {bad!r}: ")
+
+
+def test_load_rejects_non_finite_tensors_in_files_without_checksums(saved, tmp_path):
+    _, path = saved
+    bad = tmp_path / "bad.safetensors"
+    rewrite(path, bad, tensors=_poison("shared/conv.weight", float("nan"), 5), checksums=False)
+    with pytest.raises(ValueError, match=r"tensor 'shared/conv.weight' has a non-finite value "
+                                         r"\(nan at \[1, 0, 1\]\)"):
+        TwinCheckpoint.load(bad)
+
+
+def test_save_refuses_non_finite_tensors_before_writing_anything(saved, tmp_path):
+    twin, path = saved
+    before = open(path, "rb").read()
+    meta = twin.metadata
+    info = {k: v for k, v in meta.items() if k not in ("tasks", "tensors")}
+    errors = {name: spec["errors"] for name, spec in meta["tensors"]["lowrank"].items()}
+    dense = dict(twin.dense, **{"layer.bias": twin.dense["layer.bias"].clone()})
+    dense["layer.bias"][2, 4] = float("inf")
+    by_hand = TwinCheckpoint(twin.tasks, twin.shared, twin.lowrank, dense, errors, info)
+    with pytest.raises(ValueError, match=r"^TwinCheckpoint.save: tensor 'dense/layer.bias/deltas' "
+                                         r"must be finite, got inf at \[2, 4\]; nothing was "
+                                         r"written$"):
+        by_hand.save(path)
+    with pytest.raises(ValueError, match="'dense/layer.bias/deltas' must be finite"):
+        by_hand.save(tmp_path / "new.safetensors")
+    assert open(path, "rb").read() == before
+    assert sorted(os.listdir(tmp_path)) == ["twin.safetensors"]
+    # A router attached finite and changed afterwards (it is the twin's own module).
+    routed = twin.with_router(trained_like_router())
+    with torch.no_grad():
+        routed.router.net[0].weight[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"tensor 'router/net.0.weight' must be finite, got nan "
+                                         r"at \[1, 2\]"):
+        routed.save(path)
+    assert sorted(os.listdir(tmp_path)) == ["twin.safetensors"]
+
+
+def test_build_and_with_router_refuse_non_finite_heads_and_routers(setup, saved):
+    base, experts = setup
+    headed = with_heads(experts, [3, 2, 4])
+    headed["mnli"]["classifier.bias"][1] = float("nan")
+    with pytest.raises(ValueError, match=r"head tensor 'classifier.bias' of experts\['mnli'\] "
+                                         r"must be finite, got nan at \[1\]"):
+        TwinCheckpoint.build(base, headed, rank=1, heads="^classifier")
+    twin, _ = saved
+    router = trained_like_router()
+    router.feature_std[3] = float("-inf")
+    with pytest.raises(ValueError, match=r"router tensor 'feature_std' must be finite, got -inf "
+                                         r"at \[3\]"):
+        twin.with_router(router)
 
 
 # --- task heads ---------------------------------------------------------------------------------
@@ -636,8 +1026,9 @@ def test_heads_round_trip_and_old_files_without_heads(setup, tmp_path):
 
     def drop(h):
         del h["heads"], h["tensors"]["heads"]
-    rewrite(plain, tmp_path / "old.safetensors", meta=drop)
-    old = TwinCheckpoint.load(tmp_path / "old.safetensors")
+    rewrite(plain, tmp_path / "old.safetensors", meta=drop, checksums=False)
+    with pytest.warns(UserWarning, match="has no checksums"):
+        old = TwinCheckpoint.load(tmp_path / "old.safetensors")
     assert dict(old.heads) == {} and old.metadata["heads"] is None
 
 

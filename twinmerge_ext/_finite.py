@@ -1,19 +1,17 @@
 """The NaN/Inf check of every tensor the library takes from a user (weights, deltas, features,
-loaded files), made cheap enough to run on every one.
+loaded and saved files), made cheap enough to run on every one.
 
-A finite sum proves a tensor finite: a NaN anywhere makes the sum NaN, an infinity makes it
-infinite or NaN. On the CPU a sum costs a fraction of `torch.isfinite(t).all()` (measured on a
-768×3072 fp32 matrix: 0.06 ms against 16 ms), so the sum decides, and isfinite settles only the
-rare sum that is not finite (a real NaN/Inf, or finite entries whose sum overflows).
+One min/max reduction decides: a NaN propagates into both, an infinity becomes one of them. It
+reads the tensor once at memory bandwidth and writes no mask the size of the tensor (measured
+on this project's 2-core x86-64 VM, 64 MiB tensors: 32 GB/s fp32, 23 GB/s fp16, 30 GB/s bf16,
+27 GB/s fp64, where `torch.isfinite(t).all()` reaches 0.7 GB/s and a sum 1.2 GB/s in the half
+types). The position of a bad entry is looked up only for a tensor that fails.
 """
 
-import math
+from typing import Optional
 
 import torch
 from torch import Tensor
-
-# Half types are summed in fp32: an fp16 sum of a large finite tensor overflows 65504.
-_SUM_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 
 
 def all_finite(t: Tensor) -> bool:
@@ -21,9 +19,17 @@ def all_finite(t: Tensor) -> bool:
     tensors). One host synchronization on CUDA."""
     if not t.is_floating_point() or t.numel() == 0:
         return True
-    if math.isfinite(t.sum(dtype=_SUM_DTYPE.get(t.dtype)).item()):
-        return True
-    return bool(torch.isfinite(t).all())
+    lo, hi = torch.aminmax(t.detach())
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
+def non_finite(t: Tensor) -> Optional[str]:
+    """None if t is all finite (or not floating, or empty); otherwise its first non-finite entry,
+    e.g. "nan at [2, 0]"."""
+    if all_finite(t):
+        return None
+    where = torch.nonzero(~torch.isfinite(t.detach()))[0].tolist()
+    return f"{t.detach()[tuple(where)].item()} at {where}"
 
 
 def nonfinite_rows(t: Tensor, limit: int = 8) -> str:
