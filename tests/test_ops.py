@@ -479,6 +479,156 @@ def test_truncated_svd_opcheck(device):
     opcheck(torch.ops.twinmerge.truncated_svd, (decaying(2, 30, 20, device=device), 4, 3, 1, 7))
 
 
+# --- autograd rules of the ops that are not differentiable ------------------------------------
+
+def _inplace_args(op, dtype, device="cpu"):
+    """Keyword arguments of a small call of the in-place op `op` and its float64 reference."""
+    if op == "lowrank_merge_":
+        base, U, S, V, w = factors((2,), 8, 6, [2, 3], dtype, device)
+        args = dict(out=torch.zeros_like(base), base=base, U_cat=U, S_cat=S, V_cat=V,
+                    ranks=[2, 3], weights=w)
+        return args, lambda a: ref.lowrank_merge(a["base"], a["U_cat"], a["S_cat"], a["V_cat"],
+                                                 a["ranks"], a["weights"])
+    g = torch.Generator().manual_seed(1)
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype).to(device)
+    args = dict(out=torch.zeros(4, 5, dtype=dtype, device=device), base=mk(4, 5),
+                deltas=mk(3, 4, 5), weights=torch.rand(3, generator=g).to(device))
+    return args, lambda a: ref.dense_merge(a["base"], a["deltas"], a["weights"])
+
+
+INPLACE_OPS = {"lowrank_merge_": tm.lowrank_merge_, "dense_merge_": tm.dense_merge_}
+INPLACE_INPUTS = [("lowrank_merge_", name) for name in ("base", "U_cat", "S_cat", "V_cat", "weights")]
+INPLACE_INPUTS += [("dense_merge_", name) for name in ("base", "deltas", "weights")]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op", INPLACE_OPS)
+def test_inplace_ops_refuse_a_leaf_out_that_requires_grad(device, dtype, op):
+    args, _ = _inplace_args(op, dtype, device)
+    out = args["out"].requires_grad_()
+    with pytest.raises(RuntimeError, match=rf"{op}: out must not be a leaf tensor that requires "
+                                           r"grad while grad mode is on \(a leaf Variable that "
+                                           r"requires grad is being used in an in-place operation; "
+                                           r"merge into it under torch.no_grad\(\).*\), got a leaf "
+                                           r"of shape \[.*\] with requires_grad=True"):
+        INPLACE_OPS[op](**args)
+    assert out._version == 0 and not out.detach().any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op", INPLACE_OPS)
+def test_inplace_ops_refuse_an_out_in_a_graph(device, dtype, op):
+    args, _ = _inplace_args(op, dtype, device)
+    leaf = torch.zeros_like(args["out"], requires_grad=True)
+    args["out"] = leaf * 1  # not a leaf, but part of a graph that a merge would cut silently
+    with pytest.raises(RuntimeError, match=rf"{op}: out must not require grad while grad mode is "
+                                           rf"on \({op} is not differentiable; .*\), got a tensor "
+                                           r"with requires_grad=True"):
+        INPLACE_OPS[op](**args)
+    assert args["out"]._version == 0 and not args["out"].detach().any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op,name", INPLACE_INPUTS)
+def test_inplace_ops_refuse_inputs_that_require_grad(device, dtype, op, name):
+    args, _ = _inplace_args(op, dtype, device)
+    args[name].requires_grad_()
+    instead = ("use lowrank_mix_linear or reconstruct_delta, which are differentiable"
+               if op == "lowrank_merge_" else r"write base \+ .* in torch ops")
+    with pytest.raises(RuntimeError, match=rf"{op}: {name} must not require grad while grad mode "
+                                           rf"is on \({op} is not differentiable; for gradients "
+                                           rf"{instead}; to merge without gradients, call it "
+                                           r"under torch.no_grad\(\)\), got a tensor with "
+                                           r"requires_grad=True"):
+        INPLACE_OPS[op](**args)
+    assert args["out"]._version == 0 and not args["out"].any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op", INPLACE_OPS)
+def test_inplace_ops_under_no_grad_write_into_a_leaf_like_an_optimizer_step(device, dtype, op):
+    args, reference = _inplace_args(op, dtype, device)
+    for name, value in args.items():
+        if isinstance(value, torch.Tensor):
+            value.requires_grad_()
+    out = args["out"]
+    with torch.no_grad():
+        assert INPLACE_OPS[op](**args) is out
+    assert out.is_leaf and out.requires_grad and out.grad_fn is None and out._version == 1
+    assert_close(out.detach(), reference({k: v.detach() if isinstance(v, torch.Tensor) else v
+                                          for k, v in args.items()}))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op", INPLACE_OPS)
+@pytest.mark.parametrize("mode", ["grad", "no_grad", "inference_mode"])
+def test_inplace_ops_bump_the_version_so_backward_sees_the_overwrite(device, dtype, op, mode):
+    args, reference = _inplace_args(op, dtype, device)
+    out = args["out"]
+    leaf = torch.ones_like(out, requires_grad=True)
+    y = (leaf * out).sum()  # saves out for the backward
+    context = {"grad": torch.enable_grad, "no_grad": torch.no_grad,
+               "inference_mode": torch.inference_mode}[mode]
+    with context():
+        INPLACE_OPS[op](**args)
+    assert out._version == 1
+    assert_close(out, reference(args))
+    with pytest.raises(RuntimeError, match="one of the variables needed for gradient computation "
+                                           "has been modified by an inplace operation"):
+        y.backward()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op", INPLACE_OPS)
+def test_inplace_ops_write_into_inference_tensors(device, dtype, op):
+    with torch.inference_mode():
+        args, reference = _inplace_args(op, dtype, device)
+        INPLACE_OPS[op](**args)
+    assert args["out"].is_inference()
+    assert_close(args["out"], reference(args))
+    INPLACE_OPS[op](**args)  # and outside inference mode: an inference tensor has no version
+    assert_close(args["out"], reference(args))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_truncated_svd_refuses_A_that_requires_grad(device, dtype):
+    A = decaying(2, 12, 9, device=device, dtype=dtype).requires_grad_()
+    with pytest.raises(RuntimeError, match=r"truncated_svd: A must not require grad while grad "
+                                           r"mode is on \(truncated_svd is not differentiable; for "
+                                           r"gradients use torch.linalg.svd or torch.svd_lowrank; "
+                                           r"to decompose without gradients, pass A.detach\(\) or "
+                                           r"call it under torch.no_grad\(\)\), got a tensor with "
+                                           r"requires_grad=True"):
+        tm.truncated_svd(A, 3)
+    expected = tm.truncated_svd(A.detach(), 3)
+    with torch.no_grad():
+        factors_ = tm.truncated_svd(A, 3)
+    with torch.inference_mode():
+        in_inference = tm.truncated_svd(A.detach(), 3)
+    for got in (expected, factors_, in_inference):
+        assert all(t.grad_fn is None and not t.requires_grad for t in got)
+        assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_differentiable_ops_work_in_inference_mode(device):
+    with torch.inference_mode():
+        args = mix_args(3, (2,), 5, 4, RANKS[3], torch.float32, device)
+        y = tm.lowrank_mix_linear(*args)
+        _, U, S, V, _ = factors((2,), 5, 4, [3], torch.float32, device)
+        D = tm.reconstruct_delta(U, S, V)
+    assert y.is_inference() and D.is_inference()
+    assert_close(y, ref.lowrank_mix_linear(*args))
+    assert_close(D, ref.reconstruct_delta(U, S, V))
+
+
 # --- builds -------------------------------------------------------------------------------------
 
 def _built_without_cuda():
