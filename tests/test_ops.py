@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.library import opcheck
 
 import twinmerge_ext as tm
@@ -23,6 +24,22 @@ def factors(lead, m, n, ranks, dtype, device, seed=0):
     S = (torch.rand(*lead, K, generator=g, dtype=torch.float64) + 0.5).to(dtype).to(device)
     w = torch.softmax(torch.randn(len(ranks), generator=g, dtype=torch.float64), 0)
     return base, U, S, V, w.to(torch.float32).to(device)
+
+
+def traced(fn, tracing):
+    """fn itself, or fn run under FakeTensorMode on fake copies of its tensor arguments: the path
+    of torch.compile, which must refuse what the compiled kernels refuse, with their messages."""
+    if not tracing:
+        return fn
+
+    def run(*args, **kwargs):
+        with FakeTensorMode() as mode:
+            fake = lambda a: mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
+            return fn(*map(fake, args), **{k: fake(v) for k, v in kwargs.items()})
+    return run
+
+
+TRACING = pytest.mark.parametrize("tracing", [False, True], ids=["kernel", "fake"])
 
 
 # --- lowrank_merge_ -----------------------------------------------------------------------------
@@ -102,12 +119,19 @@ def _merge_args(**over):
     (lambda a: dict(ranks=[5]), r"ranks must have one entry per mixing weight \(2\), got 1"),
     (lambda a: dict(weights=a["weights"][None]), "weights must be a 1-D tensor"),
     (lambda a: dict(weights=torch.tensor([0, 1])), "weights must be float64, float32"),
-    (lambda a: dict(V_cat=a["out"].view(-1)[:60].view(2, 6, 5)), "V_cat must not share memory with out"),
 ])
-def test_lowrank_merge_rejects_bad_input(over, match):
+@TRACING
+def test_lowrank_merge_rejects_bad_input(over, match, tracing):
     args = _merge_args()
     args.update(over(args))
     with pytest.raises(RuntimeError, match=match):
+        traced(tm.lowrank_merge_, tracing)(**args)
+
+
+def test_lowrank_merge_rejects_factor_sharing_memory_with_out():
+    args = _merge_args()
+    args["V_cat"] = args["out"].view(-1)[:60].view(2, 6, 5)
+    with pytest.raises(RuntimeError, match="V_cat must not share memory with out"):
         tm.lowrank_merge_(**args)
 
 
@@ -121,10 +145,11 @@ def test_lowrank_merge_rejects_partial_overlap_with_base():
         tm.lowrank_merge_(**args)
 
 
-def test_lowrank_merge_rejects_too_many_experts():
+@TRACING
+def test_lowrank_merge_rejects_too_many_experts(tracing):
     base = torch.zeros(4, 4)
     with pytest.raises(RuntimeError, match="ranks may name at most 256 experts, got 257"):
-        tm.lowrank_merge_(torch.empty_like(base), base, torch.zeros(4, 257), torch.zeros(257),
+        traced(tm.lowrank_merge_, tracing)(torch.empty_like(base), base, torch.zeros(4, 257), torch.zeros(257),
                           torch.zeros(4, 257), [1] * 257, torch.zeros(257))
 
 
@@ -177,12 +202,13 @@ def test_dense_merge_non_contiguous_inputs(device):
     (dict(deltas=torch.randn(3, 4, 5).half()), "deltas must have the dtype of out"),
     (dict(base=torch.randn(4, 6)), "base must have the shape of out"),
 ])
-def test_dense_merge_rejects_bad_input(over, match):
+@TRACING
+def test_dense_merge_rejects_bad_input(over, match, tracing):
     args = dict(out=torch.empty(4, 5), base=torch.randn(4, 5), deltas=torch.randn(3, 4, 5),
                 weights=torch.rand(3))
     args.update(over)
     with pytest.raises(RuntimeError, match=match):
-        tm.dense_merge_(**args)
+        traced(tm.dense_merge_, tracing)(**args)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -294,11 +320,12 @@ def test_mix_linear_non_contiguous_inputs(device):
     (7, torch.rand(3, 2), r"ranks must have one entry per mixing weight \(2\), got 3"),
     (7, torch.rand(3, 3).long(), "row_weights must be float64, float32"),
 ])
-def test_mix_linear_rejects_bad_input(idx, value, match):
+@TRACING
+def test_mix_linear_rejects_bad_input(idx, value, match, tracing):
     args = list(mix_args(3, (4,), 8, 6, RANKS[3], torch.float32, "cpu"))
     args[idx] = value
     with pytest.raises(RuntimeError, match=match):
-        tm.lowrank_mix_linear(*args)
+        traced(tm.lowrank_mix_linear, tracing)(*args)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -369,9 +396,10 @@ def test_reconstruct_delta_gradcheck_and_opcheck(device):
     ((torch.randn(4, 3), torch.rand(3), torch.randn(5, 3).half()), "V must have the dtype of U"),
     ((torch.randn(3), torch.rand(3), torch.randn(5, 3)), r"U must have shape \[..., m, r\]"),
 ])
-def test_reconstruct_delta_rejects_bad_input(args, match):
+@TRACING
+def test_reconstruct_delta_rejects_bad_input(args, match, tracing):
     with pytest.raises(RuntimeError, match=match):
-        tm.reconstruct_delta(*args)
+        traced(tm.reconstruct_delta, tracing)(*args)
 
 
 # --- truncated_svd ------------------------------------------------------------------------------
@@ -464,14 +492,16 @@ def test_truncated_svd_empty(device, shape):
     (dict(rank=float("nan")), TypeError, r"truncated_svd: rank must be an int, got nan"),
     (dict(rank=2.5), TypeError, r"truncated_svd: rank must be an int, got 2.5"),
 ])
-def test_truncated_svd_rejects_bad_arguments(kwargs, exc, match):
+@TRACING
+def test_truncated_svd_rejects_bad_arguments(kwargs, exc, match, tracing):
     with pytest.raises(exc, match=match):
-        tm.truncated_svd(torch.randn(5, 4), **kwargs)
+        traced(tm.truncated_svd, tracing)(torch.randn(5, 4), **kwargs)
 
 
-def test_truncated_svd_rejects_integer_matrix():
+@TRACING
+def test_truncated_svd_rejects_integer_matrix(tracing):
     with pytest.raises(RuntimeError, match="A must be float64, float32, float16 or bfloat16, got Long"):
-        tm.truncated_svd(torch.ones(5, 4, dtype=torch.long), 2)
+        traced(tm.truncated_svd, tracing)(torch.ones(5, 4, dtype=torch.long), 2)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -627,6 +657,99 @@ def test_differentiable_ops_work_in_inference_mode(device):
     assert y.is_inference() and D.is_inference()
     assert_close(y, ref.lowrank_mix_linear(*args))
     assert_close(D, ref.reconstruct_delta(U, S, V))
+
+
+# --- tensors no op supports: other layouts, devices, quantized dtypes -----------------------------
+
+def _valid_args(op):
+    """Keyword arguments (in schema order) of a small valid CPU float32 call of `op`."""
+    if op in INPLACE_OPS:
+        return _inplace_args(op, torch.float32)[0]
+    if op == "lowrank_mix_linear":
+        names = ["x", "weight", "bias", "U_cat", "S_cat", "V_cat", "ranks", "row_weights"]
+        return dict(zip(names, mix_args(3, (2,), 5, 4, RANKS[3], torch.float32, "cpu")))
+    if op == "reconstruct_delta":
+        _, U, S, V, _ = factors((2,), 5, 4, [3], torch.float32, "cpu")
+        return dict(U=U, S=S, V=V)
+    return dict(A=decaying(2, 12, 9), rank=3)
+
+
+OPS = {name: getattr(tm, name) for name in ("reconstruct_delta", "lowrank_merge_", "dense_merge_",
+                                            "lowrank_mix_linear", "truncated_svd")}
+TENSOR_ARGS = [(op, name) for op in OPS for name, value in _valid_args(op).items()
+               if isinstance(value, torch.Tensor)]
+
+# Each kind of unsupported tensor and the message of the op's refusal, from the Python wrapper
+# and from the dispatcher (the C++ kernels for these keys, or the fake kernel for real meta).
+UNSUPPORTED = {
+    "sparse_coo": (lambda t: t.to_sparse(), r"must be a strided \(dense\) tensor, got layout "
+                                            r"torch.sparse_coo"),
+    "sparse_csr": (lambda t: t.to_sparse_csr() if t.dim() >= 2 else None,
+                   r"must be a strided \(dense\) tensor, got layout torch.sparse_csr"),
+    "mkldnn": (lambda t: t.to_mkldnn(), r"must be a strided \(dense\) tensor, got layout "
+                                        r"torch._mkldnn"),
+    "nested": (lambda t: torch.nested.nested_tensor([t]),
+               r"must be a strided \(dense\) tensor, got a nested tensor"),
+    "quantized": (lambda t: torch.quantize_per_tensor(t, 0.1, 0, torch.qint8),
+                  "must be float64, float32, float16 or bfloat16, got QInt8"),
+    "meta": (lambda t: t.to("meta"), "must be on a cpu or cuda device, got meta"),
+}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # nested, sparse CSR and quantized tensors warn
+@pytest.mark.parametrize("path", ["wrapper", "dispatcher", "dispatcher in inference mode"])
+@pytest.mark.parametrize("op,name", TENSOR_ARGS)
+def test_ops_refuse_unsupported_tensors_by_name(op, name, path):
+    call = OPS[op] if path == "wrapper" else getattr(torch.ops.twinmerge, op)
+    for kind, (convert, match) in UNSUPPORTED.items():
+        args = _valid_args(op)
+        bad = convert(args[name])
+        if bad is None:
+            continue
+        args[name] = bad
+        with torch.inference_mode(path.endswith("inference mode")):
+            with pytest.raises(RuntimeError, match=rf"^{op}: {name} {match}"):
+                call(**args)
+        if op in INPLACE_OPS and name != "out":
+            assert not args["out"].any(), f"{kind}: out was written before the error"
+
+
+@pytest.mark.parametrize("op,name", TENSOR_ARGS)
+def test_wrappers_refuse_non_tensors_by_name(op, name):
+    args = _valid_args(op)
+    args[name] = args[name].tolist()
+    with pytest.raises(TypeError, match=rf"^{op}: {name} must be a Tensor, got list"):
+        OPS[op](**args)
+
+
+def test_fake_kernels_trace_fake_meta_tensors():
+    # FakeTensors on the meta device are shape tracing, which the fake kernels serve.
+    with FakeTensorMode():
+        args = _valid_args("lowrank_merge_")
+        meta = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+        torch.ops.twinmerge.lowrank_merge_(**meta)
+        assert torch.ops.twinmerge.truncated_svd(torch.empty(3, 9, 7, device="meta"), 4)[0].shape == (3, 9, 4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lowrank_merge_torch_compile_fullgraph(device):
+    torch._dynamo.reset()
+    base, U, S, V, w = factors((2,), 8, 6, RANKS[3], torch.float32, device)
+    deltas = torch.randn(3, 8, 6, device=device)
+
+    @torch.compile(fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    def merge(out, w):
+        tm.lowrank_merge_(out, base, U, S, V, RANKS[3], w)
+        tm.dense_merge_(out[0], base[0], deltas, w)
+        return out.sum()
+
+    for new_w in (w, torch.softmax(torch.randn_like(w), 0)):
+        out = torch.empty_like(base)
+        expected = ref.lowrank_merge(base, U, S, V, RANKS[3], new_w)
+        expected[0] = ref.dense_merge(base[0], deltas, new_w)
+        total = merge(out, new_w)
+        assert_close(out, expected)
+        assert_close(total, expected.sum())
 
 
 # --- builds -------------------------------------------------------------------------------------
