@@ -659,6 +659,102 @@ def test_differentiable_ops_work_in_inference_mode(device):
     assert_close(D, ref.reconstruct_delta(U, S, V))
 
 
+# --- non-finite values --------------------------------------------------------------------------
+# The merging and mixing ops never wait for the device, so they do not look for NaN/Inf: like
+# torch.mm they pass it to exactly the outputs that depend on it, never to others, and never
+# leave an output unwritten.
+
+def _poison(t, index, value=float("nan")):
+    t = t.clone()
+    t[index] = value
+    return t
+
+
+def _nonfinite_cases(dtype, device):
+    """(name, run, reference, mask of the outputs that must not be finite) per case."""
+    ranks = [2, 0, 3]
+    base, U, S, V, w = factors((3,), 6, 5, ranks, dtype, device)
+    merge = lambda base=base, U=U, S=S, V=V, w=w: (
+        lambda: tm.lowrank_merge_(torch.full_like(base, 7.0), base, U, S, V, ranks, w),
+        lambda: ref.lowrank_merge(base, U, S, V, ranks, w))
+    mask = lambda f: f(torch.zeros(3, 6, 5, dtype=torch.bool))
+
+    def at(*index):
+        def f(m):
+            m[index] = True
+            return m
+        return f
+
+    cases = [
+        ("merge: weight of a rank-0 expert", *merge(w=_poison(w, 1)), mask(lambda m: m)),
+        ("merge: weight of a rank-3 expert", *merge(w=_poison(w, 2)), mask(lambda m: m.fill_(True))),
+        ("merge: one singular value", *merge(S=_poison(S, (1, 3))), mask(at(1))),
+        ("merge: one entry of U_cat", *merge(U=_poison(U, (2, 4, 0))), mask(at(2, 4))),
+        ("merge: Inf in V_cat", *merge(V=_poison(V, (0, 3, 4), float("inf"))), mask(at(0, slice(None), 3))),
+        ("merge: one entry of base", *merge(base=_poison(base, (1, 2, 3))), mask(at(1, 2, 3))),
+    ]
+    dense_base, deltas = base[0], torch.stack([base[1], base[2], U[0, :, :5]])
+    dense = lambda base=dense_base, deltas=deltas, w=w: (
+        lambda: tm.dense_merge_(torch.full_like(base, 7.0), base, deltas, w),
+        lambda: ref.dense_merge(base, deltas, w))
+    dmask = lambda f: f(torch.zeros(6, 5, dtype=torch.bool))
+    cases += [
+        ("dense: one weight", *dense(w=_poison(w, 0)), dmask(lambda m: m.fill_(True))),
+        ("dense: one delta entry", *dense(deltas=_poison(deltas, (2, 4, 1))), dmask(at(4, 1))),
+        ("dense: Inf in base", *dense(base=_poison(dense_base, (0, 0), float("inf"))), dmask(at(0, 0))),
+    ]
+    x, W, b, U, S, V, _, rw = mix_args(3, (4,), 7, 5, ranks, dtype, device)
+    mix = lambda x=x, b=b, U=U, S=S, rw=rw: (
+        lambda: tm.lowrank_mix_linear(x, W, b, U, S, V, ranks, rw),
+        lambda: ref.lowrank_mix_linear(x, W, b, U, S, V, ranks, rw))
+    mmask = lambda f: f(torch.zeros(3, 4, 7, dtype=torch.bool))
+    cases += [
+        ("mix: row weight of a rank-0 expert", *mix(rw=_poison(rw, (1, 1))), mmask(lambda m: m)),
+        ("mix: row weight of a rank-2 expert", *mix(rw=_poison(rw, (1, 0))), mmask(at(1))),
+        ("mix: one entry of x", *mix(x=_poison(x, (2, 1, 3))), mmask(at(2, 1))),
+        ("mix: one singular value", *mix(S=_poison(S, 4)), mmask(lambda m: m.fill_(True))),
+        ("mix: one entry of U_cat", *mix(U=_poison(U, (5, 0))), mmask(at(slice(None), slice(None), 5))),
+        ("mix: Inf in bias", *mix(b=_poison(b, 6, float("inf"))), mmask(at(slice(None), slice(None), 6))),
+    ]
+    _, Ur, Sr, Vr, _ = factors((2,), 6, 5, [3], dtype, device)
+    Sr = _poison(Sr, (1, 2))
+    cases += [("reconstruct: one singular value", lambda: tm.reconstruct_delta(Ur, Sr, Vr),
+               lambda: ref.reconstruct_delta(Ur, Sr, Vr),
+               torch.zeros(2, 6, 5, dtype=torch.bool).index_fill_(0, torch.tensor([1]), True))]
+    return cases
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_finite_inputs_reach_exactly_the_outputs_that_depend_on_them(device, dtype):
+    for name, run, reference, affected in _nonfinite_cases(dtype, device):
+        got, expected = run().cpu(), reference().cpu()
+        assert torch.equal(~torch.isfinite(got), affected), name
+        assert torch.equal(~torch.isfinite(expected), affected), name  # the test's own premise
+        assert torch.equal(torch.isnan(got), torch.isnan(expected)), name
+        assert torch.equal(got[torch.isinf(got)], expected[torch.isinf(expected)]), name
+        assert_close(got[~affected], expected[~affected], dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rank", [5, 15], ids=["sketched", "exact"])
+def test_truncated_svd_refuses_non_finite_matrices_by_index(device, dtype, rank):
+    A = decaying(6, 30, 20, device=device, dtype=dtype).reshape(2, 3, 30, 20)
+    A[1, 0, 2, 3] = float("nan")
+    A[1, 2, 0, 0] = float("inf")
+    with pytest.raises(RuntimeError, match=r"^truncated_svd: A must have finite entries only \(the "
+                                           r"SVD of a matrix with NaN or Inf is undefined\), got NaN "
+                                           r"or Inf entries in the matrix at leading index \[1, 0\] "
+                                           r"\(batch index 3 of 6\) and in 1 more"):
+        tm.truncated_svd(A, rank)
+    with pytest.raises(RuntimeError, match=r"^truncated_svd: A must have finite entries only .*, got "
+                                           r"NaN or Inf entries(?! in)"):
+        tm.truncated_svd(A[1, 2].mT, rank)
+    U, S, V = tm.truncated_svd(A[0], rank)  # the finite matrices alone
+    assert torch.isfinite(S).all()
+
+
 # --- tensors no op supports: other layouts, devices, quantized dtypes -----------------------------
 
 def _valid_args(op):

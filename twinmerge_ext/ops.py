@@ -6,6 +6,11 @@ Storage dtypes: float64, float32, float16, bfloat16; sums accumulate in float32 
 float64). Mixing weights are device tensors, so no merging or mixing op synchronizes with the
 host (truncated_svd, an offline step, does once on CUDA).
 
+Non-finite values: the merging and mixing ops never wait for the device, so they do not look for
+NaN/Inf (that would need a host sync); as in torch.mm, a NaN or Inf input reaches exactly the
+outputs that depend on it (a weight of an expert with rank 0 reaches none). truncated_svd refuses
+non-finite matrices.
+
 Every tensor argument must be a strided (dense) tensor on a cpu or cuda device: a sparse, mkldnn,
 nested, quantized or meta tensor, or one on another device type, raises a RuntimeError that names
 the argument, from these wrappers and from torch.ops.twinmerge alike. The fake kernels serve shape
@@ -162,10 +167,13 @@ def truncated_svd(A: Tensor, rank: int, oversample: int = 10, n_iter: int = 2,
     Computes in float32 (float64 for float64 input). A sketch of rank + oversample columns is
     refined by n_iter power iterations: raise either to trade speed for accuracy. When the sketch
     would cover min(m, n), the exact SVD is used. Deterministic for a given seed (CPU and CUDA
-    draw different sketches). On CUDA, a matrix with NaN or Inf entries gets NaN singular values
-    rather than an error, so one bad matrix does not fail a batch. The CUDA op takes the small
-    projected SVD on the host (it waits for the device once per call) and seeds its own
-    generator per call, so it cannot be captured in a CUDA graph.
+    draw different sketches). The CUDA op takes the small projected SVD on the host (it waits for
+    the device once per call) and seeds its own generator per call, so it cannot be captured in a
+    CUDA graph.
+
+    Errors: a matrix with NaN or Inf entries raises a RuntimeError naming its index in the batch,
+    on CPU and CUDA alike (its SVD is undefined; on CUDA the check's flags come back in the op's
+    one wait for the device).
     """
     op = "truncated_svd"
     _tensors(op, A=A)
