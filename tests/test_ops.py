@@ -117,6 +117,7 @@ def _merge_args(**over):
     (lambda a: dict(ranks=[2, 2]), r"ranks must sum to the factor width K = 5, got sum\(\[2, 2\]\) = 4"),
     (lambda a: dict(ranks=[6, -1]), r"ranks must be non-negative, got ranks\[1\] = -1"),
     (lambda a: dict(ranks=[5]), r"ranks must have one entry per mixing weight \(2\), got 1"),
+    (lambda a: dict(ranks=[], weights=a["weights"][:0]), r"ranks must name at least one expert, got \[\]"),
     (lambda a: dict(weights=a["weights"][None]), "weights must be a 1-D tensor"),
     (lambda a: dict(weights=torch.tensor([0, 1])), "weights must be float64, float32"),
 ])
@@ -808,6 +809,16 @@ def test_ops_refuse_unsupported_tensors_by_name(op, name, path):
                 call(**args)
         if op in INPLACE_OPS and name != "out":
             assert not args["out"].any(), f"{kind}: out was written before the error"
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_unsupported_kernels_refuse_even_without_an_unsupported_argument(op):
+    # Reached only by a call dispatched to a sparse key by hand: it must still refuse.
+    sparse = torch._C.DispatchKeySet(torch._C.DispatchKey.SparseCPU)
+    with pytest.raises(RuntimeError, match=rf"^{op}: its tensors must be strided \(dense\) tensors "
+                                           r"of a floating dtype on a cpu or cuda device, got a call "
+                                           r"dispatched to SparseCPU"):
+        getattr(torch.ops.twinmerge, op).default.redispatch(sparse, **_valid_args(op))
 
 
 @pytest.mark.parametrize("op,name", TENSOR_ARGS)
