@@ -12,8 +12,9 @@ outputs that depend on it (a weight of an expert with rank 0 reaches none). trun
 non-finite matrices.
 
 Every tensor argument must be a strided (dense) tensor on a cpu or cuda device: a sparse, mkldnn,
-nested, quantized or meta tensor, or one on another device type, raises a RuntimeError that names
-the argument, from these wrappers and from torch.ops.twinmerge alike. The fake kernels serve shape
+nested, quantized or meta tensor raises a RuntimeError that names the argument, from these wrappers
+and from torch.ops.twinmerge alike; so does a tensor on another device type, from the wrappers
+(torch.ops answers it with the dispatcher's error for that backend). The fake kernels serve shape
 tracing with FakeTensors (torch.compile) and apply the compiled ops' shape, dtype and device rules.
 """
 
@@ -101,6 +102,12 @@ def lowrank_merge_(out: Tensor, base: Tensor, U_cat: Tensor, S_cat: Tensor, V_ca
 
     Precision: products accumulate in fp32. On CUDA with fp16/bf16 storage, the scaled factor
     U_cat·diag(s) is rounded once to the storage dtype before the GEMM (the CPU keeps it in fp32).
+
+    Autograd: not differentiable (use lowrank_mix_linear or reconstruct_delta for gradients).
+    With grad mode on, an argument that requires grad raises a RuntimeError naming it (a leaf
+    `out` that requires grad as torch refuses in-place writes into one); under torch.no_grad()
+    the merge may write into such a leaf, like an optimizer step. Like torch's in-place ops, it
+    bumps out's version counter, so backward() notices when it overwrote a saved tensor.
     """
     _tensors("lowrank_merge_", out=out, base=base, U_cat=U_cat, S_cat=S_cat, V_cat=V_cat,
              weights=weights)
@@ -118,7 +125,7 @@ def dense_merge_(out: Tensor, base: Tensor, deltas: Tensor, weights: Tensor) -> 
         deltas: [T, ...]
         weights: [T]
 
-    Same in-place rules as lowrank_merge_. Returns `out`.
+    Same in-place and autograd rules as lowrank_merge_. Returns `out`.
     """
     _tensors("dense_merge_", out=out, base=base, deltas=deltas, weights=weights)
     _ops.dense_merge_(out, base, deltas, weights)
@@ -173,7 +180,8 @@ def truncated_svd(A: Tensor, rank: int, oversample: int = 10, n_iter: int = 2,
 
     Errors: a matrix with NaN or Inf entries raises a RuntimeError naming its index in the batch,
     on CPU and CUDA alike (its SVD is undefined; on CUDA the check's flags come back in the op's
-    one wait for the device).
+    one wait for the device). Not differentiable: with grad mode on, an A that requires grad
+    raises (use torch.linalg.svd or torch.svd_lowrank for gradients, or pass A.detach()).
     """
     op = "truncated_svd"
     _tensors(op, A=A)
