@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.library import opcheck
 
@@ -625,6 +626,31 @@ def test_inplace_ops_write_into_inference_tensors(device, dtype, op):
     assert_close(args["out"], reference(args))
     INPLACE_OPS[op](**args)  # and outside inference mode: an inference tensor has no version
     assert_close(args["out"], reference(args))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op,name", INPLACE_INPUTS + [(op, "out") for op in INPLACE_OPS]
+                         + [("truncated_svd", "A")])
+@pytest.mark.parametrize("grad_mode", [True, False], ids=["grad", "no_grad"])
+def test_non_differentiable_ops_refuse_forward_mode_dual_tensors(device, dtype, op, name, grad_mode):
+    # Forward AD ignores torch.no_grad(): a tangent would be dropped silently in either mode.
+    if op == "truncated_svd":
+        args, call = dict(A=decaying(2, 12, 9, device=device, dtype=dtype), rank=3), tm.truncated_svd
+    else:
+        args, call = _inplace_args(op, dtype, device)[0], INPLACE_OPS[op]
+    with fwAD.dual_level(), torch.set_grad_enabled(grad_mode):
+        primal = args[name]
+        args[name] = fwAD.make_dual(primal, torch.ones_like(primal))
+        with pytest.raises(RuntimeError, match=rf"^{op}: {name} must not be a dual tensor of "
+                                               rf"forward-mode AD \({op} is not differentiable; "
+                                               rf"pass {name}.detach\(\), its primal\), got one "
+                                               r"with a tangent"):
+            call(**args)
+        args[name] = args[name].detach()
+        call(**args)
+    if op != "truncated_svd":
+        assert args["out"].any()
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -106,8 +106,9 @@ def lowrank_merge_(out: Tensor, base: Tensor, U_cat: Tensor, S_cat: Tensor, V_ca
     Autograd: not differentiable (use lowrank_mix_linear or reconstruct_delta for gradients).
     With grad mode on, an argument that requires grad raises a RuntimeError naming it (a leaf
     `out` that requires grad as torch refuses in-place writes into one); under torch.no_grad()
-    the merge may write into such a leaf, like an optimizer step. Like torch's in-place ops, it
-    bumps out's version counter, so backward() notices when it overwrote a saved tensor.
+    the merge may write into such a leaf, like an optimizer step. A dual tensor of forward-mode AD
+    raises in any grad mode (its tangent would be lost). Like torch's in-place ops, it bumps out's
+    version counter, so backward() notices when it overwrote a saved tensor.
     """
     _tensors("lowrank_merge_", out=out, base=base, U_cat=U_cat, S_cat=S_cat, V_cat=V_cat,
              weights=weights)
@@ -181,7 +182,8 @@ def truncated_svd(A: Tensor, rank: int, oversample: int = 10, n_iter: int = 2,
     Errors: a matrix with NaN or Inf entries raises a RuntimeError naming its index in the batch,
     on CPU and CUDA alike (its SVD is undefined; on CUDA the check's flags come back in the op's
     one wait for the device). Not differentiable: with grad mode on, an A that requires grad
-    raises (use torch.linalg.svd or torch.svd_lowrank for gradients, or pass A.detach()).
+    raises, and so does a forward-mode dual A in any mode (use torch.linalg.svd or
+    torch.svd_lowrank for gradients, or pass A.detach()).
     """
     op = "truncated_svd"
     _tensors(op, A=A)

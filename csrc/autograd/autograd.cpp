@@ -22,11 +22,19 @@ namespace {
 
 using Named = std::pair<const char*, const at::Tensor*>;
 
-// With grad mode on: `out` may not require grad (a leaf that does is refused as torch refuses
-// in-place writes into it; any other cannot be differentiated through this op), and neither may
-// any input. `instead` says what to use for gradients.
+// No argument may carry a forward-mode gradient (a dual tensor; torch.no_grad() does not turn
+// forward AD off), and with grad mode on, `out` may not require grad (a leaf that does is refused
+// as torch refuses in-place writes into it; any other cannot be differentiated through this op),
+// and neither may any input. `instead` says what to use for gradients.
 void check_not_differentiated(const char* op, const at::Tensor* out,
                               std::initializer_list<Named> inputs, const char* instead) {
+  const auto no_tangent = [op](const char* name, const at::Tensor& t) {
+    TM_CHECK(op, !t._fw_grad(/*level=*/0).defined(), name, " must not be a dual tensor of "
+             "forward-mode AD (", op, " is not differentiable; pass ", name, ".detach(), its "
+             "primal), got one with a tangent");
+  };
+  if (out != nullptr) no_tangent("out", *out);
+  for (const auto& [name, t] : inputs) no_tangent(name, *t);
   if (!at::GradMode::is_enabled()) return;
   if (out != nullptr && out->requires_grad()) {
     TM_CHECK(op, !out->is_leaf(),
