@@ -91,7 +91,8 @@ def _sources(*patterns):
 
 
 def extensions():
-    common = _sources("csrc/ops.cpp", "csrc/checks.cpp", "csrc/python_module.cpp", "csrc/cpu/*.cpp")
+    common = _sources("csrc/ops.cpp", "csrc/checks.cpp", "csrc/unsupported.cpp", "csrc/python_module.cpp",
+                      "csrc/cpu/*.cpp", "csrc/autograd/*.cpp")
     extra = {"cxx": ["-O3"]}
     if not _with_cuda():
         print("setup.py: building twinmerge_ext._C for CPU only")

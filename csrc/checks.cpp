@@ -1,6 +1,9 @@
 #include "checks.h"
 
+#include <algorithm>
 #include <numeric>
+#include <string>
+#include <vector>
 
 namespace twinmerge {
 
@@ -209,6 +212,28 @@ SvdShape check_truncated_svd(const at::Tensor& A, int64_t rank, int64_t oversamp
   const int64_t batch = std::accumulate(A.sizes().begin(), A.sizes().end() - 2, int64_t{1},
                                         std::multiplies<>());
   return {batch, m, n, r, std::min(r + oversample, k)};
+}
+
+void check_finite_matrices(const char* op, at::IntArrayRef lead, const at::Tensor& finite) {
+  const auto flags = finite.to(at::kBool).contiguous();
+  const bool* ok = flags.const_data_ptr<bool>();
+  const int64_t batch = flags.numel();
+  const int64_t bad = std::count(ok, ok + batch, false);
+  if (bad == 0) return;
+  if (lead.empty()) {
+    TM_CHECK(op, false, "A must have finite entries only (the SVD of a matrix with NaN or Inf is "
+             "undefined), got NaN or Inf entries");
+  }
+  const int64_t first = std::find(ok, ok + batch, false) - ok;
+  std::vector<int64_t> index(lead.size());
+  for (int64_t d = static_cast<int64_t>(lead.size()) - 1, rest = first; d >= 0; --d) {
+    index[d] = rest % lead[d];
+    rest /= lead[d];
+  }
+  TM_CHECK(op, false, "A must have finite entries only (the SVD of a matrix with NaN or Inf is "
+           "undefined), got NaN or Inf entries in the matrix at leading index ", at::IntArrayRef(index),
+           " (batch index ", first, " of ", batch, ")",
+           bad > 1 ? " and in " + std::to_string(bad - 1) + " more" : std::string());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> svd_outputs(const at::Tensor& A, int64_t r,

@@ -86,6 +86,11 @@ struct SvdShape {
 };
 SvdShape check_truncated_svd(const at::Tensor& A, int64_t rank, int64_t oversample, int64_t n_iter);
 
+// truncated_svd's refusal of non-finite input: `finite` (bool, on the CPU, one flag per matrix of
+// the batch) says which matrices of A [*lead, m, n] have finite entries only; raises naming the
+// first that does not, by its index in `lead` and in the flattened batch.
+void check_finite_matrices(const char* op, at::IntArrayRef lead, const at::Tensor& finite);
+
 // truncated_svd's results in A's dtype and shapes [..., m, r], [..., r], [..., n, r], from the
 // batched [batch, m, r], [batch, r], [batch, n, r] factors (any dtype and strides); zeros when
 // given undefined tensors (an empty input).

@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.library import opcheck
 
 import twinmerge_ext as tm
@@ -23,6 +25,22 @@ def factors(lead, m, n, ranks, dtype, device, seed=0):
     S = (torch.rand(*lead, K, generator=g, dtype=torch.float64) + 0.5).to(dtype).to(device)
     w = torch.softmax(torch.randn(len(ranks), generator=g, dtype=torch.float64), 0)
     return base, U, S, V, w.to(torch.float32).to(device)
+
+
+def traced(fn, tracing):
+    """fn itself, or fn run under FakeTensorMode on fake copies of its tensor arguments: the path
+    of torch.compile, which must refuse what the compiled kernels refuse, with their messages."""
+    if not tracing:
+        return fn
+
+    def run(*args, **kwargs):
+        with FakeTensorMode() as mode:
+            fake = lambda a: mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
+            return fn(*map(fake, args), **{k: fake(v) for k, v in kwargs.items()})
+    return run
+
+
+TRACING = pytest.mark.parametrize("tracing", [False, True], ids=["kernel", "fake"])
 
 
 # --- lowrank_merge_ -----------------------------------------------------------------------------
@@ -100,14 +118,22 @@ def _merge_args(**over):
     (lambda a: dict(ranks=[2, 2]), r"ranks must sum to the factor width K = 5, got sum\(\[2, 2\]\) = 4"),
     (lambda a: dict(ranks=[6, -1]), r"ranks must be non-negative, got ranks\[1\] = -1"),
     (lambda a: dict(ranks=[5]), r"ranks must have one entry per mixing weight \(2\), got 1"),
+    (lambda a: dict(ranks=[], weights=a["weights"][:0]), r"ranks must name at least one expert, got \[\]"),
     (lambda a: dict(weights=a["weights"][None]), "weights must be a 1-D tensor"),
     (lambda a: dict(weights=torch.tensor([0, 1])), "weights must be float64, float32"),
-    (lambda a: dict(V_cat=a["out"].view(-1)[:60].view(2, 6, 5)), "V_cat must not share memory with out"),
 ])
-def test_lowrank_merge_rejects_bad_input(over, match):
+@TRACING
+def test_lowrank_merge_rejects_bad_input(over, match, tracing):
     args = _merge_args()
     args.update(over(args))
     with pytest.raises(RuntimeError, match=match):
+        traced(tm.lowrank_merge_, tracing)(**args)
+
+
+def test_lowrank_merge_rejects_factor_sharing_memory_with_out():
+    args = _merge_args()
+    args["V_cat"] = args["out"].view(-1)[:60].view(2, 6, 5)
+    with pytest.raises(RuntimeError, match="V_cat must not share memory with out"):
         tm.lowrank_merge_(**args)
 
 
@@ -121,10 +147,11 @@ def test_lowrank_merge_rejects_partial_overlap_with_base():
         tm.lowrank_merge_(**args)
 
 
-def test_lowrank_merge_rejects_too_many_experts():
+@TRACING
+def test_lowrank_merge_rejects_too_many_experts(tracing):
     base = torch.zeros(4, 4)
     with pytest.raises(RuntimeError, match="ranks may name at most 256 experts, got 257"):
-        tm.lowrank_merge_(torch.empty_like(base), base, torch.zeros(4, 257), torch.zeros(257),
+        traced(tm.lowrank_merge_, tracing)(torch.empty_like(base), base, torch.zeros(4, 257), torch.zeros(257),
                           torch.zeros(4, 257), [1] * 257, torch.zeros(257))
 
 
@@ -177,12 +204,13 @@ def test_dense_merge_non_contiguous_inputs(device):
     (dict(deltas=torch.randn(3, 4, 5).half()), "deltas must have the dtype of out"),
     (dict(base=torch.randn(4, 6)), "base must have the shape of out"),
 ])
-def test_dense_merge_rejects_bad_input(over, match):
+@TRACING
+def test_dense_merge_rejects_bad_input(over, match, tracing):
     args = dict(out=torch.empty(4, 5), base=torch.randn(4, 5), deltas=torch.randn(3, 4, 5),
                 weights=torch.rand(3))
     args.update(over)
     with pytest.raises(RuntimeError, match=match):
-        tm.dense_merge_(**args)
+        traced(tm.dense_merge_, tracing)(**args)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -294,11 +322,12 @@ def test_mix_linear_non_contiguous_inputs(device):
     (7, torch.rand(3, 2), r"ranks must have one entry per mixing weight \(2\), got 3"),
     (7, torch.rand(3, 3).long(), "row_weights must be float64, float32"),
 ])
-def test_mix_linear_rejects_bad_input(idx, value, match):
+@TRACING
+def test_mix_linear_rejects_bad_input(idx, value, match, tracing):
     args = list(mix_args(3, (4,), 8, 6, RANKS[3], torch.float32, "cpu"))
     args[idx] = value
     with pytest.raises(RuntimeError, match=match):
-        tm.lowrank_mix_linear(*args)
+        traced(tm.lowrank_mix_linear, tracing)(*args)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -369,9 +398,10 @@ def test_reconstruct_delta_gradcheck_and_opcheck(device):
     ((torch.randn(4, 3), torch.rand(3), torch.randn(5, 3).half()), "V must have the dtype of U"),
     ((torch.randn(3), torch.rand(3), torch.randn(5, 3)), r"U must have shape \[..., m, r\]"),
 ])
-def test_reconstruct_delta_rejects_bad_input(args, match):
+@TRACING
+def test_reconstruct_delta_rejects_bad_input(args, match, tracing):
     with pytest.raises(RuntimeError, match=match):
-        tm.reconstruct_delta(*args)
+        traced(tm.reconstruct_delta, tracing)(*args)
 
 
 # --- truncated_svd ------------------------------------------------------------------------------
@@ -464,19 +494,395 @@ def test_truncated_svd_empty(device, shape):
     (dict(rank=float("nan")), TypeError, r"truncated_svd: rank must be an int, got nan"),
     (dict(rank=2.5), TypeError, r"truncated_svd: rank must be an int, got 2.5"),
 ])
-def test_truncated_svd_rejects_bad_arguments(kwargs, exc, match):
+@TRACING
+def test_truncated_svd_rejects_bad_arguments(kwargs, exc, match, tracing):
     with pytest.raises(exc, match=match):
-        tm.truncated_svd(torch.randn(5, 4), **kwargs)
+        traced(tm.truncated_svd, tracing)(torch.randn(5, 4), **kwargs)
 
 
-def test_truncated_svd_rejects_integer_matrix():
+@TRACING
+def test_truncated_svd_rejects_integer_matrix(tracing):
     with pytest.raises(RuntimeError, match="A must be float64, float32, float16 or bfloat16, got Long"):
-        tm.truncated_svd(torch.ones(5, 4, dtype=torch.long), 2)
+        traced(tm.truncated_svd, tracing)(torch.ones(5, 4, dtype=torch.long), 2)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_truncated_svd_opcheck(device):
     opcheck(torch.ops.twinmerge.truncated_svd, (decaying(2, 30, 20, device=device), 4, 3, 1, 7))
+
+
+# --- autograd rules of the ops that are not differentiable ------------------------------------
+
+def _inplace_args(op, dtype, device="cpu"):
+    """Keyword arguments of a small call of the in-place op `op` and its float64 reference."""
+    if op == "lowrank_merge_":
+        base, U, S, V, w = factors((2,), 8, 6, [2, 3], dtype, device)
+        args = dict(out=torch.zeros_like(base), base=base, U_cat=U, S_cat=S, V_cat=V,
+                    ranks=[2, 3], weights=w)
+        return args, lambda a: ref.lowrank_merge(a["base"], a["U_cat"], a["S_cat"], a["V_cat"],
+                                                 a["ranks"], a["weights"])
+    g = torch.Generator().manual_seed(1)
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype).to(device)
+    args = dict(out=torch.zeros(4, 5, dtype=dtype, device=device), base=mk(4, 5),
+                deltas=mk(3, 4, 5), weights=torch.rand(3, generator=g).to(device))
+    return args, lambda a: ref.dense_merge(a["base"], a["deltas"], a["weights"])
+
+
+INPLACE_OPS = {"lowrank_merge_": tm.lowrank_merge_, "dense_merge_": tm.dense_merge_}
+INPLACE_INPUTS = [("lowrank_merge_", name) for name in ("base", "U_cat", "S_cat", "V_cat", "weights")]
+INPLACE_INPUTS += [("dense_merge_", name) for name in ("base", "deltas", "weights")]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op", INPLACE_OPS)
+def test_inplace_ops_refuse_a_leaf_out_that_requires_grad(device, dtype, op):
+    args, _ = _inplace_args(op, dtype, device)
+    out = args["out"].requires_grad_()
+    with pytest.raises(RuntimeError, match=rf"{op}: out must not be a leaf tensor that requires "
+                                           r"grad while grad mode is on \(a leaf Variable that "
+                                           r"requires grad is being used in an in-place operation; "
+                                           r"merge into it under torch.no_grad\(\).*\), got a leaf "
+                                           r"of shape \[.*\] with requires_grad=True"):
+        INPLACE_OPS[op](**args)
+    assert out._version == 0 and not out.detach().any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op", INPLACE_OPS)
+def test_inplace_ops_refuse_an_out_in_a_graph(device, dtype, op):
+    args, _ = _inplace_args(op, dtype, device)
+    leaf = torch.zeros_like(args["out"], requires_grad=True)
+    args["out"] = leaf * 1  # not a leaf, but part of a graph that a merge would cut silently
+    with pytest.raises(RuntimeError, match=rf"{op}: out must not require grad while grad mode is "
+                                           rf"on \({op} is not differentiable; .*\), got a tensor "
+                                           r"with requires_grad=True"):
+        INPLACE_OPS[op](**args)
+    assert args["out"]._version == 0 and not args["out"].detach().any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op,name", INPLACE_INPUTS)
+def test_inplace_ops_refuse_inputs_that_require_grad(device, dtype, op, name):
+    args, _ = _inplace_args(op, dtype, device)
+    args[name].requires_grad_()
+    instead = ("use lowrank_mix_linear or reconstruct_delta, which are differentiable"
+               if op == "lowrank_merge_" else r"write base \+ .* in torch ops")
+    with pytest.raises(RuntimeError, match=rf"{op}: {name} must not require grad while grad mode "
+                                           rf"is on \({op} is not differentiable; for gradients "
+                                           rf"{instead}; to merge without gradients, call it "
+                                           r"under torch.no_grad\(\)\), got a tensor with "
+                                           r"requires_grad=True"):
+        INPLACE_OPS[op](**args)
+    assert args["out"]._version == 0 and not args["out"].any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op", INPLACE_OPS)
+def test_inplace_ops_under_no_grad_write_into_a_leaf_like_an_optimizer_step(device, dtype, op):
+    args, reference = _inplace_args(op, dtype, device)
+    for name, value in args.items():
+        if isinstance(value, torch.Tensor):
+            value.requires_grad_()
+    out = args["out"]
+    with torch.no_grad():
+        assert INPLACE_OPS[op](**args) is out
+    assert out.is_leaf and out.requires_grad and out.grad_fn is None and out._version == 1
+    assert_close(out.detach(), reference({k: v.detach() if isinstance(v, torch.Tensor) else v
+                                          for k, v in args.items()}))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op", INPLACE_OPS)
+@pytest.mark.parametrize("mode", ["grad", "no_grad", "inference_mode"])
+def test_inplace_ops_bump_the_version_so_backward_sees_the_overwrite(device, dtype, op, mode):
+    args, reference = _inplace_args(op, dtype, device)
+    out = args["out"]
+    leaf = torch.ones_like(out, requires_grad=True)
+    y = (leaf * out).sum()  # saves out for the backward
+    context = {"grad": torch.enable_grad, "no_grad": torch.no_grad,
+               "inference_mode": torch.inference_mode}[mode]
+    with context():
+        INPLACE_OPS[op](**args)
+    assert out._version == 1
+    assert_close(out, reference(args))
+    with pytest.raises(RuntimeError, match="one of the variables needed for gradient computation "
+                                           "has been modified by an inplace operation"):
+        y.backward()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op", INPLACE_OPS)
+def test_inplace_ops_write_into_inference_tensors(device, dtype, op):
+    with torch.inference_mode():
+        args, reference = _inplace_args(op, dtype, device)
+        INPLACE_OPS[op](**args)
+    assert args["out"].is_inference()
+    assert_close(args["out"], reference(args))
+    INPLACE_OPS[op](**args)  # and outside inference mode: an inference tensor has no version
+    assert_close(args["out"], reference(args))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op,name", INPLACE_INPUTS + [(op, "out") for op in INPLACE_OPS]
+                         + [("truncated_svd", "A")])
+@pytest.mark.parametrize("grad_mode", [True, False], ids=["grad", "no_grad"])
+def test_non_differentiable_ops_refuse_forward_mode_dual_tensors(device, dtype, op, name, grad_mode):
+    # Forward AD ignores torch.no_grad(): a tangent would be dropped silently in either mode.
+    if op == "truncated_svd":
+        args, call = dict(A=decaying(2, 12, 9, device=device, dtype=dtype), rank=3), tm.truncated_svd
+    else:
+        args, call = _inplace_args(op, dtype, device)[0], INPLACE_OPS[op]
+    with fwAD.dual_level(), torch.set_grad_enabled(grad_mode):
+        primal = args[name]
+        args[name] = fwAD.make_dual(primal, torch.ones_like(primal))
+        with pytest.raises(RuntimeError, match=rf"^{op}: {name} must not be a dual tensor of "
+                                               rf"forward-mode AD \({op} is not differentiable; "
+                                               rf"pass {name}.detach\(\), its primal\), got one "
+                                               r"with a tangent"):
+            call(**args)
+        args[name] = args[name].detach()
+        call(**args)
+    if op != "truncated_svd":
+        assert args["out"].any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_truncated_svd_refuses_A_that_requires_grad(device, dtype):
+    A = decaying(2, 12, 9, device=device, dtype=dtype).requires_grad_()
+    with pytest.raises(RuntimeError, match=r"truncated_svd: A must not require grad while grad "
+                                           r"mode is on \(truncated_svd is not differentiable; for "
+                                           r"gradients use torch.linalg.svd or torch.svd_lowrank; "
+                                           r"to decompose without gradients, pass A.detach\(\) or "
+                                           r"call it under torch.no_grad\(\)\), got a tensor with "
+                                           r"requires_grad=True"):
+        tm.truncated_svd(A, 3)
+    expected = tm.truncated_svd(A.detach(), 3)
+    with torch.no_grad():
+        factors_ = tm.truncated_svd(A, 3)
+    with torch.inference_mode():
+        in_inference = tm.truncated_svd(A.detach(), 3)
+    for got in (expected, factors_, in_inference):
+        assert all(t.grad_fn is None and not t.requires_grad for t in got)
+        assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_differentiable_ops_work_in_inference_mode(device):
+    with torch.inference_mode():
+        args = mix_args(3, (2,), 5, 4, RANKS[3], torch.float32, device)
+        y = tm.lowrank_mix_linear(*args)
+        _, U, S, V, _ = factors((2,), 5, 4, [3], torch.float32, device)
+        D = tm.reconstruct_delta(U, S, V)
+    assert y.is_inference() and D.is_inference()
+    assert_close(y, ref.lowrank_mix_linear(*args))
+    assert_close(D, ref.reconstruct_delta(U, S, V))
+
+
+# --- non-finite values --------------------------------------------------------------------------
+# The merging and mixing ops never wait for the device, so they do not look for NaN/Inf: like
+# torch.mm they pass it to exactly the outputs that depend on it, never to others, and never
+# leave an output unwritten.
+
+def _poison(t, index, value=float("nan")):
+    t = t.clone()
+    t[index] = value
+    return t
+
+
+def _nonfinite_cases(dtype, device):
+    """(name, run, reference, mask of the outputs that must not be finite) per case."""
+    ranks = [2, 0, 3]
+    base, U, S, V, w = factors((3,), 6, 5, ranks, dtype, device)
+    merge = lambda base=base, U=U, S=S, V=V, w=w: (
+        lambda: tm.lowrank_merge_(torch.full_like(base, 7.0), base, U, S, V, ranks, w),
+        lambda: ref.lowrank_merge(base, U, S, V, ranks, w))
+    mask = lambda f: f(torch.zeros(3, 6, 5, dtype=torch.bool))
+
+    def at(*index):
+        def f(m):
+            m[index] = True
+            return m
+        return f
+
+    cases = [
+        ("merge: weight of a rank-0 expert", *merge(w=_poison(w, 1)), mask(lambda m: m)),
+        ("merge: weight of a rank-3 expert", *merge(w=_poison(w, 2)), mask(lambda m: m.fill_(True))),
+        ("merge: one singular value", *merge(S=_poison(S, (1, 3))), mask(at(1))),
+        ("merge: one entry of U_cat", *merge(U=_poison(U, (2, 4, 0))), mask(at(2, 4))),
+        ("merge: Inf in V_cat", *merge(V=_poison(V, (0, 3, 4), float("inf"))), mask(at(0, slice(None), 3))),
+        ("merge: one entry of base", *merge(base=_poison(base, (1, 2, 3))), mask(at(1, 2, 3))),
+    ]
+    dense_base, deltas = base[0], torch.stack([base[1], base[2], U[0, :, :5]])
+    dense = lambda base=dense_base, deltas=deltas, w=w: (
+        lambda: tm.dense_merge_(torch.full_like(base, 7.0), base, deltas, w),
+        lambda: ref.dense_merge(base, deltas, w))
+    dmask = lambda f: f(torch.zeros(6, 5, dtype=torch.bool))
+    cases += [
+        ("dense: one weight", *dense(w=_poison(w, 0)), dmask(lambda m: m.fill_(True))),
+        ("dense: one delta entry", *dense(deltas=_poison(deltas, (2, 4, 1))), dmask(at(4, 1))),
+        ("dense: Inf in base", *dense(base=_poison(dense_base, (0, 0), float("inf"))), dmask(at(0, 0))),
+    ]
+    x, W, b, U, S, V, _, rw = mix_args(3, (4,), 7, 5, ranks, dtype, device)
+    mix = lambda x=x, b=b, U=U, S=S, rw=rw: (
+        lambda: tm.lowrank_mix_linear(x, W, b, U, S, V, ranks, rw),
+        lambda: ref.lowrank_mix_linear(x, W, b, U, S, V, ranks, rw))
+    mmask = lambda f: f(torch.zeros(3, 4, 7, dtype=torch.bool))
+    cases += [
+        ("mix: row weight of a rank-0 expert", *mix(rw=_poison(rw, (1, 1))), mmask(lambda m: m)),
+        ("mix: row weight of a rank-2 expert", *mix(rw=_poison(rw, (1, 0))), mmask(at(1))),
+        ("mix: one entry of x", *mix(x=_poison(x, (2, 1, 3))), mmask(at(2, 1))),
+        ("mix: one singular value", *mix(S=_poison(S, 4)), mmask(lambda m: m.fill_(True))),
+        ("mix: one entry of U_cat", *mix(U=_poison(U, (5, 0))), mmask(at(slice(None), slice(None), 5))),
+        ("mix: Inf in bias", *mix(b=_poison(b, 6, float("inf"))), mmask(at(slice(None), slice(None), 6))),
+    ]
+    _, Ur, Sr, Vr, _ = factors((2,), 6, 5, [3], dtype, device)
+    Sr = _poison(Sr, (1, 2))
+    cases += [("reconstruct: one singular value", lambda: tm.reconstruct_delta(Ur, Sr, Vr),
+               lambda: ref.reconstruct_delta(Ur, Sr, Vr),
+               torch.zeros(2, 6, 5, dtype=torch.bool).index_fill_(0, torch.tensor([1]), True))]
+    return cases
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_finite_inputs_reach_exactly_the_outputs_that_depend_on_them(device, dtype):
+    for name, run, reference, affected in _nonfinite_cases(dtype, device):
+        got, expected = run().cpu(), reference().cpu()
+        assert torch.equal(~torch.isfinite(got), affected), name
+        assert torch.equal(~torch.isfinite(expected), affected), name  # the test's own premise
+        assert torch.equal(torch.isnan(got), torch.isnan(expected)), name
+        assert torch.equal(got[torch.isinf(got)], expected[torch.isinf(expected)]), name
+        assert_close(got[~affected], expected[~affected], dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rank", [5, 15], ids=["sketched", "exact"])
+def test_truncated_svd_refuses_non_finite_matrices_by_index(device, dtype, rank):
+    A = decaying(6, 30, 20, device=device, dtype=dtype).reshape(2, 3, 30, 20)
+    A[1, 0, 2, 3] = float("nan")
+    A[1, 2, 0, 0] = float("inf")
+    with pytest.raises(RuntimeError, match=r"^truncated_svd: A must have finite entries only \(the "
+                                           r"SVD of a matrix with NaN or Inf is undefined\), got NaN "
+                                           r"or Inf entries in the matrix at leading index \[1, 0\] "
+                                           r"\(batch index 3 of 6\) and in 1 more"):
+        tm.truncated_svd(A, rank)
+    with pytest.raises(RuntimeError, match=r"^truncated_svd: A must have finite entries only .*, got "
+                                           r"NaN or Inf entries(?! in)"):
+        tm.truncated_svd(A[1, 2].mT, rank)
+    U, S, V = tm.truncated_svd(A[0], rank)  # the finite matrices alone
+    assert torch.isfinite(S).all()
+
+
+# --- tensors no op supports: other layouts, devices, quantized dtypes -----------------------------
+
+def _valid_args(op):
+    """Keyword arguments (in schema order) of a small valid CPU float32 call of `op`."""
+    if op in INPLACE_OPS:
+        return _inplace_args(op, torch.float32)[0]
+    if op == "lowrank_mix_linear":
+        names = ["x", "weight", "bias", "U_cat", "S_cat", "V_cat", "ranks", "row_weights"]
+        return dict(zip(names, mix_args(3, (2,), 5, 4, RANKS[3], torch.float32, "cpu")))
+    if op == "reconstruct_delta":
+        _, U, S, V, _ = factors((2,), 5, 4, [3], torch.float32, "cpu")
+        return dict(U=U, S=S, V=V)
+    return dict(A=decaying(2, 12, 9), rank=3)
+
+
+OPS = {name: getattr(tm, name) for name in ("reconstruct_delta", "lowrank_merge_", "dense_merge_",
+                                            "lowrank_mix_linear", "truncated_svd")}
+TENSOR_ARGS = [(op, name) for op in OPS for name, value in _valid_args(op).items()
+               if isinstance(value, torch.Tensor)]
+
+# Each kind of unsupported tensor and the message of the op's refusal, from the Python wrapper
+# and from the dispatcher (the C++ kernels for these keys, or the fake kernel for real meta).
+UNSUPPORTED = {
+    "sparse_coo": (lambda t: t.to_sparse(), r"must be a strided \(dense\) tensor, got layout "
+                                            r"torch.sparse_coo"),
+    "sparse_csr": (lambda t: t.to_sparse_csr() if t.dim() >= 2 else None,
+                   r"must be a strided \(dense\) tensor, got layout torch.sparse_csr"),
+    "mkldnn": (lambda t: t.to_mkldnn(), r"must be a strided \(dense\) tensor, got layout "
+                                        r"torch._mkldnn"),
+    "nested": (lambda t: torch.nested.nested_tensor([t]),
+               r"must be a strided \(dense\) tensor, got a nested tensor"),
+    "quantized": (lambda t: torch.quantize_per_tensor(t, 0.1, 0, torch.qint8),
+                  "must be float64, float32, float16 or bfloat16, got QInt8"),
+    "meta": (lambda t: t.to("meta"), "must be on a cpu or cuda device, got meta"),
+}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # nested, sparse CSR and quantized tensors warn
+@pytest.mark.parametrize("path", ["wrapper", "dispatcher", "dispatcher in inference mode"])
+@pytest.mark.parametrize("op,name", TENSOR_ARGS)
+def test_ops_refuse_unsupported_tensors_by_name(op, name, path):
+    call = OPS[op] if path == "wrapper" else getattr(torch.ops.twinmerge, op)
+    for kind, (convert, match) in UNSUPPORTED.items():
+        args = _valid_args(op)
+        bad = convert(args[name])
+        if bad is None:
+            continue
+        args[name] = bad
+        with torch.inference_mode(path.endswith("inference mode")):
+            with pytest.raises(RuntimeError, match=rf"^{op}: {name} {match}"):
+                call(**args)
+        if op in INPLACE_OPS and name != "out":
+            assert not args["out"].any(), f"{kind}: out was written before the error"
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_unsupported_kernels_refuse_even_without_an_unsupported_argument(op):
+    # Reached only by a call dispatched to a sparse key by hand: it must still refuse.
+    sparse = torch._C.DispatchKeySet(torch._C.DispatchKey.SparseCPU)
+    with pytest.raises(RuntimeError, match=rf"^{op}: its tensors must be strided \(dense\) tensors "
+                                           r"of a floating dtype on a cpu or cuda device, got a call "
+                                           r"dispatched to SparseCPU"):
+        getattr(torch.ops.twinmerge, op).default.redispatch(sparse, **_valid_args(op))
+
+
+@pytest.mark.parametrize("op,name", TENSOR_ARGS)
+def test_wrappers_refuse_non_tensors_by_name(op, name):
+    args = _valid_args(op)
+    args[name] = args[name].tolist()
+    with pytest.raises(TypeError, match=rf"^{op}: {name} must be a Tensor, got list"):
+        OPS[op](**args)
+
+
+def test_fake_kernels_trace_fake_meta_tensors():
+    # FakeTensors on the meta device are shape tracing, which the fake kernels serve.
+    with FakeTensorMode():
+        args = _valid_args("lowrank_merge_")
+        meta = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+        torch.ops.twinmerge.lowrank_merge_(**meta)
+        assert torch.ops.twinmerge.truncated_svd(torch.empty(3, 9, 7, device="meta"), 4)[0].shape == (3, 9, 4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lowrank_merge_torch_compile_fullgraph(device):
+    torch._dynamo.reset()
+    base, U, S, V, w = factors((2,), 8, 6, RANKS[3], torch.float32, device)
+    deltas = torch.randn(3, 8, 6, device=device)
+
+    @torch.compile(fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    def merge(out, w):
+        tm.lowrank_merge_(out, base, U, S, V, RANKS[3], w)
+        tm.dense_merge_(out[0], base[0], deltas, w)
+        return out.sum()
+
+    for new_w in (w, torch.softmax(torch.randn_like(w), 0)):
+        out = torch.empty_like(base)
+        expected = ref.lowrank_merge(base, U, S, V, RANKS[3], new_w)
+        expected[0] = ref.dense_merge(base[0], deltas, new_w)
+        total = merge(out, new_w)
+        assert_close(out, expected)
+        assert_close(total, expected.sum())
 
 
 # --- builds -------------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> truncated_svd(const at::Tensor& A
   const auto opmath = opmath_type(A.scalar_type());
   // Work on the tall orientation M [P, Q], P >= Q: the QRs are then of tall, thin matrices.
   const bool wide = m < n;
+  check_finite_matrices("truncated_svd", A.sizes().slice(0, A.dim() - 2),
+                        at::isfinite(A.reshape({batch, m, n})).all(-1).all(-1));
   const auto A3 = A.reshape({batch, m, n}).to(opmath);
   const auto M = wide ? A3.mT() : A3;
   const int64_t Q = std::min(m, n);

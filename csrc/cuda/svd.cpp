@@ -90,14 +90,16 @@ void thin_svd(cusolverDnHandle_t h, at::Tensor& M, at::Tensor& U, at::Tensor& S,
                      VT.data_ptr<T>() + b * static_cast<int64_t>(Q) * Q, Q, work, lwork,
                      rwork.data_ptr<T>(), info.data_ptr<int>() + b);
   }
-  // Reading info would synchronize; a matrix whose SVD did not converge (NaN or Inf input)
-  // gets NaN singular values instead, so the failure shows rather than passing as a result.
+  // Reading info would wait for the device a second time; a matrix whose SVD did not converge
+  // (NaN or Inf input is refused before) gets NaN singular values instead, so the failure shows
+  // rather than passing as a result.
   launch_nan_rows_where_failed(info, S);
 }
 
-// The SVD of each small matrix of R_host ([batch, l, l], double, on the host) by LAPACK. A
-// matrix with a non-finite entry, or one LAPACK fails on, gets NaN throughout instead of an
-// error, so that one bad matrix does not fail a batch (as cuSOLVER's gesvd path does).
+// The SVD of each small matrix of R_host ([batch, l, l], double, on the host) by LAPACK. Inputs
+// with NaN or Inf never get here (check_finite_matrices); a matrix whose R is not finite all the
+// same (a finite input that overflowed), or one LAPACK fails on, gets NaN throughout, as one
+// that cuSOLVER's gesvd fails on does on the exact path.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> host_svd(const at::Tensor& R_host) {
   const int64_t batch = R_host.size(0), l = R_host.size(1);
   auto Ur = at::empty_like(R_host), Vh = at::empty_like(R_host);
@@ -135,14 +137,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> host_svd(const at::Tensor& R_host
 // (pytorch/pytorch#41306), and so do its small SVDs; an l x l SVD on the host takes about
 // l^3 / 1e8 seconds (0.7 ms at l = 87 on one slow core). Returns Qz Ur as a row-major
 // [batch, P, l] view, S [batch, l] and Vr^T [batch, l, l] (row-major, on the device). Waits for
-// the device once, to read R; the results go back in one copy from pinned memory.
+// the device once, to read R and with it `finite` (the input's flags, [batch] bool on the
+// device), refusing non-finite input (the leading dims `lead` name it); the results go back in
+// one copy from pinned memory.
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> tall_svd(cusolverDnHandle_t h, at::Tensor& Z,
-                                                        Workspace<T>& ws) {
+                                                        Workspace<T>& ws, const at::Tensor& finite,
+                                                        at::IntArrayRef lead) {
   const int64_t batch = Z.size(0), l = Z.size(1), P = Z.size(2);
   auto R = at::empty({batch, l, l}, Z.options());
   orthonormalize<T>(h, Z, ws, &R);
-  auto R_host = R.to(at::kCPU, at::kDouble);
+  const auto host =
+      at::cat({R.flatten(1), finite.to(R.scalar_type()).unsqueeze(1)}, 1).to(at::kCPU, at::kDouble);
+  check_finite_matrices(kOp, lead, host.select(1, l * l) != 0);
+  const auto R_host = host.narrow(1, 0, l * l).reshape({batch, l, l}).contiguous();
   const auto [Ur, S, Vh] = host_svd(R_host);
   auto packed = at::empty({batch, 2 * l * l + l},
                           R_host.options().dtype(Z.scalar_type()).pinned_memory(true));
@@ -169,14 +177,19 @@ at::Tensor gaussian(int64_t batch, int64_t rows, int64_t cols, int64_t seed,
 }
 
 // M [batch, Q, P] holds column-major P x Q matrices, P >= Q. Returns Um [batch, P, r],
-// Sm [batch, r], Vm [batch, Q, r] (row-major views) with M ~= Um diag(Sm) Vm^T.
+// Sm [batch, r], Vm [batch, Q, r] (row-major views) with M ~= Um diag(Sm) Vm^T. Refuses a batch
+// in which `finite` ([batch] bool, on the device) flags a matrix with NaN or Inf, naming it by
+// its index in the leading dims `lead`; the flags are read in the one wait for the device.
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> svd_tall(at::Tensor& M, int64_t r, int64_t sketch,
-                                                        int64_t n_iter, int64_t seed) {
+                                                        int64_t n_iter, int64_t seed,
+                                                        const at::Tensor& finite,
+                                                        at::IntArrayRef lead) {
   const int64_t batch = M.size(0), Q = M.size(1), P = M.size(2);
   cusolverDnHandle_t h = at::cuda::getCurrentCUDASolverDnHandle();
   Workspace<T> ws(M);
   if (sketch >= Q) {
+    check_finite_matrices(kOp, lead, finite.cpu());  // before gesvd, which iterates
     at::Tensor U, S, VT;
     thin_svd<T>(h, M, U, S, VT, ws);
     // VT is column-major Q x Q, so its row-major reading is V.
@@ -200,7 +213,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> svd_tall(at::Tensor& M, int64_t r
   // Bt = M^T Y (Q x l, Q > l) = Ub Sb Vb^T, so M ~= Y Y^T M = Y Bt^T = (Y Vb) Sb Ub^T.
   gemm_colmajor(CUBLAS_OP_T, CUBLAS_OP_N, Q, l, P, M, P, P * Q, Y, P, P * l, 0.0, Z, Q, Q * l,
                 batch);
-  auto [Ub, Sb, Vbt] = tall_svd<T>(h, Z, ws);
+  auto [Ub, Sb, Vbt] = tall_svd<T>(h, Z, ws, finite, lead);
   // Y Vb[:, :r], column-major P x r: Vb^T row-major is Vb column-major, its first r columns.
   auto Um = at::empty({batch, r, P}, M.options());
   gemm_colmajor(CUBLAS_OP_N, CUBLAS_OP_N, P, r, l, Y, P, P * l, Vbt, l, l * l, 0.0, Um, P, P * r,
@@ -223,9 +236,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> truncated_svd(const at::Tensor& A
   auto M = at::empty({batch, std::min(m, n), std::max(m, n)},
                      A.options().dtype(opmath_type(A.scalar_type())));
   M.copy_(wide ? A3 : A3.mT());
+  const auto finite = at::isfinite(M).flatten(1).all(1);
+  const auto lead = A.sizes().slice(0, A.dim() - 2);
   auto [Um, Sm, Vm] = M.scalar_type() == at::kDouble
-                          ? svd_tall<double>(M, r, sketch, n_iter, seed)
-                          : svd_tall<float>(M, r, sketch, n_iter, seed);
+                          ? svd_tall<double>(M, r, sketch, n_iter, seed, finite, lead)
+                          : svd_tall<float>(M, r, sketch, n_iter, seed, finite, lead);
   if (wide) std::swap(Um, Vm);
   return svd_outputs(A, r, Um, Sm, Vm);
 }

@@ -328,6 +328,47 @@ void check_bad_ranks() {
   });
 }
 
+// The message of the c10::Error that `call` throws, required to contain `expected`.
+std::string expect_error(const std::function<void()>& call, const std::string& expected) {
+  try {
+    call();
+  } catch (const c10::Error& e) {
+    const std::string msg = first_line(e.what_without_backtrace());
+    require(msg.find(expected) != std::string::npos, "expected \"", expected, "\", got \"", msg,
+            "\"");
+    return "\"" + msg + "\"";
+  }
+  throw CheckFailure("no exception");
+}
+
+// What a C++ caller gets for a sparse argument, an argument that requires grad, and an in-place
+// merge: the rules of the Python API, since both reach the ops through the dispatcher.
+void check_dispatcher_rules() {
+  check("lowrank_merge_ names a sparse argument", [] {
+    const auto in = merge_inputs(at::kFloat);
+    at::Tensor out = at::empty_like(in.base);
+    return expect_error(
+        [&] { lowrank_merge_(out, in.base, in.U.to_sparse(), in.S, in.V, kRanks, in.w); },
+        "lowrank_merge_: U_cat must be a strided (dense) tensor, got layout torch.sparse_coo");
+  });
+  check("lowrank_merge_ refuses weights that require grad (grad mode on)", [] {
+    const auto in = merge_inputs(at::kFloat);
+    at::Tensor out = at::empty_like(in.base);
+    at::Tensor w = in.w.clone();
+    w.set_requires_grad(true);
+    return expect_error([&] { lowrank_merge_(out, in.base, in.U, in.S, in.V, kRanks, w); },
+                        "lowrank_merge_: weights must not require grad while grad mode is on");
+  });
+  check("lowrank_merge_ in place bumps out's version counter", [] {
+    const auto in = merge_inputs(at::kFloat);
+    at::Tensor out = in.base.clone();
+    const auto before = out._version();
+    lowrank_merge_(out, out, in.U, in.S, in.V, kRanks, in.w);
+    require(out._version() == before + 1, "version ", before, " -> ", out._version());
+    return "version " + std::to_string(before) + " -> " + std::to_string(out._version());
+  });
+}
+
 // Without a device: every op's CUDA kernel is the one the build promises, from csrc/cuda/ or, for
 // a CPU-only build, from csrc/no_cuda.cpp (the dispatcher records where each was registered).
 void check_cuda_registrations() {
@@ -452,6 +493,7 @@ int main() {
     check_reconstruct_delta();
     check_truncated_svd();
     check_bad_ranks();
+    check_dispatcher_rules();
     check_cuda_registrations();
     check_cuda();
   }
