@@ -116,9 +116,9 @@ def test_model_merge_checks_every_implementation(monkeypatch):
 
 
 def test_serving_check_catches_a_wrong_forward(monkeypatch):
-    import twinmerge_ext.module as module
-    right = module.lowrank_mix_linear
-    monkeypatch.setattr(module, "lowrank_mix_linear", lambda *a: right(*a) * 1.01)
+    import twinmerge_ext._layers as layers
+    right = layers.lowrank_mix_linear
+    monkeypatch.setattr(layers, "lowrank_mix_linear", lambda *a: right(*a) * 1.01)
     with pytest.raises(AssertionError, match="TwinMergedModule row 0: relative error"):
         CASES["serving_rank2"]()
 

@@ -243,7 +243,7 @@ def _relative_errors(deltas: Tensor, U: Tensor, S: Tensor, V: Tensor, name: str,
     errors = []
     for task, (v_norm, resid) in zip(tasks, norms.tolist()):
         if not (math.isfinite(v_norm) and math.isfinite(resid)):
-            # The delta was checked finite: on CUDA a non-converged SVD returns NaN, not an error.
+            # The delta was checked finite: a non-converged CUDA SVD may still return NaN.
             raise ValueError(f"{fn}: parameter {name!r} of task {task!r}: the SVD of a finite "
                              f"delta is not finite (||v||_F = {v_norm}, ||v − v̂||_F = {resid}); "
                              f"an overflow in the parameter's dtype?")
@@ -510,12 +510,18 @@ class TwinCheckpoint:
                 deltas = torch.empty((T,) + tuple(s.shape), dtype=s_c.dtype, device=dev)
                 for t, (_, _, src) in enumerate(named):
                     torch.sub(src.get(name).to(device=dev, dtype=s_c.dtype), s_c, out=deltas[t])
-                # Checked here because the CPU SVD fails on NaN/Inf without naming the parameter
-                # and the CUDA one returns NaN; the flags reach the host together (one sync).
-                shared_ok, *finite, changed = torch.cat([
-                    torch.isfinite(s_c).all().view(1),
-                    torch.isfinite(deltas.reshape(T, s.numel())).all(1),
-                    deltas.any().view(1)]).tolist()
+                # The merge refused NaN/Inf inputs, but θs and θt − θs can still overflow the
+                # dtype; checked here to name the parameter and the tasks. A min/max per task
+                # (NaN propagates into both) reads each delta once, where isfinite writes a
+                # mask; the flags reach the host together (one sync).
+                if s.numel():
+                    lo, hi = torch.aminmax(deltas.reshape(T, -1), dim=1)
+                    s_lo, s_hi = torch.aminmax(s_c.reshape(1, -1), dim=1)
+                    ok = torch.isfinite(torch.cat([s_lo, lo])) & \
+                        torch.isfinite(torch.cat([s_hi, hi]))
+                else:
+                    ok = torch.ones(T + 1, dtype=torch.bool, device=dev)
+                shared_ok, *finite, changed = torch.cat([ok, deltas.any().view(1)]).tolist()
                 del s_c
                 if not shared_ok:
                     raise ValueError(f"{fn}: parameter {name!r}: the shared expert has NaN/Inf "
