@@ -8,6 +8,7 @@ on this project's 2-core x86-64 VM, 64 MiB tensors: 32 GB/s fp32, 23 GB/s fp16, 
 types). The position of a bad entry is looked up only for a tensor that fails.
 """
 
+import math
 from typing import Optional
 
 import torch
@@ -19,8 +20,13 @@ def all_finite(t: Tensor) -> bool:
     tensors). One host synchronization on CUDA."""
     if not t.is_floating_point() or t.numel() == 0:
         return True
+    if t.numel() <= 256 and t.device.type == "cpu":  # a weight vector: Python floats are faster
+        return all(map(math.isfinite, t.detach().reshape(-1).tolist()))
     lo, hi = torch.aminmax(t.detach())
-    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+    # Two floats to the host in one copy: three tiny tensor ops (isfinite, &, bool) cost more
+    # than the reduction for a weight vector.
+    pair = (lo.item(), hi.item()) if t.device.type == "cpu" else torch.stack((lo, hi)).tolist()
+    return math.isfinite(pair[0]) and math.isfinite(pair[1])
 
 
 def non_finite(t: Tensor) -> Optional[str]:

@@ -35,7 +35,7 @@ import math
 import threading
 from contextlib import contextmanager
 from numbers import Integral, Real
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -81,6 +81,44 @@ def _first_batched(args, kwargs) -> Optional[Tensor]:
         if isinstance(v, Tensor) and v.dim() >= 1:
             return v
     return None
+
+
+class _Gate:
+    """The calls in flight on a wrapper, and whether it was unwrapped. `with gate(fn):` around
+    a call refuses it on an unwrapped wrapper and counts it meanwhile; close() refuses while any
+    call is in flight. A plain object, not the wrapper's attributes: nn.Module's __setattr__
+    would cost more than the whole count."""
+
+    __slots__ = ("_lock", "in_flight", "closed")
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.in_flight = 0
+        self.closed = False
+
+    def __call__(self, fn: str) -> "_Gate":
+        with self._lock:
+            if self.closed:
+                raise ValueError(f"{fn}: this wrapper was unwrapped (unwrap() gave its module "
+                                 f"back, holding θs, with its layers restored); wrap the module "
+                                 f"again to serve the twin")
+            self.in_flight += 1
+        return self
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc) -> bool:
+        with self._lock:
+            self.in_flight -= 1
+        return False
+
+    def close(self, fn: str) -> None:
+        with self._lock:
+            if self.in_flight:
+                raise ValueError(f"{fn}: {self.in_flight} call(s) or merged() block(s) are in "
+                                 f"flight on this wrapper; unwrap once they have returned")
+            self.closed = True
 
 
 def _twin_tensors(twin: TwinCheckpoint):
@@ -229,9 +267,7 @@ class TwinMergedModule(nn.Module):
         self.tasks = twin.tasks
         self._ctx = _Routing(len(self.tasks))
         self._pool = MergePool(buffer_sets)
-        self._state_lock = threading.Lock()   # guards _in_flight and _unwrapped
-        self._in_flight = 0
-        self._unwrapped = False
+        self._gate = _Gate()
         self._patched: List[Tuple[nn.Module, type]] = []
         # (name of a mixed tensor, its layer, attribute, "lowrank"/"dense"): one per distinct
         # tensor, merged into one buffer of a set.
@@ -406,38 +442,18 @@ class TwinMergedModule(nn.Module):
         The wrapper refuses every call afterwards. Calling it again returns the module.
 
         Errors: ValueError while calls (another thread's, a merged() block) are in flight."""
-        with self._state_lock:
-            if self._in_flight:
-                raise ValueError(f"TwinMergedModule.unwrap: {self._in_flight} call(s) or merged() "
-                                 f"block(s) are in flight on this wrapper; unwrap once they "
-                                 f"have returned")
-            self._unwrapped = True
-            for layer, cls in reversed(self._patched):
-                for key in [k for k in layer._buffers if k.startswith("_twin_")]:
-                    del layer._buffers[key]
-                for attr in [a for a in vars(layer) if a.startswith("_twin_")]:
-                    delattr(layer, attr)
-                layer.__class__ = cls
-            self._patched.clear()
-            self._mixed.clear()
-            self._served.clear()
+        self._gate.close("TwinMergedModule.unwrap")  # from here on every call is refused
+        for layer, cls in reversed(self._patched):
+            for key in [k for k in layer._buffers if k.startswith("_twin_")]:
+                del layer._buffers[key]
+            for attr in [a for a in vars(layer) if a.startswith("_twin_")]:
+                delattr(layer, attr)
+            layer.__class__ = cls
+        self._patched.clear()
+        self._mixed.clear()
+        self._served.clear()
         self._pool.clear()
         return self.module
-
-    @contextmanager
-    def _in_call(self, fn: str) -> Iterator[None]:
-        """Counts a call in flight (unwrap waits for none), after refusing an unwrapped wrapper."""
-        with self._state_lock:
-            if self._unwrapped:
-                raise ValueError(f"{fn}: this wrapper was unwrapped (unwrap() gave its module "
-                                 f"back, holding θs, with its layers restored); wrap the module "
-                                 f"again to serve the twin")
-            self._in_flight += 1
-        try:
-            yield
-        finally:
-            with self._state_lock:
-                self._in_flight -= 1
 
     def _apply(self, fn, recurse=True):
         # .to(), .half(), ...: merged copies belong to the old device and dtype.
@@ -459,7 +475,7 @@ class TwinMergedModule(nn.Module):
         to time it separately, then pass the result as mix_weights.
         """
         fn = "TwinMergedModule.route"
-        with self._in_call(fn):
+        with self._gate(fn):
             if self.router is None:
                 raise ValueError(f"{fn}: no router: pass mix_weights, or give the wrapper a "
                                  f"router (or a twin with one attached)")
@@ -527,7 +543,7 @@ class TwinMergedModule(nn.Module):
     def forward(self, *args, mix_weights: Optional[Tensor] = None,
                 head_tasks: Optional[Tensor] = None, **kwargs):
         fn = "TwinMergedModule"
-        with self._in_call(fn):
+        with self._gate(fn):
             ctx = self._ctx
             first = _first_batched(args, kwargs)
             B = first.shape[0] if first is not None else None
@@ -648,7 +664,7 @@ class TwinMergedModule(nn.Module):
         """
         fn = "TwinMergedModule.merged"
         ctx = self._ctx
-        with self._in_call(fn):
+        with self._gate(fn):
             if ctx.pinned is not None:
                 raise ValueError(f"{fn}: already inside a merged() block; blocks do not nest")
             T = len(self.tasks)

@@ -34,10 +34,21 @@ _FLOATING = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _MAX_EXPERTS = 256  # kMaxExperts of csrc/checks.h
 
 
+def _dispatch(op: str, call, args: tuple, **tensors: Optional[Tensor]):
+    """call(*args) through the dispatcher. A call it cannot route (an argument on another device
+    type, or not a tensor) fails there, before any kernel runs, with an error that names a
+    backend: it is replaced by one that names the argument. Checked only then, so a served
+    model's hundreds of op calls per forward pay nothing for it."""
+    try:
+        return call(*args)
+    except (NotImplementedError, RuntimeError, TypeError):
+        _tensors(op, **tensors)
+        raise
+
+
 def _tensors(op: str, **tensors: Optional[Tensor]) -> None:
     """Every tensor argument is a strided tensor on a cpu or cuda device (None: an absent
-    optional one). The compiled kernels exist for nothing else; checked here, before dispatch,
-    so the error names the argument (the dispatcher's own names a backend)."""
+    optional one); the compiled kernels exist for nothing else."""
     for name, t in tensors.items():
         if t is None and name == "bias":
             continue
@@ -79,8 +90,7 @@ def reconstruct_delta(U: Tensor, S: Tensor, V: Tensor) -> Tensor:
 
     Differentiable in U, S and V.
     """
-    _tensors("reconstruct_delta", U=U, S=S, V=V)
-    return _ops.reconstruct_delta(U, S, V)
+    return _dispatch("reconstruct_delta", _ops.reconstruct_delta, (U, S, V), U=U, S=S, V=V)
 
 
 def lowrank_merge_(out: Tensor, base: Tensor, U_cat: Tensor, S_cat: Tensor, V_cat: Tensor,
@@ -110,9 +120,9 @@ def lowrank_merge_(out: Tensor, base: Tensor, U_cat: Tensor, S_cat: Tensor, V_ca
     raises in any grad mode (its tangent would be lost). Like torch's in-place ops, it bumps out's
     version counter, so backward() notices when it overwrote a saved tensor.
     """
-    _tensors("lowrank_merge_", out=out, base=base, U_cat=U_cat, S_cat=S_cat, V_cat=V_cat,
-             weights=weights)
-    _ops.lowrank_merge_(out, base, U_cat, S_cat, V_cat, _ranks(ranks, "lowrank_merge_"), weights)
+    _dispatch("lowrank_merge_", _ops.lowrank_merge_,
+              (out, base, U_cat, S_cat, V_cat, _ranks(ranks, "lowrank_merge_"), weights),
+              out=out, base=base, U_cat=U_cat, S_cat=S_cat, V_cat=V_cat, weights=weights)
     return out
 
 
@@ -128,8 +138,8 @@ def dense_merge_(out: Tensor, base: Tensor, deltas: Tensor, weights: Tensor) -> 
 
     Same in-place and autograd rules as lowrank_merge_. Returns `out`.
     """
-    _tensors("dense_merge_", out=out, base=base, deltas=deltas, weights=weights)
-    _ops.dense_merge_(out, base, deltas, weights)
+    _dispatch("dense_merge_", _ops.dense_merge_, (out, base, deltas, weights), out=out,
+              base=base, deltas=deltas, weights=weights)
     return out
 
 
@@ -156,10 +166,11 @@ def lowrank_mix_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], U_cat:
     fp32 and never synchronizes. On CUDA with fp16/bf16 storage, (x V_cat) ⊙ s is rounded once to
     the storage dtype before its GEMM, and y once after each of its two GEMMs.
     """
-    _tensors("lowrank_mix_linear", x=x, weight=weight, bias=bias, U_cat=U_cat, S_cat=S_cat,
-             V_cat=V_cat, row_weights=row_weights)
-    return _ops.lowrank_mix_linear(x, weight, bias, U_cat, S_cat, V_cat,
-                                   _ranks(ranks, "lowrank_mix_linear"), row_weights)
+    return _dispatch("lowrank_mix_linear", _ops.lowrank_mix_linear,
+                     (x, weight, bias, U_cat, S_cat, V_cat, _ranks(ranks, "lowrank_mix_linear"),
+                      row_weights),
+                     x=x, weight=weight, bias=bias, U_cat=U_cat, S_cat=S_cat, V_cat=V_cat,
+                     row_weights=row_weights)
 
 
 def truncated_svd(A: Tensor, rank: int, oversample: int = 10, n_iter: int = 2,
@@ -186,9 +197,10 @@ def truncated_svd(A: Tensor, rank: int, oversample: int = 10, n_iter: int = 2,
     torch.svd_lowrank for gradients, or pass A.detach()).
     """
     op = "truncated_svd"
-    _tensors(op, A=A)
-    return _ops.truncated_svd(A, _int(rank, "rank", op), _int(oversample, "oversample", op),
-                              _int(n_iter, "n_iter", op), _int(seed, "seed", op))
+    return _dispatch(op, _ops.truncated_svd, (A, _int(rank, "rank", op),
+                                              _int(oversample, "oversample", op),
+                                              _int(n_iter, "n_iter", op), _int(seed, "seed", op)),
+                     A=A)
 
 
 # --- fake kernels: shapes only, for torch.compile and FakeTensor tracing -------------------------
