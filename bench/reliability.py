@@ -11,7 +11,8 @@ Cases (each prints ours / baseline; < 1 is faster):
   not notice and a microbenchmark does.
 - threads_factored / threads_materialize: THREADS threads calling one wrapper, each with its own
   weights, against the same calls made one after another by one thread; materialize with one
-  buffer set (calls take turns to merge and serve) and with one set per thread.
+  buffer set (calls take turns to merge and serve) and with one set per thread; each with
+  torch's intra-op threads on every core and with one.
 - merge_finite_check: merging.task_arithmetic of T experts with the NaN/Inf check of every
   tensor read, against the same merge with the check replaced by a no-op.
 What verifying a checkpoint's checksums costs a load is measured by bench/checkpoint_io.py.
@@ -120,6 +121,23 @@ def _threaded(calls, threads):
 
 
 def _thread_case(name, mode, rounds=5):
+    """Both with torch's intra-op threads on every core (its default) and with one each: with
+    OpenMP, every serving thread has its own team of intra-op threads, and a team that just
+    finished spins on the cores the next thread's team needs."""
+    default = torch.get_num_threads()
+    rows = {}
+    for intra in sorted({default, 1}, reverse=True):
+        torch.set_num_threads(intra)
+        try:
+            rows[f"intra_op_threads_{intra}"] = _thread_runs(mode, rounds)
+        finally:
+            torch.set_num_threads(default)
+    first = rows[f"intra_op_threads_{default}"]
+    return dict(case=name, baseline="one_thread", ratios=first["ratios"], by_intra_op_threads=rows,
+                shape=first["shape"])
+
+
+def _thread_runs(mode, rounds):
     model, twin = _serving_case()
     T = len(twin.tasks)
     jobs = [(_inputs(2, 32, model.config.vocab_size, i), torch.softmax(torch.randn(T), -1))
@@ -139,7 +157,7 @@ def _thread_case(name, mode, rounds=5):
                          for ids, v in jobs]
                 raw[k].append(_threaded(calls, threads))
     med = {k: statistics.median(v[1:]) for k, v in raw.items()}
-    return dict(case=name, times_ms=med, baseline="one_thread",
+    return dict(times_ms=med,
                 ratios={k: v / med["one_thread"] for k, v in med.items() if k != "one_thread"},
                 shape=dict(calls=len(jobs), B=2, L=32, hidden=256, T=T, threads=THREADS))
 
@@ -188,8 +206,10 @@ def main(argv=None):
             continue
         row = case(env)
         results["results"].append(row)
-        ratios = "  ".join(f"{k}: {v:.3f}x" for k, v in row["ratios"].items())
-        print(f"{row['case']:<22} against {row['baseline']:<14} {ratios}", flush=True)
+        for label, sub in row.get("by_intra_op_threads", {"": row}).items():
+            ratios = "  ".join(f"{k}: {v:.3f}x" for k, v in sub["ratios"].items())
+            print(f"{row['case']:<22} against {row['baseline']:<14} {ratios}  {label}",
+                  flush=True)
         if args.out:
             _write(args.out, results)
     if args.out:
