@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from twinmerge_ext import TwinRouter, _files, checkpoint, merging
+from twinmerge_ext import TwinRouter, _files, _twin_file, checkpoint, merging
 from twinmerge_ext.checkpoint import FORMAT_VERSION, TwinCheckpoint
 
 from conftest import HAS_CUDA, assert_close
@@ -604,7 +604,7 @@ def test_interrupted_save_keeps_the_previous_file(saved, setup, monkeypatch):
     before = open(path, "rb").read()
     base, experts = setup
     new_twin = TwinCheckpoint.build(base, experts, rank=1)
-    monkeypatch.setattr(checkpoint, "save_file", _failing_writer)
+    monkeypatch.setattr(_twin_file, "save_file", _failing_writer)
     with pytest.raises(OSError, match="disk full"):
         new_twin.save(path)
     assert open(path, "rb").read() == before
@@ -619,7 +619,7 @@ def test_interrupted_save_keeps_the_previous_file(saved, setup, monkeypatch):
 def test_interrupted_first_save_leaves_nothing(setup, tmp_path, monkeypatch):
     base, experts = setup
     twin = TwinCheckpoint.build(base, experts, rank=1)
-    monkeypatch.setattr(checkpoint, "save_file", _failing_writer)
+    monkeypatch.setattr(_twin_file, "save_file", _failing_writer)
     with pytest.raises(OSError, match="disk full"):
         twin.save(tmp_path / "twin.safetensors")
     assert os.listdir(tmp_path) == []

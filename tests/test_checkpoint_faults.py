@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from twinmerge_ext import LowRankDelta, TwinCheckpoint
-from twinmerge_ext import _files, checkpoint
+from twinmerge_ext import _files, _twin_file, checkpoint
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork and flock (POSIX)")
 
@@ -454,7 +454,7 @@ def _stop_after(phase, fd):
     elif phase == "locked":
         _files._make_temp_dir = after(_files._make_temp_dir)
     elif phase == "written":
-        checkpoint.save_file = after(checkpoint.save_file)
+        _twin_file.save_file = after(_twin_file.save_file)
     elif phase == "before_rename":
         os.replace = lambda *a, **k: stop()
     elif phase == "renamed":

@@ -63,12 +63,10 @@ Every floating tensor of a file is finite: `build` and `save` refuse NaN/Inf, `l
 """
 
 import copy
-import errno
 import inspect
 import json
 import math
 import os
-import re
 import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -78,15 +76,13 @@ from types import MappingProxyType
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 import twinmerge_ext
 from twinmerge_ext import merging
-from twinmerge_ext._files import (DIGEST_ALGORITHM, check_readable, os_error, tensor_digest,
-                                  text_digest, write_atomically)
 from twinmerge_ext._finite import all_finite, non_finite
+from twinmerge_ext._twin_file import (FORMAT_VERSION, SHARED_METHODS, dtype_name, read_twin,
+                                      write_twin)
 from twinmerge_ext.lora import LoraExpert
 from twinmerge_ext.merging import Patterns, StateSource
 from twinmerge_ext.ops import dense_merge_, lowrank_merge_, reconstruct_delta, truncated_svd
@@ -94,29 +90,11 @@ from twinmerge_ext.router import TwinRouter
 
 __all__ = ["FORMAT_VERSION", "LowRankDelta", "TwinCheckpoint"]
 
-FORMAT_VERSION = 1
-METADATA_KEY = "twinmerge"
-CHECKSUMS_KEY = "twinmerge.checksums"
-
-_SHARED_METHODS = {
-    "task_arithmetic": merging.task_arithmetic,
-    "ties": merging.ties,
-    "dare": merging.dare,
-    "average": merging.average,
-}
 # Arguments build() passes itself, so shared_kwargs may not carry them.
 _RESERVED_SHARED_KWARGS = ("base", "experts", "include", "exclude", "progress")
 # The merge ops pass expert offsets to their kernels in a fixed-size array (csrc/checks.h,
 # kMaxExperts); refusing more experts here fails before a long build rather than at merge time.
 _MAX_EXPERTS = 256
-
-_DTYPES = {str(d).removeprefix("torch."): d for d in (
-    torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
-    torch.int16, torch.int8, torch.uint8, torch.bool)}
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 @dataclass(frozen=True, eq=False)
@@ -186,8 +164,8 @@ def _shared_config(shared: str, shared_kwargs: Optional[Mapping[str, Any]],
                    fn: str) -> Tuple[Any, Dict[str, Any]]:
     """The merge function and its effective keyword arguments (defaults filled in, for the
     metadata), checked to be JSON-serializable before any work is done."""
-    if not isinstance(shared, str) or shared not in _SHARED_METHODS:
-        raise ValueError(f"{fn}: shared must be one of {sorted(_SHARED_METHODS)}, got {shared!r}")
+    if not isinstance(shared, str) or shared not in SHARED_METHODS:
+        raise ValueError(f"{fn}: shared must be one of {sorted(SHARED_METHODS)}, got {shared!r}")
     if shared_kwargs is None:
         shared_kwargs = {}
     if not isinstance(shared_kwargs, Mapping):
@@ -197,7 +175,7 @@ def _shared_config(shared: str, shared_kwargs: Optional[Mapping[str, Any]],
     if reserved:
         raise TypeError(f"{fn}: shared_kwargs may not set {reserved}: build() passes base, "
                         f"experts, include, exclude and progress to the shared merge itself")
-    method = _SHARED_METHODS[shared]
+    method = SHARED_METHODS[shared]
     effective: Dict[str, Any] = {}
     for p in inspect.signature(method).parameters.values():
         if p.name not in _RESERVED_SHARED_KWARGS and p.default is not inspect.Parameter.empty:
@@ -378,16 +356,16 @@ class TwinCheckpoint:
         meta["tasks"] = list(self._tasks)
         meta.update((key, info.pop(key)) for key in ("shared", "compression"))
         meta["tensors"] = {
-            "shared": {name: {"shape": list(t.shape), "dtype": _dtype_name(t.dtype)}
+            "shared": {name: {"shape": list(t.shape), "dtype": dtype_name(t.dtype)}
                        for name, t in self._shared.items()},
             "lowrank": {name: {"shape": list(self._shared[name].shape),
-                               "dtype": _dtype_name(self._shared[name].dtype),
+                               "dtype": dtype_name(self._shared[name].dtype),
                                "ranks": list(lr.ranks), "errors": list(self._errors[name])}
                         for name, lr in self._lowrank.items()},
             "dense": {name: {"shape": list(self._shared[name].shape),
-                             "dtype": _dtype_name(self._shared[name].dtype)}
+                             "dtype": dtype_name(self._shared[name].dtype)}
                       for name in self._dense},
-            "heads": {task: {name: {"shape": list(t.shape), "dtype": _dtype_name(t.dtype)}
+            "heads": {task: {name: {"shape": list(t.shape), "dtype": dtype_name(t.dtype)}
                              for name, t in head.items()}
                       for task, head in self._heads.items()},
         }
@@ -746,29 +724,7 @@ class TwinCheckpoint:
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"{fn}: path must be a str or os.PathLike, got {type(path).__name__}")
         path = os.fspath(path)
-        if os.path.isdir(path):
-            raise os_error(errno.EISDIR, f"{fn}: {path!r}: is a directory")
-        tensors = self._file_tensors()
-        for key, t in tensors.items():
-            problem = non_finite(t)
-            if problem is not None:
-                raise ValueError(f"{fn}: tensor {key!r} must be finite, got {problem}; nothing "
-                                 f"was written")
-        meta = json.dumps(self.metadata)
-        checksums = {"algorithm": DIGEST_ALGORITHM, "metadata": text_digest(meta),
-                     "tensors": {key: tensor_digest(t) for key, t in tensors.items()}}
-        header = {METADATA_KEY: meta, CHECKSUMS_KEY: json.dumps(checksums)}
-
-        def write(tmp: str) -> None:
-            try:
-                save_file(tensors, tmp, metadata=header)
-            except SafetensorError as e:  # an I/O error, its errno only in the message
-                code = re.search(r"\(os error (\d+)\)", str(e))
-                if code is None:
-                    raise
-                raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from e
-
-        write_atomically(path, write, fn)
+        write_twin(path, self._file_tensors(), self.metadata, fn)
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike],
@@ -814,85 +770,9 @@ class TwinCheckpoint:
             raise TypeError(f"{fn}: path must be a str or os.PathLike, got {type(path).__name__}")
         path = os.fspath(path)
 
-        def bad(msg: str) -> ValueError:
-            return ValueError(f"{fn}: {path!r}: {msg}")
-
         if not isinstance(verify, bool):
             raise TypeError(f"{fn}: verify must be a bool, got {verify!r}")
-        check_readable(path, fn)
-        with ExitStack() as stack:
-            try:
-                f = stack.enter_context(safe_open(path, framework="pt", device="cpu"))
-            except Exception as e:  # SafetensorError: bad header, or data cut short
-                raise bad(f"not a valid safetensors file (truncated or corrupt?): "
-                          f"{type(e).__name__}: {e}") from e
-            header = f.metadata() or {}
-            raw = header.get(METADATA_KEY)
-            if raw is None:
-                raise bad(f"no {METADATA_KEY!r} metadata in the safetensors header: not a twin "
-                          f"checkpoint")
-            digests = _checked_checksums(header.get(CHECKSUMS_KEY), raw, bad)
-            try:
-                meta = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise bad(f"the {METADATA_KEY!r} metadata is not valid JSON: {e}") from e
-            info, tasks, specs = _parse_metadata(meta, bad)
-            expected = {}
-            for name, spec in specs["shared"].items():
-                expected[f"shared/{name}"] = (spec["shape"], spec["dtype"])
-            for name, spec in specs["lowrank"].items():
-                (m, n), K = spec["shape"], sum(spec["ranks"])
-                expected[f"lowrank/{name}/U_cat"] = ([m, K], spec["dtype"])
-                expected[f"lowrank/{name}/S_cat"] = ([K], spec["dtype"])
-                expected[f"lowrank/{name}/V_cat"] = ([n, K], spec["dtype"])
-            for name, spec in specs["dense"].items():
-                expected[f"dense/{name}/deltas"] = ([len(tasks)] + spec["shape"], spec["dtype"])
-            for task, head in specs["heads"].items():
-                for name, spec in head.items():
-                    expected[f"heads/{task}/{name}"] = (spec["shape"], spec["dtype"])
-            router = _router_from_metadata(info["router"], tasks, bad)
-            if router is not None:
-                for name, t in router.state_dict().items():
-                    expected[f"router/{name}"] = (list(t.shape), _dtype_name(t.dtype))
-            keys = list(f.keys())
-            missing = [k for k in expected if k not in set(keys)]
-            if missing:
-                raise bad(f"tensor {missing[0]!r} is listed in the metadata but missing from the "
-                          f"file" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-            extra = [k for k in keys if k not in expected]
-            if extra:
-                raise bad(f"unexpected tensor {extra[0]!r} not listed in the metadata"
-                          + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
-            if digests is not None and set(digests) != set(keys):
-                odd = sorted(set(digests) ^ set(keys))[0]
-                raise bad(f"the checksums do not list the file's tensors: tensor {odd!r} is "
-                          f"{'in the checksums only' if odd in digests else 'without checksum'}")
-            for name, spec in specs["lowrank"].items():
-                for factor, axis in (("U_cat", 1), ("S_cat", 0), ("V_cat", 1)):
-                    shape = list(f.get_slice(f"lowrank/{name}/{factor}").get_shape())
-                    K = sum(spec["ranks"])
-                    if len(shape) == axis + 1 and shape[axis] != K:
-                        raise bad(f"ranks {spec['ranks']} of {name!r} sum to {K}, but its "
-                                  f"{factor} has K = {shape[axis]} (shape {shape})")
-            tensors = {}
-            for key, (shape, dtype) in expected.items():
-                t = f.get_tensor(key)
-                if list(t.shape) != shape:
-                    raise bad(f"tensor {key!r} has shape {list(t.shape)}, the metadata says "
-                              f"{shape}")
-                if _dtype_name(t.dtype) != dtype:
-                    raise bad(f"tensor {key!r} has dtype {_dtype_name(t.dtype)}, the metadata "
-                              f"says {dtype}")
-                if verify and digests is not None:
-                    actual = tensor_digest(t)
-                    if actual != digests[key]:
-                        raise bad(f"tensor {key!r} does not match its checksum ({DIGEST_ALGORITHM} "
-                                  f"{actual}, the file says {digests[key]}): the file is damaged")
-                problem = non_finite(t)
-                if problem is not None:
-                    raise bad(f"tensor {key!r} has a non-finite value ({problem}); a twin's "
-                              f"tensors must be finite")
-                tensors[key] = t if device is None else t.to(device)
+        info, tasks, specs, tensors, router, digests = read_twin(path, device, verify, fn)
         shared = {name: tensors[f"shared/{name}"] for name in specs["shared"]}
         lowrank = {name: LowRankDelta(tensors[f"lowrank/{name}/U_cat"],
                                       tensors[f"lowrank/{name}/S_cat"],
@@ -911,165 +791,3 @@ class TwinCheckpoint:
                           f"its contents could not be verified; save it again to add them",
                           UserWarning, stacklevel=2)
         return cls(tasks, shared, lowrank, dense, errors, info, heads, router)
-
-
-def _checked_checksums(raw: Optional[str], meta: str, bad) -> Optional[Dict[str, str]]:
-    """The tensors' digests (file name -> hex) from the checksums metadata, after checking the
-    metadata string `meta` against its own digest; None for a file without checksums."""
-    if raw is None:
-        return None
-    try:
-        sums = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise bad(f"the {CHECKSUMS_KEY!r} metadata is not valid JSON: {e}") from e
-    if not isinstance(sums, dict) or sums.get("algorithm") != DIGEST_ALGORITHM:
-        raise bad(f"the {CHECKSUMS_KEY!r} metadata must be an object with algorithm "
-                  f"{DIGEST_ALGORITHM!r}, got {raw[:200]!r}")
-    tensors = sums.get("tensors")
-    if not (isinstance(sums.get("metadata"), str) and isinstance(tensors, dict)
-            and all(isinstance(v, str) for v in tensors.values())):
-        raise bad(f"the {CHECKSUMS_KEY!r} metadata must hold a 'metadata' digest and a "
-                  f"'tensors' object of digests, got {raw[:200]!r}")
-    actual = text_digest(meta)
-    if actual != sums["metadata"]:
-        raise bad(f"the {METADATA_KEY!r} metadata does not match its checksum "
-                  f"({DIGEST_ALGORITHM} {actual}, the file says {sums['metadata']}): the file "
-                  f"is damaged")
-    return tensors
-
-
-def _router_from_metadata(meta: Any, tasks: List[str], bad) -> Optional[TwinRouter]:
-    """An untrained TwinRouter of the saved architecture (its tensors are checked against it),
-    or None."""
-    if meta is None:
-        return None
-    cfg = meta.get("config")
-    if not isinstance(cfg, dict) or not isinstance(meta.get("info", {}), dict):
-        raise bad(f"metadata field 'router' must hold a 'config' object and an 'info' object, "
-                  f"got {meta!r}")
-    try:
-        router = TwinRouter.from_config(cfg)
-    except (TypeError, ValueError) as e:
-        raise bad(f"metadata field router.config is not a valid TwinRouter config: {e}") from e
-    if list(router.tasks) != tasks:
-        raise bad(f"the router routes tasks {list(router.tasks)}, the twin has {tasks}")
-    return router
-
-
-def _parse_metadata(meta: Any, bad) -> Tuple[Dict[str, Any], List[str], Dict[str, Dict]]:
-    """Checks the structure of the JSON metadata; returns (info without tasks and tensors,
-    tasks, tensor specs). `bad(msg)` makes the ValueError that names the file."""
-    if not isinstance(meta, dict):
-        raise bad(f"the {METADATA_KEY!r} metadata must be a JSON object, got "
-                  f"{type(meta).__name__}")
-    version = meta.get("format_version")
-    if isinstance(version, bool) or not isinstance(version, int):
-        raise bad(f"the metadata has no integer format_version (got {version!r})")
-    if version != FORMAT_VERSION:
-        raise bad(f"unknown twin checkpoint format version {version}; this library "
-                  f"reads format version {FORMAT_VERSION}")
-    for key, kind in (("library_version", str), ("tasks", list), ("shared", dict),
-                      ("compression", dict), ("tensors", dict)):
-        if not isinstance(meta.get(key), kind):
-            raise bad(f"metadata field {key!r} must be a JSON {kind.__name__}, got "
-                      f"{meta.get(key)!r}")
-    if "router" not in meta or not (meta["router"] is None or isinstance(meta["router"], dict)):
-        raise bad(f"metadata field 'router' must be null or an object, got {meta.get('router')!r}")
-    tasks = meta["tasks"]
-    if not tasks or not all(isinstance(x, str) for x in tasks) or len(set(tasks)) != len(tasks):
-        raise bad(f"metadata field 'tasks' must be a non-empty list of distinct strings, got "
-                  f"{tasks!r}")
-    shared_cfg = meta["shared"]
-    method = shared_cfg.get("method")
-    if not (isinstance(method, str) and method in _SHARED_METHODS
-            and isinstance(shared_cfg.get("kwargs"), dict)):
-        raise bad(f"metadata field 'shared' must name a method in {sorted(_SHARED_METHODS)} and "
-                  f"its kwargs, got {shared_cfg!r}")
-    T = len(tasks)
-    specs: Dict[str, Dict[str, Dict]] = {}
-    heads = meta.get("heads")
-    if not (heads is None or (isinstance(heads, list) and all(isinstance(p, str) for p in heads))):
-        raise bad(f"metadata field 'heads' must be null or a list of regex strings, got {heads!r}")
-    for section in ("shared", "lowrank", "dense"):
-        entries = meta["tensors"].get(section)
-        if not isinstance(entries, dict):
-            raise bad(f"metadata field tensors.{section} must be an object, got {entries!r}")
-        specs[section] = {}
-        for name, spec in entries.items():
-            where = f"tensors.{section}[{name!r}]"
-            if not isinstance(spec, dict):
-                raise bad(f"metadata {where} must be an object, got {spec!r}")
-            shape, dtype = spec.get("shape"), spec.get("dtype")
-            if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool)
-                                                    and d >= 0 for d in shape)):
-                raise bad(f"metadata {where} has an invalid shape {shape!r}")
-            if dtype not in _DTYPES:
-                raise bad(f"metadata {where} has an unknown dtype {dtype!r}")
-            if section != "shared":
-                ref = specs["shared"].get(name)
-                if ref is None:
-                    raise bad(f"metadata {where} names a parameter that is not in "
-                              f"tensors.shared")
-                if ref["shape"] != shape or ref["dtype"] != dtype:
-                    raise bad(f"metadata {where} has shape {shape} and dtype {dtype}, but the "
-                              f"shared parameter has {ref['shape']} and {ref['dtype']}")
-            if section == "lowrank":
-                ranks, errors = spec.get("ranks"), spec.get("errors")
-                if len(shape) != 2:
-                    raise bad(f"metadata {where} must be a matrix, got shape {shape}")
-                if not (isinstance(ranks, list) and len(ranks) == T
-                        and all(isinstance(r, int) and not isinstance(r, bool) and r >= 0
-                                for r in ranks)):
-                    raise bad(f"metadata {where} must have ranks: a list of T={T} non-negative "
-                              f"ints, got {ranks!r}")
-                if not (isinstance(errors, list) and len(errors) == T
-                        and all(isinstance(e, (int, float)) and not isinstance(e, bool)
-                                for e in errors)):
-                    raise bad(f"metadata {where} must have errors: a list of T={T} numbers, got "
-                              f"{errors!r}")
-            specs[section][name] = spec
-    overlap = sorted(set(specs["lowrank"]) & set(specs["dense"]))
-    if overlap:
-        raise bad(f"parameter {overlap[0]!r} is listed both as low-rank and as dense")
-    unchanged = meta["compression"].get("unchanged", [])
-    if not (isinstance(unchanged, list) and all(isinstance(x, str) for x in unchanged)):
-        raise bad(f"metadata field compression.unchanged must be a list of parameter names, got "
-                  f"{unchanged!r}")
-    for name in unchanged:
-        if name not in specs["shared"] or name in specs["lowrank"] or name in specs["dense"]:
-            raise bad(f"metadata compression.unchanged names {name!r}, which must be a shared "
-                      f"tensor with no low-rank or dense delta")
-    specs["heads"] = _parse_heads(meta["tensors"].get("heads", {}), tasks, specs["shared"], bad)
-    info = {k: v for k, v in meta.items() if k not in ("tasks", "tensors")}
-    return info, list(tasks), specs
-
-
-def _parse_heads(entries: Any, tasks: List[str], shared: Dict[str, Dict], bad) -> Dict[str, Dict]:
-    """tensors.heads: task -> {name: spec}; every task, the same names, none of them shared."""
-    if not isinstance(entries, dict):
-        raise bad(f"metadata field tensors.heads must be an object, got {entries!r}")
-    if entries and sorted(entries) != sorted(tasks):
-        raise bad(f"metadata tensors.heads must hold every task {tasks} or none, got "
-                  f"{sorted(entries)}")
-    names = None
-    for task in tasks if entries else []:
-        head = entries[task]
-        if not isinstance(head, dict) or not head:
-            raise bad(f"metadata tensors.heads[{task!r}] must be a non-empty object, got {head!r}")
-        if names is not None and set(head) != set(names):
-            raise bad(f"metadata tensors.heads: tasks have different head tensors "
-                      f"({sorted(names)} vs {sorted(head)} for {task!r})")
-        names = names or list(head)
-        for name, spec in head.items():
-            where = f"tensors.heads[{task!r}][{name!r}]"
-            if name in shared:
-                raise bad(f"metadata {where} is also a shared tensor")
-            shape, dtype = (spec.get("shape"), spec.get("dtype")) if isinstance(spec, dict) \
-                else (None, None)
-            if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool)
-                                                    and d >= 0 for d in shape)):
-                raise bad(f"metadata {where} has an invalid shape {shape!r}")
-            if dtype not in _DTYPES:
-                raise bad(f"metadata {where} has an unknown dtype {dtype!r}")
-    return {task: {name: entries[task][name] for name in names} for task in tasks} \
-        if entries else {}
