@@ -115,7 +115,7 @@ def test_threads_get_exactly_their_own_rows_and_shared_expert_is_untouched(case,
         assert w._pool.sets_made <= buffer_sets
 
 
-def test_one_wrapper_serves_every_mode_from_many_threads(case):
+def test_one_auto_wrapper_serves_many_threads_with_and_without_blocks(case):
     """The same wrapper for all threads; each thread's calls pass their own weights, half of them
     inside a merged() block of their own."""
     twin, make, extra = case
@@ -162,7 +162,7 @@ def test_router_calls_from_many_threads_route_each_batch_alone():
         assert torch.equal(a, b) and torch.equal(wa, wb)
 
 
-def test_unwrap_waits_for_calls_in_flight_and_then_every_call_refuses():
+def test_unwrap_refuses_while_calls_are_in_flight_and_then_every_call_refuses():
     twin, make, _ = _case("bert")
     wrapped = TwinMergedModule(make(), twin, mode="materialize")
     ids, mask = _inputs(2)
@@ -193,3 +193,58 @@ def test_unwrap_waits_for_calls_in_flight_and_then_every_call_refuses():
     state = module.state_dict()
     for name, value in twin.shared.items():
         assert torch.equal(state[name], value), name
+
+
+def test_merged_blocks_belong_to_their_asyncio_task():
+    """Two tasks on one event loop, each inside its own block across awaits."""
+    import asyncio
+
+    twin, make, _ = _case("bert")
+    wrapped = TwinMergedModule(make(), twin, mode="factored")
+    ids, mask = _inputs(2)
+    weights = [torch.tensor([0.7, 0.2, 0.1]), torch.tensor([0.1, 0.1, 0.8])]
+    want = []
+    for w in weights:  # each block alone
+        with torch.no_grad(), wrapped.merged(w):
+            want.append(wrapped(input_ids=ids, attention_mask=mask).logits)
+
+    async def serve(w):
+        with wrapped.merged(w):  # (grad mode is per thread, not per task: set around the loop)
+            await asyncio.sleep(0)  # the other task opens its block meanwhile
+            first = wrapped(input_ids=ids, attention_mask=mask).logits
+            await asyncio.sleep(0)
+            return first, wrapped(input_ids=ids, attention_mask=mask).logits, wrapped.last_call
+
+    async def both():
+        return await asyncio.gather(*(serve(w) for w in weights))
+
+    with torch.no_grad():
+        results = asyncio.run(both())
+    for (first, second, last), w, expected in zip(results, weights, want):
+        assert torch.equal(first, expected) and torch.equal(second, expected)
+        assert torch.equal(last["weights"][0], w) and last["merged_block"]
+
+
+def test_moving_a_wrapper_waits_for_no_call_and_refuses_under_one():
+    twin, make, _ = _case("bert")
+    wrapped = TwinMergedModule(make(), twin, mode="materialize")
+    ids, mask = _inputs(2)
+    inside, release = threading.Event(), threading.Event()
+
+    def block():
+        with wrapped.merged(torch.tensor([0.2, 0.3, 0.5])):
+            inside.set()
+            release.wait(30)
+
+    t = threading.Thread(target=block)
+    t.start()
+    assert inside.wait(30)
+    with pytest.raises(ValueError, match=r"TwinMergedModule.to: 1 call\(s\) or merged\(\) "
+                                         r"block\(s\) are in flight"):
+        wrapped.double()
+    release.set()
+    t.join()
+    wrapped.double()
+    with torch.no_grad():
+        out = wrapped(input_ids=ids, attention_mask=mask, mix_weights=torch.ones(3).double() / 3)
+    assert out.logits.dtype == torch.float64

@@ -550,63 +550,148 @@ def test_cuda_serves_the_same_rows_as_cpu(bert_case, mode):
 
 class _Encoder(nn.Module):
     """nn.TransformerEncoderLayer: nn.MultiheadAttention reads its out_proj's weight itself,
-    and in eval mode without grad the layer takes a fused path that reads every weight itself."""
+    and in eval mode without grad the layer would take a fused path that reads every weight
+    itself; a tied output projection reads the embedding's weight."""
 
-    def __init__(self):
+    def __init__(self, tied=False):
         super().__init__()
+        self.tied = tied
         self.embed = nn.Embedding(VOCAB, 16)
         self.layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=24, dropout=0.0,
                                                 batch_first=True)
         self.out = nn.Linear(16, 3)
 
     def forward(self, ids):
-        return self.out(self.layer(self.embed(ids)))
+        h = self.layer(self.embed(ids))
+        if self.tied:  # the parent computes with a mixed tensor, and reads its metadata
+            assert self.embed.weight.dtype == h.dtype and self.embed.weight.shape[1] == 16
+            return F.linear(h, self.embed.weight)
+        return self.out(h)
 
 
-def test_layers_read_by_their_parent_mix_exactly_or_are_refused():
+def _encoder_case(tied):
     torch.manual_seed(0)
-    base = _Encoder().eval().state_dict()
+    base = _Encoder(tied).eval().state_dict()
     experts = {t: {k: v + 0.05 * torch.randn_like(v) for k, v in base.items()} for t in "abc"}
     twin = TwinCheckpoint.build(base, experts, rank_ratio=1.0)
     ids, _ = _inputs(3, seed=21)
     rw = _weights(3, seed=21)
+    outs = []
+    for b in range(3):
+        m = _Encoder(tied).eval()
+        m.load_state_dict(twin.merged_state_dict(rw[b]))
+        with torch.no_grad():
+            outs.append(m(ids[b:b + 1]))
+    return twin, ids, rw, torch.cat(outs)
 
-    def reference():
-        outs = []
-        for b in range(3):
-            m = _Encoder().eval()
-            m.load_state_dict(twin.merged_state_dict(rw[b]))
-            with torch.no_grad():
-                outs.append(m(ids[b:b + 1]))
-        return torch.cat(outs)
 
-    want = reference()
+def test_layers_read_by_their_parent_mix_exactly():
+    twin, ids, rw, want = _encoder_case(tied=False)
     wrapped = TwinMergedModule(_Encoder().eval(), twin, mode="factored")
     kinds = {type(layer).__mro__[1].__name__ for layer, _ in wrapped._patched}
     assert "_TwinFallback" in kinds  # nn.MultiheadAttention and its out_proj
-    # With grad on, the layer runs module by module: the attention merges its own and its
-    # out_proj's tensors per row.
+    # The attention merges its own and its out_proj's tensors per row; without grad, the fused
+    # path sees tensors it cannot take (the mixed ones read from outside their layer) and the
+    # layer runs module by module.
     _close(wrapped(ids, mix_weights=rw).detach(), want)
-    with torch.no_grad(), pytest.raises(ValueError, match=r"layer 'layer.self_attn' "
-                                                          r"\(MultiheadAttention\): its mixed "
-                                                          r"tensor 'in_proj_\w+' was read by "
-                                                          r"code outside the layer"):
-        wrapped(ids, mix_weights=rw)
+    with torch.no_grad():
+        _close(wrapped(ids, mix_weights=rw), want)
     wrapped.mode = "materialize"  # merged tensors are served to whoever reads them
     with torch.no_grad():
         _close(wrapped(ids, mix_weights=rw), want)
 
 
-def test_all_finite_is_isfinite_whatever_the_sum_does():
-    from twinmerge_ext._finite import all_finite
-    for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
-        big = torch.finfo(dtype).max
-        x = torch.full((1000,), big / 4, dtype=dtype)       # finite, its sum overflows
-        assert all_finite(x)
-        for bad in (float("nan"), float("inf"), -float("inf")):
-            y = x.clone()
-            y[17] = bad
-            assert not all_finite(y)
-        z = torch.tensor([big, -big, float("inf"), -float("inf")], dtype=dtype)  # sum NaN
-        assert not all_finite(z)
-    assert all_finite(torch.empty(0)) and all_finite(torch.ones(3, dtype=torch.long))
+def test_computing_with_a_mixed_tensor_outside_its_layer_is_refused_in_factored_mode():
+    twin, ids, rw, want = _encoder_case(tied=True)
+    wrapped = TwinMergedModule(_Encoder(tied=True).eval(), twin, mode="factored")
+    with torch.no_grad(), pytest.raises(ValueError, match=r"layer 'embed' \(Embedding\): its "
+                                                          r"mixed tensor 'weight' is used by code "
+                                                          r"outside the layer \(linear"):
+        wrapped(ids, mix_weights=rw)
+    wrapped.mode = "materialize"
+    with torch.no_grad():
+        _close(wrapped(ids, mix_weights=rw), want)
+    wrapped.mode = "factored"  # one weight vector for the batch: still one tensor per row
+    with torch.no_grad(), pytest.raises(ValueError, match="used by code outside the layer"):
+        wrapped(ids, mix_weights=rw[0])
+
+
+class _Scaled(nn.Module):
+    """A tensor at the root (so the whole model is a fallback layer) around a task head."""
+
+    def __init__(self, num_labels=3):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(8))
+        self.fc = nn.Linear(8, 8)
+        self.classifier = nn.Linear(8, num_labels)
+
+    def forward(self, x):
+        return self.classifier(torch.tanh(self.fc(x) * self.scale))
+
+
+def test_a_head_inside_a_fallback_layer_keeps_each_rows_task():
+    torch.manual_seed(0)
+    base = _Scaled().state_dict()
+    experts = {t: {k: v + 0.5 * torch.randn_like(v) for k, v in base.items()} for t in "ab"}
+    twin = TwinCheckpoint.build(base, experts, rank_ratio=1.0, heads=r"^classifier\.")
+    x, rw = torch.randn(3, 8), torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.3, 0.7]])
+    want = []
+    for b in range(3):
+        m = _Scaled()
+        m.load_state_dict(twin.merged_state_dict(rw[b]))
+        want.append(m(x[b:b + 1]).detach())
+    for mode in ("factored", "materialize"):
+        with torch.no_grad():
+            _close(TwinMergedModule(_Scaled(), twin, mode=mode)(x, mix_weights=rw),
+                   torch.cat(want))
+
+
+def test_an_empty_batch_passes_through_a_fallback_layer():
+    torch.manual_seed(0)
+    base = _Scaled().state_dict()
+    experts = {t: {k: v + 0.5 * torch.randn_like(v) for k, v in base.items()} for t in "ab"}
+    twin = TwinCheckpoint.build(base, experts, rank_ratio=1.0)
+    wrapped = TwinMergedModule(_Scaled(), twin, mode="factored")
+    with torch.no_grad():
+        assert wrapped(torch.randn(0, 8), mix_weights=torch.zeros(0, 2)).shape == (0, 3)
+        assert wrapped(torch.randn(0, 8), mix_weights=torch.tensor([0.5, 0.5])).shape == (0, 3)
+
+
+def test_a_wrapper_can_be_deep_copied_and_both_serve(bert_case):
+    _, _, twin = bert_case
+    wrapped = TwinMergedModule(_bert(), twin, mode="materialize")
+    ids, mask = _inputs(3, seed=31)
+    rw = _weights(3, seed=31)
+    want = _logits(wrapped, ids, mask, mix_weights=rw)
+    copied = copy.deepcopy(wrapped)
+    _close(_logits(copied, ids, mask, mix_weights=rw), want)
+    with copied.merged(rw[1]):  # the copy's state is its own
+        _close(_logits(copied, ids, mask), _logits(wrapped, ids, mask, mix_weights=rw[1]))
+    assert copied.unwrap() is copied.module and wrapped.unwrap() is wrapped.module
+
+
+def test_torch_compile_fullgraph_in_factored_mode_without_the_nan_check(bert_case):
+    _, _, twin = bert_case
+    wrapped = TwinMergedModule(_bert(), twin, mode="factored", check_finite=False)
+    compiled = torch.compile(wrapped, fullgraph=True, backend="aot_eager")
+    ids, mask = _inputs(4, seed=13)
+    rw = _weights(4, seed=13)
+    _close(_logits(compiled, ids, mask, mix_weights=rw),
+           _logits(wrapped, ids, mask, mix_weights=rw), rtol=1e-4, atol=1e-5)
+
+
+def test_a_refused_filter_fn_changes_nothing(bert_case):
+    _, _, twin = bert_case
+    module = _bert()
+    before = copy.deepcopy(module.state_dict())
+
+    def picky(layer, name):
+        if name.endswith("output.dense"):
+            raise RuntimeError("picky: no")
+        return True
+
+    with pytest.raises(RuntimeError, match="picky: no"):
+        TwinMergedModule(module, twin, filter_fn=picky)
+    for k, v in module.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not any(type(m).__name__.startswith("Twin") for m in module.modules())

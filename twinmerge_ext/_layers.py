@@ -14,6 +14,11 @@ two threads calling one wrapper each see only their own. Served tensors reach th
 `__getattr__` (a module's parameters and buffers are not in its `__dict__`, so every read of them
 by name goes there), never by swapping them into the module as torch.func.functional_call
 does, which two threads would undo for each other.
+
+In a factored call a mixed tensor read by code outside its layer (a tied output projection
+written as F.linear(h, emb.weight), a fused fast path) is handed out as a `_ForeignRead`: its
+metadata is θs's, and any computation with it raises, since each row needs its own tensor and
+only the layer's forward applies them.
 """
 
 import threading
@@ -35,6 +40,8 @@ class _Routing(threading.local):
 
     Plain mode (θs, every layer's own forward) when row_weights, head_tasks and overrides are
     None. threading.local runs __init__ again, with the same T, in every thread that touches it.
+    A call sets and clears it without returning to an event loop in between, so a thread is
+    fine-grained enough here (merged() blocks, which span awaits, keep theirs in a ContextVar).
     """
 
     def __init__(self, T: int):
@@ -44,10 +51,9 @@ class _Routing(threading.local):
         self.overrides: Optional[Overrides] = None  # tensors served instead of the modules' own
         self.reentry = False        # inside a fallback row or a head: patched layers run plain
         self.current: Optional[nn.Module] = None    # the layer whose _twin_forward runs
-        self.ran: Optional[set] = None              # factored call: mixing layers that ran
-        self.outside: Optional[List[Tuple[nn.Module, str]]] = None  # their tensors read by others
-        self.pinned: Optional[Tensor] = None        # the weights of this thread's merged() block
-        self.last_call: Dict[str, Any] = {}
+
+    def __reduce__(self):  # a copied wrapper gets fresh state (thread-locals cannot be copied)
+        return (_Routing, (self.T,))
 
 
 def _own(module: nn.Module, name: str):
@@ -60,8 +66,38 @@ def _error(layer, msg: str) -> ValueError:
                       f"({layer._twin_class.__name__}): {msg}")
 
 
+# What code outside a layer may ask of its mixed tensor during a factored call: metadata only.
+_METADATA = frozenset(f for f in (
+    *(getattr(Tensor, a).__get__ for a in ("dtype", "device", "shape", "ndim", "requires_grad",
+                                           "is_cuda", "is_meta", "layout", "is_sparse",
+                                           "is_quantized", "is_leaf")),
+    Tensor.size, Tensor.dim, Tensor.numel, Tensor.nelement, Tensor.element_size,
+    Tensor.is_floating_point, Tensor.is_complex, Tensor.is_contiguous, Tensor.get_device,
+    Tensor.__len__, Tensor.__repr__, Tensor.__format__))
+
+
+class _ForeignRead(Tensor):
+    """θs's tensor, as handed to code outside its layer during a factored call. Its metadata
+    answers as θs's; anything else raises, naming the layer: with a weight row per input there
+    is no one tensor to compute with, and computing with θs would be a silent wrong answer."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in _METADATA:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **(kwargs or {}))
+        found = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, _ForeignRead)]
+        layer, attr = found[0]._twin_read
+        raise _error(layer, f"its mixed tensor {attr!r} is used by code outside the layer "
+                            f"({getattr(func, '__name__', func)}: e.g. a tied projection "
+                            f"F.linear(h, emb.weight), or a fused path). In factored mode each "
+                            f"row has its own tensor, which only the layer's forward applies; "
+                            f"serve this model with mode='materialize', or let it call the layer")
+
+
 class _TwinParams:
-    """Serves the calling thread's overrides of this module's tensors."""
+    """Serves the calling thread's overrides of this module's tensors; in a factored call, hands
+    code outside the layer a _ForeignRead of a mixed tensor."""
 
     def __getattr__(self, name: str):
         ctx = self.__dict__.get("_twin_ctx")
@@ -71,10 +107,11 @@ class _TwinParams:
                 mine = over.get(self)
                 if mine is not None and name in mine:
                     return mine[name]
-            outside = ctx.outside
-            if outside is not None and ctx.current is not self and \
+            if ctx.row_weights is not None and ctx.current is not self and \
                     name in self.__dict__["_twin_mixed_attrs"]:
-                outside.append((self, name))
+                guarded = super().__getattr__(name).detach().as_subclass(_ForeignRead)
+                guarded._twin_read = (self, name)
+                return guarded
         return super().__getattr__(name)
 
 
@@ -118,10 +155,12 @@ class _TwinLayer(_TwinParams):
 
     def forward(self, *args, **kwargs):
         ctx: _Routing = self._twin_ctx
-        if ctx.reentry or (ctx.row_weights is None and not self._twin_is_head):
+        # A head picks each row's task even inside a fallback layer's rows (reentry).
+        if self._twin_is_head:
+            if ctx.head_tasks is None:
+                return super().forward(*args, **kwargs)
+        elif ctx.reentry or ctx.row_weights is None:
             return super().forward(*args, **kwargs)
-        if ctx.ran is not None:
-            ctx.ran.add(self)
         outer, ctx.current = ctx.current, self
         try:
             return self._twin_forward(ctx, *args, **kwargs)
@@ -246,16 +285,22 @@ class _TwinFallback(_TwinLayer):
     tensors itself (nn.MultiheadAttention reads out_proj.weight) exact."""
 
     def _twin_forward(self, ctx, *args, **kwargs):
-        rw = ctx.row_weights
+        rw, heads = ctx.row_weights, ctx.head_tasks
         B = rw.shape[0]
+        if B == 0:  # nothing to mix
+            return self._twin_plain(*args, **kwargs)
         rows = [slice(0, B)] if self._twin_same_rows(rw) else [slice(b, b + 1) for b in range(B)]
         outs = []
-        for sl in rows:
-            w = rw[sl.start]
-            over = {layer: {attr: layer._twin_merged(attr, w) for attr in layer._twin_attrs}
-                    for layer in self._twin_subtree}
-            a, k = _map_rows(lambda v: v[sl], B, (args, kwargs))
-            outs.append(_serve_plain(ctx, self, over, a, k))
+        try:
+            for sl in rows:
+                w = rw[sl.start]
+                over = {layer: {attr: layer._twin_merged(attr, w) for attr in layer._twin_attrs}
+                        for layer in self._twin_subtree}
+                a, k = _map_rows(lambda v: v[sl], B, (args, kwargs))
+                ctx.head_tasks = heads[sl] if heads is not None else None  # a head inside
+                outs.append(_serve_plain(ctx, self, over, a, k))
+        finally:
+            ctx.head_tasks = heads
         if len(outs) == 1:
             return outs[0]
         return _concat_outputs(outs, [1] * B, f"layer {self._twin_name!r}")
@@ -267,7 +312,8 @@ class _TwinFallback(_TwinLayer):
 
 
 class _TwinHead(_TwinLayer):
-    """A task head: every task's head runs on the rows, each row keeps its head task's output."""
+    """A task head: every task's head runs on the rows, each row keeps its head task's output.
+    Its tensors are not mixed: nothing in it is a _ForeignRead."""
 
     def _twin_task_head(self, t: int) -> Overrides:
         over: Overrides = {}
@@ -276,8 +322,6 @@ class _TwinHead(_TwinLayer):
         return over
 
     def _twin_forward(self, ctx, *args, **kwargs):
-        if ctx.head_tasks is None:
-            return self._twin_plain(*args, **kwargs)
         outs = [_serve_plain(ctx, self, self._twin_task_head(t), args, kwargs)
                 for t in range(ctx.T)]
         bad = [type(o).__name__ for o in outs if not isinstance(o, Tensor)]

@@ -34,6 +34,7 @@ merge into buffer sets lent one call at a time (`buffer_sets` of them; more call
 import math
 import threading
 from contextlib import contextmanager
+from contextvars import ContextVar
 from numbers import Integral, Real
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -43,7 +44,6 @@ from torch import Tensor, nn
 from twinmerge_ext._finite import all_finite, nonfinite_rows
 from twinmerge_ext._layers import (
     _concat_outputs,
-    _error,
     _kind,
     _map_rows,
     _own,
@@ -83,42 +83,60 @@ def _first_batched(args, kwargs) -> Optional[Tensor]:
     return None
 
 
-class _Gate:
-    """The calls in flight on a wrapper, and whether it was unwrapped. `with gate(fn):` around
-    a call refuses it on an unwrapped wrapper and counts it meanwhile; close() refuses while any
-    call is in flight. A plain object, not the wrapper's attributes: nn.Module's __setattr__
-    would cost more than the whole count."""
+class _Calls:
+    """A wrapper's calls: how many are in flight, whether the wrapper was unwrapped, and each
+    caller's merged() block and last call.
 
-    __slots__ = ("_lock", "in_flight", "closed")
+    `with calls(fn):` around a call refuses it on an unwrapped wrapper and counts it meanwhile;
+    `with calls.idle(fn):` runs something no call may overlap (unwrap, .to()): it refuses while
+    calls are in flight and holds off new ones until done. Skipped while torch.compile traces
+    (a lock cannot be traced; compiled code runs the checks of the eager call that traced it).
+    Blocks and last calls are ContextVars: per thread, and per asyncio task, whose blocks span
+    awaits. A plain object, not the wrapper's attributes: nn.Module's __setattr__ would cost
+    more than the count.
+    """
 
-    def __init__(self):
+    def __init__(self, closed: bool = False):
         self._lock = threading.Lock()
         self.in_flight = 0
-        self.closed = False
+        self.closed = closed
+        self.pinned: ContextVar[Optional[Tensor]] = ContextVar("twinmerge_pinned", default=None)
+        self.last: ContextVar[Optional[Dict[str, Any]]] = ContextVar("twinmerge_last_call",
+                                                                     default=None)
 
-    def __call__(self, fn: str) -> "_Gate":
-        with self._lock:
-            if self.closed:
-                raise ValueError(f"{fn}: this wrapper was unwrapped (unwrap() gave its module "
-                                 f"back, holding θs, with its layers restored); wrap the module "
-                                 f"again to serve the twin")
-            self.in_flight += 1
+    def __reduce__(self):  # a copied wrapper: no call in flight, no block, no last call
+        return (_Calls, (self.closed,))
+
+    def _refuse_closed(self, fn: str) -> None:
+        if self.closed:
+            raise ValueError(f"{fn}: this wrapper was unwrapped (unwrap() gave its module back, "
+                             f"holding θs, with its layers restored); wrap the module again to "
+                             f"serve the twin")
+
+    def __call__(self, fn: str) -> "_Calls":
+        if not torch.compiler.is_compiling():
+            with self._lock:
+                self._refuse_closed(fn)
+                self.in_flight += 1
         return self
 
     def __enter__(self) -> None:
         return None
 
     def __exit__(self, *exc) -> bool:
-        with self._lock:
-            self.in_flight -= 1
+        if not torch.compiler.is_compiling():
+            with self._lock:
+                self.in_flight -= 1
         return False
 
-    def close(self, fn: str) -> None:
+    @contextmanager
+    def idle(self, fn: str):
         with self._lock:
             if self.in_flight:
                 raise ValueError(f"{fn}: {self.in_flight} call(s) or merged() block(s) are in "
-                                 f"flight on this wrapper; unwrap once they have returned")
-            self.closed = True
+                                 f"flight on this wrapper (other threads or tasks); wait until "
+                                 f"they have returned")
+            yield
 
 
 def _twin_tensors(twin: TwinCheckpoint):
@@ -253,6 +271,7 @@ class TwinMergedModule(nn.Module):
         self._check_data(module, twin, fn)
         self._check_shared(module, twin, fn)
         head = self._head_plan(module, twin, fn)
+        chosen = self._choose_layers(module, twin, filter_fn)  # runs filter_fn, which may raise
 
         self.module = module
         self.router = router
@@ -267,7 +286,7 @@ class TwinMergedModule(nn.Module):
         self.tasks = twin.tasks
         self._ctx = _Routing(len(self.tasks))
         self._pool = MergePool(buffer_sets)
-        self._gate = _Gate()
+        self._calls = _Calls()
         self._patched: List[Tuple[nn.Module, type]] = []
         # (name of a mixed tensor, its layer, attribute, "lowrank"/"dense"): one per distinct
         # tensor, merged into one buffer of a set.
@@ -279,7 +298,7 @@ class TwinMergedModule(nn.Module):
             own = module.state_dict(keep_vars=True)
             for name, value in twin.shared.items():
                 own[name].copy_(value)
-        self._patch_layers(twin, filter_fn)
+        self._patch_layers(twin, chosen)
         self._patch_heads(twin, head)
 
     @staticmethod
@@ -336,16 +355,22 @@ class TwinMergedModule(nn.Module):
         layer._twin_is_head = kind == "head"
         layer._twin_mixed_attrs = frozenset(mixed_attrs)
 
-    def _patch_layers(self, twin: TwinCheckpoint, filter_fn) -> None:
+    @staticmethod
+    def _choose_layers(module: nn.Module, twin: TwinCheckpoint,
+                       filter_fn) -> Dict[str, Tuple[nn.Module, Dict[str, str]]]:
+        """path -> (layer, {attribute: "lowrank"/"dense"}) of the layers that will mix."""
         by_layer: Dict[str, Dict[str, str]] = {}
         for name in list(twin.lowrank) + list(twin.dense):
             path, _, attr = name.rpartition(".")
             by_layer.setdefault(path, {})[attr] = "lowrank" if name in twin.lowrank else "dense"
+        layers = {path: (module.get_submodule(path), attrs) for path, attrs in by_layer.items()}
+        return {path: (layer, attrs) for path, (layer, attrs) in layers.items()
+                if filter_fn is None or filter_fn(layer, path)}
+
+    def _patch_layers(self, twin: TwinCheckpoint,
+                      layers: Dict[str, Tuple[nn.Module, Dict[str, str]]]) -> None:
         chosen: Dict[str, nn.Module] = {}
-        for path, attrs in by_layer.items():
-            layer = self.module.get_submodule(path)
-            if filter_fn is not None and not filter_fn(layer, path):
-                continue
+        for path, (layer, attrs) in layers.items():
             chosen[path] = layer
             self._patch(layer, _kind(layer, attrs), path, attrs)
             layer._twin_lowrank = {a for a, k in attrs.items() if k == "lowrank"}
@@ -366,9 +391,6 @@ class TwinMergedModule(nn.Module):
         for layer in chosen.values():
             # The mixing layers inside it (itself first): a fallback serves them per row too.
             layer._twin_subtree = [m for m in layer.modules() if id(m) in mixing]
-        for layer in chosen.values():
-            # The layers whose forward mixes it: itself, and the fallbacks around it.
-            layer._twin_mixed_by = [m for m in chosen.values() if layer in m._twin_subtree]
         tensors = dict(self.module.named_parameters(remove_duplicate=False))
         tensors.update(self.module.named_buffers(remove_duplicate=False))
         index: Dict[int, int] = {}
@@ -442,28 +464,34 @@ class TwinMergedModule(nn.Module):
         The wrapper refuses every call afterwards. Calling it again returns the module.
 
         Errors: ValueError while calls (another thread's, a merged() block) are in flight."""
-        self._gate.close("TwinMergedModule.unwrap")  # from here on every call is refused
-        for layer, cls in reversed(self._patched):
-            for key in [k for k in layer._buffers if k.startswith("_twin_")]:
-                del layer._buffers[key]
-            for attr in [a for a in vars(layer) if a.startswith("_twin_")]:
-                delattr(layer, attr)
-            layer.__class__ = cls
-        self._patched.clear()
-        self._mixed.clear()
-        self._served.clear()
-        self._pool.clear()
+        with self._calls.idle("TwinMergedModule.unwrap"):
+            self._calls.closed = True  # from here on every call is refused
+            for layer, cls in reversed(self._patched):
+                for key in [k for k in layer._buffers if k.startswith("_twin_")]:
+                    del layer._buffers[key]
+                for attr in [a for a in vars(layer) if a.startswith("_twin_")]:
+                    delattr(layer, attr)
+                layer.__class__ = cls
+            self._patched.clear()
+            self._mixed.clear()
+            self._served.clear()
+            self._pool.clear()
         return self.module
 
     def _apply(self, fn, recurse=True):
-        # .to(), .half(), ...: merged copies belong to the old device and dtype.
-        self._pool.clear()
-        return super()._apply(fn, recurse)
+        # .to(), .half(), ...: never under a call, which would merge from half-moved tensors;
+        # merged copies belong to the old device and dtype.
+        if "_calls" not in self.__dict__:  # during __init__ (nn.Module registers tensors)
+            return super()._apply(fn, recurse)
+        with self._calls.idle("TwinMergedModule.to"):
+            self._pool.clear()
+            return super()._apply(fn, recurse)
 
     @property
     def last_call(self) -> Dict[str, Any]:
-        """This thread's last call: {"mode", "weights", "head_tasks", ...} (class docstring)."""
-        return self._ctx.last_call
+        """This thread's (or asyncio task's) last call: {"mode", "weights", "head_tasks", ...}
+        (class docstring); {} before the first."""
+        return self._calls.last.get() or {}
 
     # --- routing --------------------------------------------------------------------------------
 
@@ -475,7 +503,7 @@ class TwinMergedModule(nn.Module):
         to time it separately, then pass the result as mix_weights.
         """
         fn = "TwinMergedModule.route"
-        with self._gate(fn):
+        with self._calls(fn):
             if self.router is None:
                 raise ValueError(f"{fn}: no router: pass mix_weights, or give the wrapper a "
                                  f"router (or a twin with one attached)")
@@ -543,14 +571,14 @@ class TwinMergedModule(nn.Module):
     def forward(self, *args, mix_weights: Optional[Tensor] = None,
                 head_tasks: Optional[Tensor] = None, **kwargs):
         fn = "TwinMergedModule"
-        with self._gate(fn):
-            ctx = self._ctx
+        with self._calls(fn):
             first = _first_batched(args, kwargs)
             B = first.shape[0] if first is not None else None
-            pinned = ctx.pinned is not None and mix_weights is None
+            block = self._calls.pinned.get()
+            pinned = block is not None and mix_weights is None
             routed = mix_weights is None and not pinned
             if pinned:
-                mix_weights = ctx.pinned
+                mix_weights = block
             elif routed:
                 mix_weights = self.route(*args, **kwargs)
             one_vector = isinstance(mix_weights, Tensor) and mix_weights.dim() == 1
@@ -578,7 +606,7 @@ class TwinMergedModule(nn.Module):
                                  f"them, or pass mix_weights.detach()")
             elif mode == "group" and one_vector:
                 mode = "materialize"
-            ctx.last_call = {"mode": mode, "weights": rw, "head_tasks": head_tasks, **plan}
+            self._calls.last.set({"mode": mode, "weights": rw, "head_tasks": head_tasks, **plan})
             if mode == "factored":
                 return self._run(args, kwargs, rw, head_tasks)
             return self._run_merged(args, kwargs, rw, head_tasks, one_vector,
@@ -587,21 +615,10 @@ class TwinMergedModule(nn.Module):
     def _run(self, args, kwargs, rw: Tensor, head_tasks: Optional[Tensor]):
         ctx = self._ctx
         ctx.row_weights, ctx.head_tasks = rw, head_tasks
-        ctx.ran, ctx.outside = set(), []
         try:
-            out = self.module(*args, **kwargs)
-            ran, outside = ctx.ran, ctx.outside
+            return self.module(*args, **kwargs)
         finally:
-            ctx.row_weights = ctx.head_tasks = ctx.ran = ctx.outside = None
-        for layer, attr in outside:
-            if not any(m in ran for m in layer._twin_mixed_by):
-                raise _error(layer, f"its mixed tensor {attr!r} was read by code outside the "
-                                    f"layer, and neither the layer's forward nor that of a layer "
-                                    f"around it that mixes it ran (a fused fast path, e.g. nn.TransformerEncoderLayer's in eval mode, or a "
-                                    f"weight used directly): the factored mode mixes a layer in "
-                                    f"its forward, so these rows would get θs. Serve this model "
-                                    f"with mode='materialize', or let it call the layer")
-        return out
+            ctx.row_weights = ctx.head_tasks = None
 
     # --- materialize / group ----------------------------------------------------------------------
 
@@ -618,6 +635,7 @@ class TwinMergedModule(nn.Module):
                     with torch.inference_mode(False):
                         buf = torch.empty_like(p, memory_format=torch.contiguous_format)
                     s.tensors[i] = buf
+                    s.overrides = None  # until rebuilt below: never serve a dropped buffer
                     fresh = True
                 wd = on_device.get(p.device)
                 if wd is None:
@@ -632,6 +650,7 @@ class TwinMergedModule(nn.Module):
             for layer, attr, i in self._served:
                 over.setdefault(layer, {})[attr] = s.tensors[i]
             s.overrides = over
+            s.cuda_devices = {t.device for t in s.tensors.values() if t.is_cuda}
         s.holds = w
 
     def _serve_merged(self, w: Tensor, pinned: bool, args, kwargs, head_tasks):
@@ -653,19 +672,19 @@ class TwinMergedModule(nn.Module):
         length-bucketed batches, a request's generation steps).
 
         Semantics: on entry θ(weights) is merged into a buffer set; inside the block a call of
-        this thread without mix_weights serves these weights on every row (materialize mode,
-        whatever `mode` is) and does not merge again while the set still holds them. A call with
-        mix_weights runs as usual; if another call (of this thread or another) merged into the
-        set meanwhile, the block's weights are merged again at its next call. Blocks are per
-        thread: other threads' calls do not see them. The block must not change θs or the
-        twin's tensors: what was merged is what is served.
-        Shape: weights [T]. Blocks do not nest (in one thread).
+        this thread (or asyncio task) without mix_weights serves these weights on every row
+        (materialize mode, whatever `mode` is) and does not merge again while a set still holds
+        them. A call with mix_weights runs as usual; if other calls merged into the sets
+        meanwhile, the block's weights are merged again at its next call. Blocks belong to the
+        thread or task that opened them (a ContextVar): other threads' and tasks' calls do not
+        see them. The block must not change θs or the twin's tensors: what was merged is what
+        is served.
+        Shape: weights [T]. Blocks do not nest (in one thread or task).
         Errors: ValueError for weights not of shape [T], with NaN/Inf, or a nested block.
         """
         fn = "TwinMergedModule.merged"
-        ctx = self._ctx
-        with self._gate(fn):
-            if ctx.pinned is not None:
+        with self._calls(fn):
+            if self._calls.pinned.get() is not None:
                 raise ValueError(f"{fn}: already inside a merged() block; blocks do not nest")
             T = len(self.tasks)
             if not isinstance(weights, Tensor) or not weights.is_floating_point() or \
@@ -677,21 +696,21 @@ class TwinMergedModule(nn.Module):
             pinned = weights.detach().clone()  # its identity marks the block's merge
             with self._pool.take() as s:
                 self._merge_into(s, pinned)
-            ctx.pinned = pinned
+            token = self._calls.pinned.set(pinned)
             try:
                 yield self
             finally:
-                ctx.pinned = None
+                self._calls.pinned.reset(token)
 
     def _run_merged(self, args, kwargs, rw: Tensor, head_tasks: Optional[Tensor],
                     one_vector: bool, group: bool, pinned: bool = False):
         B = rw.shape[0]
         if one_vector:
-            groups = [(None, self._ctx.pinned if pinned else rw[0])]
+            groups = [(None, self._calls.pinned.get() if pinned else rw[0])]
         else:
             if group:
                 member, centers = self.groups(rw)
-                self._ctx.last_call["groups"] = member
+                self._calls.last.get()["groups"] = member
             else:
                 centers, member = torch.unique(rw, dim=0, return_inverse=True)
             groups = [((member == g).nonzero().flatten(), centers[g])
