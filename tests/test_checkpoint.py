@@ -640,17 +640,18 @@ def temp_dir_name(name="twin.safetensors", hex16="0123456789abcdef"):
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
-def test_the_file_gets_the_permissions_of_a_new_file(saved, tmp_path, umask):
+def test_a_new_file_gets_the_umasks_permissions_and_a_replaced_one_keeps_its_own(saved, tmp_path,
+                                                                                umask):
     twin, path = saved
-    os.chmod(path, 0o640)               # an existing file's mode is not kept
+    os.chmod(path, 0o600)               # a private file stays private
     old = os.umask(umask)
     try:
         twin.save(path)
         twin.save(tmp_path / "new.safetensors")
     finally:
         os.umask(old)
-    for p in (path, tmp_path / "new.safetensors"):
-        assert stat.S_IMODE(os.stat(p).st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(tmp_path / "new.safetensors").st_mode) == 0o666 & ~umask
     assert sorted(os.listdir(tmp_path)) == ["new.safetensors", "twin.safetensors"]
 
 

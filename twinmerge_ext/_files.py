@@ -179,11 +179,14 @@ def _make_temp_dir(directory: str, name: str) -> Tuple[str, Optional[int]]:
         # then start again under a new name.
         try:
             fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            continue  # a concurrent cleanup removed it
         except OSError:
-            continue
+            _remove_temp_dir(tmp, None)  # out of descriptors, say: not a race, report it
+            raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except BlockingIOError:  # a concurrent cleanup holds it, and will remove it
             os.close(fd)
             continue
         except OSError:
@@ -205,24 +208,43 @@ def _new_file_mode(path: str) -> int:
         os.close(fd)
 
 
+# fsync of a directory that the platform or file system does not support: the rename is still
+# atomic, just not yet flushed. Any other failure (EIO, ENOSPC) is reported.
+_FSYNC_UNSUPPORTED = {errno.EINVAL, errno.EBADF, getattr(errno, "ENOTSUP", errno.EINVAL),
+                      getattr(errno, "EOPNOTSUPP", errno.EINVAL)}
+
+
 def fsync_dir(directory: str) -> None:
-    # Makes a rename durable. Not possible on every platform (Windows cannot open a directory),
-    # where the rename is still atomic, just not yet flushed.
+    """Makes a rename in `directory` durable (a no-op where directories cannot be opened, as on
+    Windows, or synced)."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:
         return
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as e:
+        if e.errno not in _FSYNC_UNSUPPORTED:
+            raise
     finally:
         os.close(fd)
 
 
+def _existing_mode(path: str) -> Optional[int]:
+    """The permission bits of the regular file at path (not following a symlink), or None."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return stat.S_IMODE(st.st_mode) if stat.S_ISREG(st.st_mode) else None
+
+
 def write_atomically(path: str, write: Callable[[str], None], fn: str) -> None:
-    """Makes `path` the file that write(tmp) writes at `tmp`, atomically (protocol above), with
-    the permissions of a new file (0o666 less the umask) whatever mode `write` gives it.
+    """Makes `path` the file that write(tmp) writes at `tmp`, atomically (protocol above). It
+    keeps the permission bits of the regular file it replaces (a private file stays private),
+    and a new file gets those of any new file (0o666 less the umask), whatever mode `write`
+    gives it. The path itself is replaced: a symlink there becomes a regular file, and the
+    owner is the saving user.
 
     Raises OSError subclasses keeping the errno, with messages "<fn>: <path>: <problem>" (the
     directory missing, not a directory or not writable; writing failed); whatever else `write`
@@ -235,18 +257,26 @@ def write_atomically(path: str, write: Callable[[str], None], fn: str) -> None:
     except OSError as e:
         raise _directory_error(e, directory, fn, path) from e
     try:
-        target = os.path.join(tmp, name)
-        mode = _new_file_mode(target)
-        write(target)
-        out = os.open(target, os.O_RDWR)
         try:
-            os.chmod(out if os.chmod in os.supports_fd else target, mode)
-            os.fsync(out)
-        finally:
-            os.close(out)
-        os.replace(target, path)
-        fsync_dir(directory)
-    except OSError as e:
-        raise os_error(e.errno, f"{fn}: {path!r}: writing failed: {e.strerror or e}") from e
+            target = os.path.join(tmp, name)
+            mode = _new_file_mode(target)
+            kept = _existing_mode(path)
+            write(target)
+            out = os.open(target, os.O_RDWR)
+            try:
+                os.chmod(out if os.chmod in os.supports_fd else target,
+                         mode if kept is None else kept)
+                os.fsync(out)
+            finally:
+                os.close(out)
+            os.replace(target, path)
+        except OSError as e:
+            raise os_error(e.errno, f"{fn}: {path!r}: writing failed: {e.strerror or e}") from e
+        try:
+            fsync_dir(directory)
+        except OSError as e:
+            raise os_error(e.errno, f"{fn}: {path!r}: written, but syncing its directory "
+                                    f"failed, so the rename may not survive a crash: "
+                                    f"{e.strerror or e}") from e
     finally:
         _remove_temp_dir(tmp, fd)

@@ -85,16 +85,15 @@ from twinmerge_ext._twin_file import (FORMAT_VERSION, SHARED_METHODS, dtype_name
                                       write_twin)
 from twinmerge_ext.lora import LoraExpert
 from twinmerge_ext.merging import Patterns, StateSource
-from twinmerge_ext.ops import dense_merge_, lowrank_merge_, reconstruct_delta, truncated_svd
+# _MAX_EXPERTS: the merge ops' limit (csrc/checks.h, kMaxExperts), checked before a long build.
+from twinmerge_ext.ops import (_MAX_EXPERTS, dense_merge_, lowrank_merge_, reconstruct_delta,
+                               truncated_svd)
 from twinmerge_ext.router import TwinRouter
 
 __all__ = ["FORMAT_VERSION", "LowRankDelta", "TwinCheckpoint"]
 
 # Arguments build() passes itself, so shared_kwargs may not carry them.
 _RESERVED_SHARED_KWARGS = ("base", "experts", "include", "exclude", "progress")
-# The merge ops pass expert offsets to their kernels in a fixed-size array (csrc/checks.h,
-# kMaxExperts); refusing more experts here fails before a long build rather than at merge time.
-_MAX_EXPERTS = 256
 
 
 @dataclass(frozen=True, eq=False)
@@ -709,8 +708,10 @@ class TwinCheckpoint:
         saves to one path each write their own file; the last rename wins. Without fcntl
         (Windows), and on file systems without flock, stale directories are not removed.
 
-        The file's permissions are those of any new file: 0o666 less the umask (0o644 under the
-        usual umask 0o022), also when it replaces a file that had other permissions.
+        Permissions: a file that replaces a regular file keeps that file's permission bits (a
+        private twin stays private); a new file gets those of any new file, 0o666 less the
+        umask (0o644 under the usual umask 0o022). The path itself is replaced: a symlink there
+        becomes a regular file, owned by the saving user.
 
         Raises:
             TypeError: path not a str or os.PathLike.
