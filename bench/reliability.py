@@ -4,6 +4,8 @@ them, side by side in one run.
     python -m bench.reliability --out bench/results/reliability-cpu.json
 
 Cases (each prints ours / baseline; < 1 is faster):
+- nan_check: the library's NaN/Inf check (`_finite.all_finite`) of a 64 MiB tensor in each
+  dtype, and of a [32, 8] weight matrix, against `bool(torch.isfinite(t).all())`; GB/s.
 - finite_check: a factored TwinMergedModule forward with check_finite=True (one host sync per
   call) against check_finite=False.
 - call_overhead: the wrapper around a single small Linear layer, against the plain layer: the
@@ -31,6 +33,7 @@ from torch import nn
 from bench.run import _roberta_config, _synthetic_experts, _write, environment
 from bench.timing import measure_all
 from twinmerge_ext import TwinCheckpoint, TwinMergedModule, merging
+from twinmerge_ext._finite import all_finite
 
 THREADS = 4
 
@@ -59,6 +62,30 @@ def _row(case, times, baseline, **extra):
     t = {k: v.as_dict() for k, v in times.items()}
     ratios = {k: times[k].median_ms / times[baseline].median_ms for k in times if k != baseline}
     return dict(case=case, times=t, baseline=baseline, ratios=ratios, **extra)
+
+
+def nan_check(env):
+    times, rates = {}, {}
+    for name, dtype in (("fp32", torch.float32), ("fp16", torch.float16),
+                        ("bf16", torch.bfloat16), ("fp64", torch.float64)):
+        t = torch.randn(64 << 20 >> {2: 1, 4: 2, 8: 3}[torch.finfo(dtype).bits // 8],
+                        dtype=torch.float32).to(dtype)
+        got = measure_all({f"ours_{name}": lambda t=t: all_finite(t),
+                           f"isfinite_{name}": lambda t=t: bool(torch.isfinite(t).all())},
+                          rounds=3, runs=3, warmup=1)
+        times.update(got)
+        rates.update({k: t.numel() * t.element_size() / (v.median_ms * 1e-3) / 1e9
+                      for k, v in got.items()})
+    w = torch.softmax(torch.randn(32, 8), -1)
+    small = measure_all({"ours_weights": lambda: all_finite(w),
+                         "isfinite_weights": lambda: bool(torch.isfinite(w).all())},
+                        rounds=5, runs=50)
+    times.update(small)
+    ratios = {k: times[k].median_ms / times[k.replace("ours", "isfinite")].median_ms
+              for k in times if k.startswith("ours")}
+    return dict(case="nan_check", times={k: v.as_dict() for k, v in times.items()},
+                baseline="isfinite", ratios=ratios, gb_per_s=rates,
+                shape=dict(bytes=64 << 20, weights=[32, 8]))
 
 
 def finite_check(env):
@@ -190,7 +217,7 @@ def merge_finite_check(env):
     return _row("merge_finite_check", times, "unchecked", shape=dict(T=8, hidden=384))
 
 
-CASES = [finite_check, call_overhead, threads_factored, threads_materialize, merge_finite_check]
+CASES = [nan_check, finite_check, call_overhead, threads_factored, threads_materialize, merge_finite_check]
 
 
 def main(argv=None):

@@ -47,18 +47,15 @@ def _dispatch(op: str, call, args: tuple, **tensors: Optional[Tensor]):
 
 
 def _tensors(op: str, **tensors: Optional[Tensor]) -> None:
-    """Every tensor argument is a strided tensor on a cpu or cuda device (None: an absent
-    optional one); the compiled kernels exist for nothing else."""
+    """Every tensor argument is a tensor on a cpu or cuda device (None: an absent optional one).
+    Layouts (sparse, mkldnn, nested, quantized) are named by the compiled ops themselves
+    (csrc/unsupported.cpp); meta tensors by the fake kernels."""
     for name, t in tensors.items():
         if t is None and name == "bias":
             continue
         if not isinstance(t, Tensor):
             raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
-        if t.is_nested:
-            raise RuntimeError(f"{op}: {name} must be a strided (dense) tensor, got a nested tensor")
-        if t.layout != torch.strided:
-            raise RuntimeError(f"{op}: {name} must be a strided (dense) tensor, got layout {t.layout}")
-        if t.device.type not in ("cpu", "cuda"):
+        if t.device.type not in ("cpu", "cuda", "meta"):
             raise RuntimeError(f"{op}: {name} must be on a cpu or cuda device, got {t.device}")
 
 
