@@ -695,3 +695,46 @@ def test_a_refused_filter_fn_changes_nothing(bert_case):
     for k, v in module.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert not any(type(m).__name__.startswith("Twin") for m in module.modules())
+
+
+def _t5():
+    cfg = transformers.T5Config(vocab_size=VOCAB, d_model=16, d_kv=4, d_ff=24, num_layers=1,
+                                num_decoder_layers=1, num_heads=2,
+                                relative_attention_num_buckets=8, decoder_start_token_id=0,
+                                pad_token_id=0)
+    return transformers.T5ForConditionalGeneration(cfg).eval()
+
+
+def test_t5_relative_position_bias_has_no_rows_of_its_own():
+    """Its input is [query length, key length]: with B equal to the length it would look
+    batched. Per-row weights are refused whatever B is; one vector, and materialize, are exact."""
+    _, base_sd, experts = _experts(lambda *_: _t5(), 3, 4)
+    twin = TwinCheckpoint.build(base_sd, experts, rank_ratio=1.0)
+    ids, mask = _inputs(L, seed=41)  # B == L
+    rw = _weights(L, seed=41)
+
+    def logits(model, **kw):
+        with torch.no_grad():
+            return model(input_ids=ids, attention_mask=mask, decoder_input_ids=ids,
+                         use_cache=False, **kw).logits
+
+    def reference(rows):
+        outs = []
+        for b in range(L):
+            m = _t5()
+            m.load_state_dict(twin.merged_state_dict(rows[b]))
+            with torch.no_grad():
+                outs.append(m(input_ids=ids[b:b + 1], attention_mask=mask[b:b + 1],
+                              decoder_input_ids=ids[b:b + 1], use_cache=False).logits)
+        return torch.cat(outs)
+
+    wrapped = TwinMergedModule(_t5(), twin, mode="factored")
+    kinds = {type(layer).__mro__[1].__name__ for layer, _ in wrapped._patched}
+    assert "_TwinBatchless" in kinds
+    with pytest.raises(ValueError, match=r"relative_attention_bias' \(Embedding\): its input has "
+                                         r"no batch dimension"):
+        logits(wrapped, mix_weights=rw)
+    torch.testing.assert_close(logits(wrapped, mix_weights=rw[2]), reference(rw[2].expand(L, 3)),
+                               **TOL)
+    wrapped.mode = "materialize"
+    torch.testing.assert_close(logits(wrapped, mix_weights=rw), reference(rw), **TOL)

@@ -21,6 +21,7 @@ metadata is θs's, and any computation with it raises, since each row needs its 
 only the layer's forward applies them.
 """
 
+import re
 import threading
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -246,6 +247,32 @@ class _TwinEmbedding(_TwinLayer):
         return (y + delta).to(y.dtype)
 
 
+def _same_rows(rw: Tensor) -> bool:
+    """Whether every row has the same weights, known without comparing values: one row, or one
+    [T] vector expanded to [B, T] (stride 0)."""
+    return rw.shape[0] == 1 or rw.stride(0) == 0
+
+
+class _TwinBatchless(_TwinLayer):
+    """A layer whose input has no batch dimension, shared by every row: T5's relative position
+    bias (an Embedding of [query length, key length] buckets). Its output cannot differ per row,
+    so a call whose rows have different weights is refused; one weight vector for the whole
+    batch is served exactly, by the layer's forward on θ(w)."""
+
+    def _twin_forward(self, ctx, *args, **kwargs):
+        rw = ctx.row_weights
+        if not _same_rows(rw):
+            raise _error(self, "its input has no batch dimension (its output is shared by every "
+                               "row), so its rows cannot have weights of their own; pass one "
+                               "weight vector [T] for the call, or use mode='materialize'")
+        over = {self: {attr: self._twin_merged(attr, rw[0]) for attr in self._twin_attrs}}
+        return _serve_plain(ctx, self, over, args, kwargs)
+
+
+# Layers that take no batch dimension, by the name the model gives them.
+_BATCHLESS_NAMES = re.compile(r"(^|\.)relative_attention_bias$")
+
+
 class _TwinLayerNorm(_TwinLayer):
     def _twin_forward(self, ctx, x):
         rw = ctx.row_weights
@@ -289,7 +316,7 @@ class _TwinFallback(_TwinLayer):
         B = rw.shape[0]
         if B == 0:  # nothing to mix
             return self._twin_plain(*args, **kwargs)
-        rows = [slice(0, B)] if self._twin_same_rows(rw) else [slice(b, b + 1) for b in range(B)]
+        rows = [slice(0, B)] if _same_rows(rw) else [slice(b, b + 1) for b in range(B)]
         outs = []
         try:
             for sl in rows:
@@ -304,11 +331,6 @@ class _TwinFallback(_TwinLayer):
         if len(outs) == 1:
             return outs[0]
         return _concat_outputs(outs, [1] * B, f"layer {self._twin_name!r}")
-
-    @staticmethod
-    def _twin_same_rows(rw: Tensor) -> bool:
-        # Rows given as one [T] vector expanded to [B, T] have stride 0: no need to compare.
-        return rw.shape[0] == 1 or rw.stride(0) == 0
 
 
 class _TwinHead(_TwinLayer):
@@ -347,7 +369,7 @@ class _TwinHead(_TwinLayer):
 
 _KIND_MIXINS = {"linear": _TwinLinear, "conv1d": _TwinConv1D, "embedding": _TwinEmbedding,
                 "layernorm": _TwinLayerNorm, "fallback": _TwinFallback, "head": _TwinHead,
-                "params": _TwinParams}
+                "batchless": _TwinBatchless, "params": _TwinParams}
 _PATCHED_CLASSES: Dict[Tuple[str, type], type] = {}
 _PATCHED_LOCK = threading.Lock()
 
@@ -369,8 +391,10 @@ def _conv1d_class() -> Optional[type]:
     return Conv1D
 
 
-def _kind(layer: nn.Module, attrs: Dict[str, str]) -> str:
+def _kind(layer: nn.Module, name: str, attrs: Dict[str, str]) -> str:
     """The factored implementation for a layer owning twin tensors attr -> "lowrank"/"dense"."""
+    if _BATCHLESS_NAMES.search(name):
+        return "batchless"
     lowrank = {a for a, k in attrs.items() if k == "lowrank"}
     dense = {a for a, k in attrs.items() if k == "dense"}
     cls = type(layer)

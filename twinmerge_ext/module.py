@@ -372,7 +372,7 @@ class TwinMergedModule(nn.Module):
         chosen: Dict[str, nn.Module] = {}
         for path, (layer, attrs) in layers.items():
             chosen[path] = layer
-            self._patch(layer, _kind(layer, attrs), path, attrs)
+            self._patch(layer, _kind(layer, path, attrs), path, attrs)
             layer._twin_lowrank = {a for a, k in attrs.items() if k == "lowrank"}
             layer._twin_attrs = list(attrs)
             layer._twin_ranks = {}
