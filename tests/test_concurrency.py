@@ -4,6 +4,7 @@ untouched afterwards."""
 
 import sys
 import threading
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -162,10 +163,9 @@ def test_router_calls_from_many_threads_route_each_batch_alone():
         assert torch.equal(a, b) and torch.equal(wa, wb)
 
 
-def test_unwrap_refuses_while_calls_are_in_flight_and_then_every_call_refuses():
-    twin, make, _ = _case("bert")
-    wrapped = TwinMergedModule(make(), twin, mode="materialize")
-    ids, mask = _inputs(2)
+@contextmanager
+def _block_in_another_thread(wrapped):
+    """A merged() block held open by another thread while the with-statement runs."""
     inside, release = threading.Event(), threading.Event()
 
     def block():
@@ -176,11 +176,21 @@ def test_unwrap_refuses_while_calls_are_in_flight_and_then_every_call_refuses():
     t = threading.Thread(target=block)
     t.start()
     assert inside.wait(30)
-    with pytest.raises(ValueError, match=r"unwrap: 1 call\(s\) or merged\(\) block\(s\) are in "
-                                         r"flight"):
+    try:
+        yield
+    finally:
+        release.set()
+        t.join()
+
+
+def test_unwrap_refuses_while_calls_are_in_flight_and_then_every_call_refuses():
+    twin, make, _ = _case("bert")
+    wrapped = TwinMergedModule(make(), twin, mode="materialize")
+    ids, mask = _inputs(2)
+    with _block_in_another_thread(wrapped), \
+            pytest.raises(ValueError, match=r"unwrap: 1 call\(s\) or merged\(\) block\(s\) are "
+                                            r"in flight"):
         wrapped.unwrap()
-    release.set()
-    t.join()
     module = wrapped.unwrap()
     assert not any(type(m).__name__.startswith("Twin") for m in module.modules())
     assert wrapped.unwrap() is module
@@ -229,21 +239,10 @@ def test_moving_a_wrapper_waits_for_no_call_and_refuses_under_one():
     twin, make, _ = _case("bert")
     wrapped = TwinMergedModule(make(), twin, mode="materialize")
     ids, mask = _inputs(2)
-    inside, release = threading.Event(), threading.Event()
-
-    def block():
-        with wrapped.merged(torch.tensor([0.2, 0.3, 0.5])):
-            inside.set()
-            release.wait(30)
-
-    t = threading.Thread(target=block)
-    t.start()
-    assert inside.wait(30)
-    with pytest.raises(ValueError, match=r"TwinMergedModule.to: 1 call\(s\) or merged\(\) "
-                                         r"block\(s\) are in flight"):
+    with _block_in_another_thread(wrapped), \
+            pytest.raises(ValueError, match=r"TwinMergedModule.to: 1 call\(s\) or merged\(\) "
+                                            r"block\(s\) are in flight"):
         wrapped.double()
-    release.set()
-    t.join()
     wrapped.double()
     with torch.no_grad():
         out = wrapped(input_ids=ids, attention_mask=mask, mix_weights=torch.ones(3).double() / 3)

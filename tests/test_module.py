@@ -629,11 +629,15 @@ class _Scaled(nn.Module):
         return self.classifier(torch.tanh(self.fc(x) * self.scale))
 
 
-def test_a_head_inside_a_fallback_layer_keeps_each_rows_task():
+def _scaled_twin(**build):
     torch.manual_seed(0)
     base = _Scaled().state_dict()
     experts = {t: {k: v + 0.5 * torch.randn_like(v) for k, v in base.items()} for t in "ab"}
-    twin = TwinCheckpoint.build(base, experts, rank_ratio=1.0, heads=r"^classifier\.")
+    return TwinCheckpoint.build(base, experts, rank_ratio=1.0, **build)
+
+
+def test_a_head_inside_a_fallback_layer_keeps_each_rows_task():
+    twin = _scaled_twin(heads=r"^classifier\.")
     x, rw = torch.randn(3, 8), torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.3, 0.7]])
     want = []
     for b in range(3):
@@ -647,11 +651,7 @@ def test_a_head_inside_a_fallback_layer_keeps_each_rows_task():
 
 
 def test_an_empty_batch_passes_through_a_fallback_layer():
-    torch.manual_seed(0)
-    base = _Scaled().state_dict()
-    experts = {t: {k: v + 0.5 * torch.randn_like(v) for k, v in base.items()} for t in "ab"}
-    twin = TwinCheckpoint.build(base, experts, rank_ratio=1.0)
-    wrapped = TwinMergedModule(_Scaled(), twin, mode="factored")
+    wrapped = TwinMergedModule(_Scaled(), _scaled_twin(), mode="factored")
     with torch.no_grad():
         assert wrapped(torch.randn(0, 8), mix_weights=torch.zeros(0, 2)).shape == (0, 3)
         assert wrapped(torch.randn(0, 8), mix_weights=torch.tensor([0.5, 0.5])).shape == (0, 3)
