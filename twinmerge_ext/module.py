@@ -203,19 +203,20 @@ class TwinMergedModule(nn.Module):
     Tensor inputs whose first dimension is B are the batched ones (sliced per sub-batch in the
     materialize and group modes); outputs are returned in input order.
 
-    `with wrapped.merged(w):` merges [T] weights once for every call of this thread in the block
-    that passes no mix_weights; `groups(weights)` is mode="group"'s plan, for servers that batch
-    groups themselves.
+    `with wrapped.merged(w):` merges [T] weights once for every call of this thread (or asyncio
+    task) in the block that passes no mix_weights; `groups(weights)` is mode="group"'s plan, for
+    servers that batch groups themselves.
 
     Threads: any number of threads may call one wrapper at once, each with its own weights
-    (module docstring). `last_call` is per thread: {"mode", "weights" [B, T], "head_tasks", and
-    for auto the cost estimates, for group the group of each row} of this thread's last call.
-    After `unwrap()` every call raises.
+    (module docstring). `last_call` is per thread and asyncio task: {"mode", "weights" [B, T],
+    "head_tasks", and for auto the cost estimates, for group the group of each row} of its last
+    call. unwrap() and .to() refuse while a call is in flight; after `unwrap()` every call raises.
 
     Errors: ValueError/TypeError naming the argument and its value (bad mode, a twin that does not
-    fit the module, a module or twin on the meta device, weights of the wrong shape or with NaN,
-    a layer whose input is not batch-first in the factored mode, a layer the factored mode cannot
-    reach), raised before anything changes.
+    fit the module, a module or twin on the meta device, weights of the wrong shape, with NaN, or
+    requiring grad outside the factored mode; in the factored mode a layer whose input is not
+    batch-first, per-row weights for a layer without a batch dimension, or code outside a layer
+    computing with its mixed tensor), raised before anything changes.
     """
 
     def __init__(self, module: nn.Module, twin: TwinCheckpoint, router: Optional[TwinRouter] = None,
