@@ -52,9 +52,48 @@ class _Routing(threading.local):
         self.overrides: Optional[Overrides] = None  # tensors served instead of the modules' own
         self.reentry = False        # inside a fallback row or a head: patched layers run plain
         self.current: Optional[nn.Module] = None    # the layer whose _twin_forward runs
+        self.rows: Optional["_Rows"] = None         # a generate() call: rows expand in the model
 
     def __reduce__(self):  # a copied wrapper gets fresh state (thread-locals cannot be copied)
         return (_Routing, (self.T,))
+
+
+class _Rows:
+    """A generate() call's weights and head tasks per request, fitted to the rows a layer sees.
+
+    transformers' generate expands each request's row into k consecutive rows (beams, returned
+    sequences: `repeat_interleave`, k = max(num_beams, num_return_sequences)), and beam search
+    only ever reorders rows within a request's k. So a layer whose input has n = k·B rows serves
+    row i with request i // k's weights, whichever module called it (a decoder, an encoder of B
+    rows, a model's own sub-calls). An input of one row (position ids [1, L], broadcast by the
+    layer) keeps the current fit.
+    """
+
+    def __init__(self, weights: Optional[Tensor], heads: Optional[Tensor]):
+        self.B = (weights if weights is not None else heads).shape[0]
+        self.base = (weights, heads)
+        self.n = self.B
+        self._fits: Dict[int, Tuple[Optional[Tensor], Optional[Tensor]]] = {self.B: self.base}
+
+    def fit(self, ctx: "_Routing", layer: nn.Module, args, kwargs) -> None:
+        x = next((v for v in (*args, *kwargs.values()) if isinstance(v, Tensor) and v.dim() >= 1),
+                 None)
+        if x is None:
+            return
+        n = x.shape[0]
+        if n == self.n or (n == 1 and self.n != 1):
+            return
+        if n % self.B:
+            raise _error(layer, f"its input has {n} rows, not a multiple of the {self.B} "
+                                f"requests of the generate() call (generate expands each "
+                                f"request into consecutive rows: beams, returned sequences)")
+        fit = self._fits.get(n)
+        if fit is None:
+            k = n // self.B
+            fit = self._fits[n] = tuple(None if t is None else t.repeat_interleave(k, dim=0)
+                                        for t in self.base)
+        ctx.row_weights, ctx.head_tasks = fit
+        self.n = n
 
 
 def _own(module: nn.Module, name: str):
@@ -156,6 +195,8 @@ class _TwinLayer(_TwinParams):
 
     def forward(self, *args, **kwargs):
         ctx: _Routing = self._twin_ctx
+        if ctx.rows is not None and not ctx.reentry and not isinstance(self, _TwinBatchless):
+            ctx.rows.fit(ctx, self, args, kwargs)
         # A head picks each row's task even inside a fallback layer's rows (reentry).
         if self._twin_is_head:
             if ctx.head_tasks is None:

@@ -39,6 +39,7 @@ from numbers import Integral, Real
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from twinmerge_ext._finite import all_finite, nonfinite_rows
@@ -53,6 +54,7 @@ from twinmerge_ext._layers import (
     _TwinParams,
 )
 from twinmerge_ext._merge_pool import BufferSet, MergePool
+from twinmerge_ext.generation import generate as _generate
 from twinmerge_ext.checkpoint import TwinCheckpoint
 from twinmerge_ext.ops import dense_merge_, lowrank_merge_
 from twinmerge_ext.router import TwinRouter, pooled_features
@@ -80,6 +82,17 @@ def _first_batched(args, kwargs) -> Optional[Tensor]:
     for v in list(args) + list(kwargs.values()):
         if isinstance(v, Tensor) and v.dim() >= 1:
             return v
+    return None
+
+
+def _kv_cache(tree) -> Optional[str]:
+    """The type name of a transformers KV cache among the call's inputs, or None. A cache holds
+    every row's keys and values and is written by the call: it cannot be split into sub-batches."""
+    for leaf in pytree.tree_leaves(tree):
+        if not isinstance(leaf, Tensor) and any(
+                c.__name__ == "Cache" and c.__module__.startswith("transformers")
+                for c in type(leaf).__mro__):
+            return type(leaf).__name__
     return None
 
 
@@ -488,6 +501,44 @@ class TwinMergedModule(nn.Module):
             self._pool.clear()
             return super()._apply(fn, recurse)
 
+    def __getattr__(self, name: str):
+        """Names the wrapper does not have fall through to the wrapped module (config, device,
+        dtype, generation_config, can_generate(), get_input_embeddings(), ...), as PEFT's
+        PeftModel does; the wrapper's own names win. Setting one sets it on the wrapper: set
+        the module's on wrapped.module."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            module = self.__dict__["_modules"].get("module")
+            if module is None or name.startswith("__"):
+                raise
+            return getattr(module, name)
+
+    def generate(self, input_ids: Optional[Tensor] = None,
+                 attention_mask: Optional[Tensor] = None, mix_weights: Optional[Tensor] = None,
+                 head_tasks: Optional[Tensor] = None, **generate_kwargs):
+        """transformers' generate with each request served by its own model θ(w_b).
+
+        Semantics: out[b·k + j] = the plain model θ(mix_weights[b]).generate(...)'s j-th
+        sequence for request b, k = max(num_beams, num_return_sequences): every strategy and
+        option of the module's generate (greedy, sampling, beam search, KV caches dynamic and
+        static, stopping criteria, streamers, return_dict_in_generate).
+        Shape: input_ids [B, L] (left padding, with attention_mask [B, L]); mix_weights [B, T]
+        (a model per request), [T] (one for all), or None: the router, once per request on the
+        prompt (one pass of θs; its time is last_call["route_s"]); the weights stay fixed for
+        every step. head_tasks [B] (twins with task heads; default argmax of the weights).
+        Mode: factored runs one generate for the batch; materialize merges once per distinct
+        weight row and runs one generate per row group (sequences padded on the right with the
+        pad token); auto chooses by the cost model with prefill and decode tokens counted
+        (last_call: "prefill_tokens", "decode_tokens", the estimates, "generate_s"). Inside a
+        merged(w) block, a call without mix_weights serves the block's merge. No gradients are
+        recorded. Errors: TypeError for a module without generate; ValueError for bad prompts or
+        weights (as a call), and for return_dict_in_generate or a streamer when materialize or
+        group mode must split the batch.
+        """
+        return _generate(self, input_ids, attention_mask, mix_weights, head_tasks,
+                        **generate_kwargs)
+
     @property
     def last_call(self) -> Dict[str, Any]:
         """This thread's (or asyncio task's) last call: {"mode", "weights", "head_tasks", ...}
@@ -600,6 +651,9 @@ class TwinMergedModule(nn.Module):
             elif mode == "auto":
                 mode, plan = ("factored", {"weights_require_grad": True}) if needs_grad else \
                     self._plan(rw, one_vector, first)
+                if mode == "materialize" and plan["distinct_rows"] > 1 and \
+                        _kv_cache((args, kwargs)) is not None:
+                    mode, plan["kv_cache"] = "factored", True  # one pass: the cache is whole
             elif needs_grad and mode != "factored":
                 raise ValueError(f"{fn}: mix_weights requires grad, but mode {mode!r} merges "
                                  f"without recording gradients, so none would reach the "
@@ -717,6 +771,13 @@ class TwinMergedModule(nn.Module):
             groups = [((member == g).nonzero().flatten(), centers[g])
                       for g in range(centers.shape[0])]
             groups = [(idx, c) for idx, c in groups if idx.numel()]
+            cache = _kv_cache((args, kwargs)) if len(groups) > 1 else None
+            if cache is not None:
+                raise ValueError(f"TwinMergedModule: mode {'group' if group else 'materialize'!r} "
+                                 f"serves each of the {len(groups)} distinct weight rows as a "
+                                 f"sub-batch, but the call passes a KV cache ({cache}) that holds "
+                                 f"every row and cannot be split; use mode='factored' or 'auto' "
+                                 f"(one pass for all rows), or one weight vector per call")
         outs, counts, order = [], [], []
         for idx, w in groups:
             if idx is not None and idx.numel() == B:
@@ -807,18 +868,27 @@ class TwinMergedModule(nn.Module):
     # --- auto -----------------------------------------------------------------------------------
 
     def _plan(self, rw: Tensor, one_vector: bool, first: Optional[Tensor]):
-        """METHOD.md §3: factored costs 2K(m+n) extra FLOPs per token and matrix; materializing
-        costs one merge per distinct weight row (2mnK FLOPs, or on CUDA at least the memory
-        traffic of reading Ws and writing W(w), whichever is larger)."""
-        distinct = 1 if one_vector else int(torch.unique(rw, dim=0).shape[0])
+        """The cost model of one call: its tokens are the batched input's (all but the feature
+        dimension of a floating input)."""
         if first is None:
             tokens = rw.shape[0]
         elif first.is_floating_point():
             tokens = first.numel() // max(1, first.shape[-1])
         else:
             tokens = first.numel()
+        return self._cost_plan(rw, one_vector, tokens)
+
+    def _cost_plan(self, rw: Tensor, one_vector: bool, tokens: int, passes: int = 1,
+                   rows: Optional[int] = None, distinct: Optional[int] = None):
+        """METHOD.md §3: factored costs 2K(m+n) extra FLOPs per token and matrix; materializing
+        costs one merge per distinct weight row (2mnK FLOPs, or on CUDA at least the memory
+        traffic of reading Ws and writing W(w), whichever is larger), once for all `passes`
+        (forward calls: a generation's prefill and decode steps) over `rows` rows each. Dense
+        tensors mix per row and pass; a fallback layer merges per row and pass."""
+        if distinct is None:
+            distinct = 1 if one_vector else int(torch.unique(rw, dim=0).shape[0])
+        B = rw.shape[0] if rows is None else rows
         factored = materialize = 0.0
-        B = rw.shape[0]
         for _, layer, attr, kind in self._mixed:
             p = getattr(layer, attr)
             if kind == "lowrank":
@@ -830,9 +900,9 @@ class TwinMergedModule(nn.Module):
                 extra = 2.0 * K * (m + n) * tokens
             else:
                 merge = 2.0 * p.numel() * len(self.tasks)
-                extra = 2.0 * p.numel() * len(self.tasks) * B
+                extra = 2.0 * p.numel() * len(self.tasks) * B * passes
             if isinstance(layer, _TwinFallback):
-                extra = merge * (1 if one_vector else B)
+                extra = merge * (1 if one_vector else B) * passes
             factored += extra
             materialize += merge * distinct
         mode = "materialize" if materialize < factored else "factored"
