@@ -7,7 +7,7 @@ inputs of every task is served two exact ways: factored (each row mixes in activ
 lowrank_mix_linear) and materialized (lowrank_merge_ into one merged model per task).
 
 The mixing weights here are one-hot on each input's true task: the router that predicts them
-(twinmerge_ext issue #4) is not part of this example, so the Twin rows show what exact per-input
+is not part of this example, so the Twin rows show what exact per-input
 merging recovers, not router accuracy.
 """
 

@@ -5,6 +5,7 @@ from twinmerge_ext.checkpoint import LowRankDelta, TwinCheckpoint
 from twinmerge_ext.lora import LoraExpert
 from twinmerge_ext.router import TwinRouter, fit_router, pooled_features
 from twinmerge_ext.module import TwinMergedModule
+from twinmerge_ext.serving import ServeLoop
 from twinmerge_ext.ops import (
     dense_merge_,
     lowrank_merge_,
@@ -18,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "LoraExpert",
     "LowRankDelta",
+    "ServeLoop",
     "TwinCheckpoint",
     "TwinMergedModule",
     "TwinRouter",

@@ -1,0 +1,155 @@
+"""ServeLoop: continuous batching, each request's tokens equal to it served alone, whatever
+joins and leaves around it."""
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from twinmerge_ext import ServeLoop, TwinMergedModule, TwinRouter
+
+from test_generate import cases  # noqa: F401  (the module-scoped fixture)
+
+transformers = pytest.importorskip("transformers")
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "serve_loop.py"
+
+
+def _requests(n, seed=0, T=3, vocab=61):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        length = int(torch.randint(1, 9, (1,), generator=g))
+        new = int(torch.randint(1, 10, (1,), generator=g))
+        w = torch.softmax(3 * torch.randn(T, generator=g), -1)
+        out.append((torch.randint(1, vocab, (length,), generator=g), new, w))
+    return out
+
+
+def _alone(served, prompt, new, w, eos=None):
+    seq = served.generate(prompt[None], mix_weights=w[None], max_new_tokens=new,
+                          do_sample=False, pad_token_id=0, eos_token_id=eos)
+    return seq[0, prompt.numel():]
+
+
+def _serve_interleaved(loop, requests, arrivals):
+    """Adds requests[i] before step arrivals[i]; {request index: tokens}."""
+    ids, done, step = {}, {}, 0
+    while len(ids) < len(requests) or loop.in_flight:
+        for i, at in enumerate(arrivals):
+            if at == step:
+                ids[loop.add(requests[i][0], requests[i][1], mix_weights=requests[i][2])] = i
+        loop.step()
+        done.update(loop.pop_finished())
+        step += 1
+    return {ids[rid]: tokens for rid, tokens in done.items()}
+
+
+@pytest.mark.parametrize("model", ["gpt2", "llama"])
+def test_interleaved_requests_get_their_tokens_alone(cases, model):
+    make, twin = cases[model]
+    served = TwinMergedModule(make(), twin, mode="factored")
+    requests = _requests(7, seed=1 if model == "gpt2" else 2)
+    arrivals = [0, 0, 1, 3, 3, 6, 9]
+    got = _serve_interleaved(ServeLoop(served, eos_token_id=None), requests, arrivals)
+    assert sorted(got) == list(range(len(requests)))
+    for i, (prompt, new, w) in enumerate(requests):
+        assert len(got[i]) == new
+        assert torch.equal(got[i], _alone(served, prompt, new, w)), i
+
+
+def test_eos_ends_a_request_early_and_the_batch_shrinks(cases):
+    make, twin = cases["llama"]
+    served = TwinMergedModule(make(), twin, mode="auto")
+    requests = [(p, 9, w) for p, _, w in _requests(5, seed=3)]
+    free = [_alone(served, p, 9, w) for p, _, w in requests]
+    eos = int(free[0][2])  # request 0 ends early; others where they meet it, if they do
+    loop = ServeLoop(served, eos_token_id=eos)
+    got = _serve_interleaved(loop, requests, [0, 0, 1, 2, 2])
+    for i, (prompt, new, w) in enumerate(requests):
+        want = free[i]
+        if (want == eos).any():  # up to and with the first eos, as generate stops
+            want = want[:int((want == eos).nonzero()[0]) + 1]
+        assert torch.equal(got[i], want), i
+        assert torch.equal(got[i], _alone(served, prompt, new, w, eos=eos)[:len(want)]), i
+    assert len(got[0]) <= 3 < len(free[0])
+    assert loop._cache is None and loop.in_flight == []  # nothing left behind
+
+
+def test_the_router_runs_once_per_request_on_its_prompt(cases):
+    make, twin = cases["gpt2"]
+    torch.manual_seed(5)
+    served = TwinMergedModule(make(), twin, router=TwinRouter(32, twin.tasks).eval(),
+                              mode="factored")
+    prompt = torch.randint(1, 61, (5,))
+    loop = ServeLoop(served, eos_token_id=None)
+    calls = []
+    route = served.route
+    served.route = lambda *a, **k: calls.append(a) or route(*a, **k)
+    rid = loop.add(prompt, 4)
+    tokens = loop.run()[rid]
+    assert len(calls) == 1
+    w = route(prompt[None], attention_mask=torch.ones(1, 5, dtype=torch.long))[0]
+    assert torch.equal(tokens, _alone(served, prompt, 4, w))
+
+
+def test_loops_in_threads_share_one_wrapper(cases):
+    make, twin = cases["llama"]
+    served = TwinMergedModule(make(), twin, mode="factored")
+    batches = [_requests(4, seed=10 + i) for i in range(3)]
+    want = [[_alone(served, p, n, w) for p, n, w in reqs] for reqs in batches]
+    got = [None] * 3
+    start = threading.Barrier(3)
+
+    def work(i):
+        start.wait()
+        got[i] = _serve_interleaved(ServeLoop(served, eos_token_id=None), batches[i],
+                                    [0, 1, 1, 2])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(3):
+        for j, w in enumerate(want[i]):
+            assert torch.equal(got[i][j], w), (i, j)
+
+
+def test_bad_requests_are_refused_before_they_join(cases):
+    make, twin = cases["gpt2"]
+    served = TwinMergedModule(make(), twin, mode="factored")
+    loop = ServeLoop(served)
+    with pytest.raises(ValueError, match=r"ServeLoop.add: input_ids must be a non-empty 1-D "
+                                         r"integer tensor \[L\], got torch.int64 \[1, 3\]"):
+        loop.add(torch.ones(1, 3, dtype=torch.long), 4)
+    with pytest.raises(ValueError, match=r"input_ids must be .* got torch.int64 \[0\]"):
+        loop.add(torch.ones(0, dtype=torch.long), 4)
+    with pytest.raises(ValueError, match=r"max_new_tokens must be an int >= 1, got 0"):
+        loop.add(torch.ones(3, dtype=torch.long), 0)
+    with pytest.raises(ValueError, match=r"mix_weights must be a floating tensor \[T=3\]"):
+        loop.add(torch.ones(3, dtype=torch.long), 2, mix_weights=torch.ones(2))
+    with pytest.raises(ValueError, match=r"NaN/Inf"):
+        loop.add(torch.ones(3, dtype=torch.long), 2, mix_weights=torch.tensor([float("nan"), 0, 0]))
+    with pytest.raises(ValueError, match=r"no router"):
+        loop.add(torch.ones(3, dtype=torch.long), 2)
+    assert loop.in_flight == []
+    served.mode = "materialize"
+    with pytest.raises(ValueError, match=r"ServeLoop: served.mode must be 'factored' or 'auto'"):
+        ServeLoop(served)
+    with pytest.raises(TypeError, match=r"ServeLoop: served must be a TwinMergedModule"):
+        ServeLoop(make())
+    with pytest.raises(TypeError, match=r"eos_token_id must be an int, a list of ints or None"):
+        ServeLoop(TwinMergedModule(make(), twin), eos_token_id="</s>")
+
+
+def test_the_example_runs_and_every_request_matches():
+    run = subprocess.run([sys.executable, str(EXAMPLE)], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    lines = [ln for ln in run.stdout.splitlines() if ln.startswith("request ")]
+    assert len(lines) == 5 and all("equal its tokens served alone" in ln for ln in lines)
+    assert "batch [0, 1, 2, 3, 4]" in run.stdout  # the requests really shared steps

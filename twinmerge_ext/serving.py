@@ -1,0 +1,249 @@
+"""A step-level serving loop for continuous batching: requests join and leave between decode
+steps, each with its own weight row and its own rows of one shared KV cache.
+
+Semantics: every request's tokens are those of `served.generate(prompt[None],
+mix_weights=w[None], max_new_tokens=n, do_sample=False)` (greedy; or the `select` rule given),
+whatever other requests share its steps. One step is one forward of the wrapper over every
+request in flight (factored mode: one pass, each row mixed with its own weights), plus one
+prefill forward for the requests that joined since the last step.
+
+The cache is a transformers DynamicCache of full-attention layers. Requests of different
+lengths share it left-padded: each row's keys sit at the right end, padding columns are masked,
+and each row gets its own position ids, so padding changes nothing a request attends to. When
+requests leave, their rows are dropped, and so are the columns no remaining row uses.
+"""
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from twinmerge_ext._finite import all_finite
+from twinmerge_ext.module import TwinMergedModule
+
+__all__ = ["ServeLoop"]
+
+
+@dataclass
+class _Request:
+    id: int
+    prompt: Tensor            # [L] int64
+    weights: Tensor           # [T]
+    max_new_tokens: int
+    tokens: List[int] = field(default_factory=list)
+
+
+def _greedy(logits: Tensor) -> Tensor:
+    return logits.argmax(-1)
+
+
+def _left_pad(t: Tensor, length: int) -> Tensor:
+    """[N, H, S, D] -> [N, H, length, D], zeros in front (masked columns)."""
+    return F.pad(t, (0, 0, length - t.shape[-2], 0)) if t.shape[-2] < length else t
+
+
+class ServeLoop:
+    """Continuous batching over one TwinMergedModule of a causal LM (module docstring).
+
+    Args:
+        served: the wrapper, in mode "factored" or "auto" (materialize and group split a batch
+            into sub-batches, and a shared KV cache cannot be split).
+        eos_token_id: int or list of ints that end a request (default: the module's
+            generation_config's; None: requests run to their max_new_tokens).
+        select: logits [N, V] (float32, the last position of every request in the step) ->
+            next tokens [N]; default greedy argmax.
+
+    Use: `rid = loop.add(prompt_ids, max_new_tokens, mix_weights=None)` any time (None: the
+    router's weights for the prompt, computed now, once); `loop.step()` -> {rid: token} of this
+    step; `loop.pop_finished()` -> {rid: generated tokens [n]} of the requests done since the
+    last call; `loop.run()` steps until no request is left and returns them all.
+    Errors: ValueError/TypeError naming the argument, before the request joins.
+    """
+
+    def __init__(self, served: TwinMergedModule, eos_token_id=None,
+                 select: Optional[Callable[[Tensor], Tensor]] = None):
+        fn = "ServeLoop"
+        if not isinstance(served, TwinMergedModule):
+            raise TypeError(f"{fn}: served must be a TwinMergedModule, got "
+                            f"{type(served).__name__}")
+        if served.mode not in ("factored", "auto"):
+            raise ValueError(f"{fn}: served.mode must be 'factored' or 'auto' (the requests "
+                             f"share one KV cache, which mode {served.mode!r} would split into "
+                             f"sub-batches), got {served.mode!r}")
+        if select is not None and not callable(select):
+            raise TypeError(f"{fn}: select must be callable (logits [N, V]) -> tokens [N], got "
+                            f"{type(select).__name__}")
+        if eos_token_id is None:
+            config = getattr(served.module, "generation_config", None)
+            eos_token_id = getattr(config, "eos_token_id", None)
+        eos = [] if eos_token_id is None else (
+            [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+        if not all(isinstance(e, int) and not isinstance(e, bool) for e in eos):
+            raise TypeError(f"{fn}: eos_token_id must be an int, a list of ints or None, got "
+                            f"{eos_token_id!r}")
+        from transformers import DynamicCache  # the serving loop needs transformers' cache
+        self._new_cache = DynamicCache
+        self.served = served
+        self.eos = frozenset(eos)
+        self.select = select or _greedy
+        self.device = next(served.module.parameters()).device
+        self._ids = itertools.count()
+        self._waiting: List[_Request] = []
+        self._active: List[_Request] = []      # row i of the cache is _active[i]
+        self._finished: Dict[int, Tensor] = {}
+        self._cache = None
+        self._mask: Optional[Tensor] = None     # [N, S] 1 = a real token of the row
+        self._pos: Optional[Tensor] = None      # [N] position of each row's next token
+
+    # --- requests ---------------------------------------------------------------------------------
+
+    def add(self, input_ids: Tensor, max_new_tokens: int,
+            mix_weights: Optional[Tensor] = None) -> int:
+        """Queues a request (it joins at the next step) and returns its id.
+
+        Shape: input_ids [L] (int, no padding, L >= 1); mix_weights [T], or None for the
+        router's weights on the prompt (one pass of θs, now)."""
+        fn = "ServeLoop.add"
+        if not isinstance(input_ids, Tensor) or input_ids.dim() != 1 or \
+                input_ids.is_floating_point() or input_ids.is_complex() or not input_ids.numel():
+            raise ValueError(f"{fn}: input_ids must be a non-empty 1-D integer tensor [L], got "
+                             f"{_describe(input_ids)}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or \
+                max_new_tokens < 1:
+            raise ValueError(f"{fn}: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        T = len(self.served.tasks)
+        ids = input_ids.to(self.device, torch.long)
+        if mix_weights is None:
+            w = self.served.route(ids[None], attention_mask=torch.ones_like(ids[None]))[0]
+        else:
+            if not isinstance(mix_weights, Tensor) or not mix_weights.is_floating_point() or \
+                    mix_weights.shape != (T,):
+                raise ValueError(f"{fn}: mix_weights must be a floating tensor [T={T}] or None, "
+                                 f"got {_describe(mix_weights)}")
+            w = mix_weights.detach()
+        if not all_finite(w):
+            raise ValueError(f"{fn}: mix_weights has NaN/Inf entries: {w.tolist()}")
+        req = _Request(next(self._ids), ids, w.to(self.device), max_new_tokens)
+        self._waiting.append(req)
+        return req.id
+
+    @property
+    def in_flight(self) -> List[int]:
+        """Ids of the requests joined or waiting to join, in order."""
+        return [r.id for r in self._active + self._waiting]
+
+    def pop_finished(self) -> Dict[int, Tensor]:
+        """{id: generated tokens [n] int64} of the requests finished since the last call."""
+        done, self._finished = self._finished, {}
+        return done
+
+    def run(self) -> Dict[int, Tensor]:
+        """Steps until every request is done; {id: generated tokens} of all finished ones."""
+        while self._active or self._waiting:
+            self.step()
+        return self.pop_finished()
+
+    # --- steps ------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self) -> Dict[int, int]:
+        """One decode step for the requests in flight and the prefill of those that joined:
+        {id: its new token}. Finished requests leave the batch (pop_finished)."""
+        out: Dict[int, int] = {}
+        if self._active:
+            out.update(self._decode())
+        if self._waiting:
+            out.update(self._prefill())
+        self._retire()
+        return out
+
+    def _forward(self, ids: Tensor, mask: Tensor, pos: Tensor, weights: Tensor, cache):
+        logits = self.served(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache,
+                             use_cache=True, mix_weights=weights).logits
+        return self.select(logits[:, -1].float())
+
+    def _decode(self) -> Dict[int, int]:
+        last = torch.tensor([r.tokens[-1] for r in self._active], device=self.device)
+        ones = self._mask.new_ones(len(self._active), 1)
+        self._mask = torch.cat([self._mask, ones], 1)
+        nxt = self._forward(last[:, None], self._mask, self._pos[:, None], self._weights(),
+                            self._cache)
+        self._pos = self._pos + 1
+        return self._take(self._active, nxt)
+
+    def _prefill(self) -> Dict[int, int]:
+        joining, self._waiting = self._waiting, []
+        L = max(r.prompt.numel() for r in joining)
+        ids = torch.zeros(len(joining), L, dtype=torch.long, device=self.device)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(joining):
+            n = r.prompt.numel()
+            ids[i, L - n:], mask[i, L - n:] = r.prompt, 1
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        cache = self._new_cache()
+        weights = torch.stack([r.weights for r in joining])
+        nxt = self._forward(ids, mask, pos, weights, cache)
+        self._join(joining, cache, mask)
+        return self._take(joining, nxt)
+
+    def _join(self, joining: List[_Request], cache, mask: Tensor) -> None:
+        """The joining requests' cache rows appended to the running cache, both left-padded to
+        one length."""
+        lengths = mask.sum(1)
+        if self._cache is None:
+            self._cache, self._mask, self._pos = cache, mask, lengths
+        else:
+            S = max(self._mask.shape[1], mask.shape[1])
+            for mine, theirs in zip(self._layers(self._cache), self._layers(cache)):
+                mine.keys = torch.cat([_left_pad(mine.keys, S), _left_pad(theirs.keys, S)])
+                mine.values = torch.cat([_left_pad(mine.values, S), _left_pad(theirs.values, S)])
+            self._mask = torch.cat([F.pad(self._mask, (S - self._mask.shape[1], 0)),
+                                    F.pad(mask, (S - mask.shape[1], 0))])
+            self._pos = torch.cat([self._pos, lengths])
+        self._active.extend(joining)
+
+    def _layers(self, cache):
+        from transformers.cache_utils import DynamicLayer
+        for layer in cache.layers:
+            if type(layer) is not DynamicLayer:
+                raise ValueError(f"ServeLoop: the model's cache has a {type(layer).__name__}; "
+                                 f"the loop serves full-attention DynamicLayer caches only")
+            yield layer
+
+    def _take(self, requests: List[_Request], nxt: Tensor) -> Dict[int, int]:
+        out = {}
+        for r, t in zip(requests, nxt.tolist()):
+            r.tokens.append(t)
+            out[r.id] = t
+        return out
+
+    def _weights(self) -> Tensor:
+        return torch.stack([r.weights for r in self._active])
+
+    def _retire(self) -> None:
+        keep = []
+        for i, r in enumerate(self._active):
+            if len(r.tokens) >= r.max_new_tokens or r.tokens[-1] in self.eos:
+                self._finished[r.id] = torch.tensor(r.tokens, dtype=torch.long)
+            else:
+                keep.append(i)
+        if len(keep) == len(self._active):
+            return
+        if not keep:
+            self._active, self._cache, self._mask, self._pos = [], None, None, None
+            return
+        idx = torch.tensor(keep, device=self.device)
+        mask = self._mask[idx]
+        first = int(mask.any(0).nonzero()[0])  # columns before it are padding in every row
+        for layer in self._layers(self._cache):
+            layer.keys = layer.keys[idx, :, first:]
+            layer.values = layer.values[idx, :, first:]
+        self._active = [self._active[i] for i in keep]
+        self._mask, self._pos = mask[:, first:], self._pos[idx]
+
+
+def _describe(v) -> str:
+    return f"{v.dtype} {list(v.shape)}" if isinstance(v, Tensor) else repr(v)
