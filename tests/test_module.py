@@ -171,11 +171,66 @@ def test_causal_lm_every_row_is_its_own_merged_model(make, case, mode, request):
     torch.testing.assert_close(got, _reference_lm(make, twin, ids, mask, rw), **TOL)
 
 
-def test_llama_norms_mix_through_the_fallback(llama_case):
+def test_llama_norms_scale_each_row_by_its_weight(llama_case):
     _, _, twin = llama_case
     wrapped = TwinMergedModule(_llama(), twin)
     kinds = {type(layer).__mro__[1].__name__ for layer, _ in wrapped._patched}
-    assert kinds == {"_TwinLinear", "_TwinEmbedding", "_TwinFallback"}  # RMSNorm: fallback
+    assert kinds == {"_TwinLinear", "_TwinEmbedding", "_TwinScale"}  # RMSNorm: weight ⊙ f(x)
+
+
+class _GemmaNorm(nn.Module):
+    """y = (1 + weight) ⊙ x / rms(x): affine in the weight, but not weight ⊙ f(x)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(d))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + self.weight)
+
+
+class _NeedsMask(nn.Module):
+    """weight ⊙ x, but its forward needs a second input: the probe cannot run it."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x, mask):
+        return self.weight * x * mask
+
+
+@pytest.mark.parametrize("norm, kind", [(lambda d: nn.RMSNorm(d), "_TwinScale"),
+                                        (_GemmaNorm, "_TwinFallback"),
+                                        (_NeedsMask, "_TwinFallback")])
+def test_a_weight_scaled_layer_is_proven_on_a_probe_and_exact_either_way(norm, kind):
+    d = 8
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.lin, self.norm = nn.Linear(d, d), norm(d)
+
+        def forward(self, x):
+            h = self.lin(x)
+            return self.norm(h, torch.ones_like(h)) if norm is _NeedsMask else self.norm(h)
+
+    base = Net().state_dict()
+    g = torch.Generator().manual_seed(1)
+    experts = {t: {k: v + 0.3 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+               for t in "abc"}
+    twin = TwinCheckpoint.build(base, experts, rank_ratio=1.0)
+    wrapped = TwinMergedModule(Net(), twin, mode="factored")
+    assert type(wrapped.module.norm).__mro__[1].__name__ == kind
+    x = torch.randn(3, 5, d, generator=g)
+    rw = _weights(3)
+    with torch.no_grad():
+        got = wrapped(x, mix_weights=rw)
+        for b in range(3):
+            ref = Net()
+            ref.load_state_dict(twin.merged_state_dict(rw[b]))
+            torch.testing.assert_close(got[b], ref(x[b:b + 1])[0], **TOL)
 
 
 def test_gpt2_uses_conv1d_and_keeps_tied_weights_tied(gpt2_case):

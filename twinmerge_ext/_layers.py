@@ -21,6 +21,7 @@ metadata is θs's, and any computation with it raises, since each row needs its 
 only the layer's forward applies them.
 """
 
+import copy
 import re
 import threading
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -340,6 +341,46 @@ class _TwinLayerNorm(_TwinLayer):
         return y.to(x.dtype)
 
 
+class _TwinScale(_TwinLayer):
+    """A layer whose output is its weight times what it computes with a weight of ones,
+    y = weight ⊙ f(x) (LlamaRMSNorm, T5LayerNorm, torch's RMSNorm): each row's weight scales
+    f(x), computed once for the batch. `_scales_by_weight` proves the form on a probe before
+    a layer gets this kind."""
+
+    def _twin_forward(self, ctx, x, *args, **kwargs):
+        rw = ctx.row_weights
+        B = rw.shape[0]
+        _check_batch(self, x, B)
+        unit = _serve_plain(ctx, self, {self: {"weight": _own(self, "_twin_unit")}},
+                            (x,) + args, kwargs)
+        p = _own(self, "weight")
+        wb = (p.to(_opmath(p.dtype)) + _mix_dense(rw, self._twin_dense("weight"))).to(p.dtype)
+        return unit * _row_view(wb, B, unit.dim(), p.shape)
+
+
+def _scales_by_weight(layer: nn.Module) -> bool:
+    """Whether layer(x) == weight ⊙ layer_{weight=1}(x), bit for bit, on a random probe (a copy
+    of the layer runs it: the module is never touched)."""
+    p = layer._parameters.get("weight")
+    if p is None or p.dim() != 1 or not p.is_floating_point() or p.device.type == "meta" or \
+            len(list(layer.parameters())) != 1:
+        return False
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, p.numel(), generator=g).to(device=p.device, dtype=p.dtype)
+    scale = torch.rand(p.numel(), generator=g).to(device=p.device, dtype=p.dtype) + 0.5
+    try:
+        probe = copy.deepcopy(layer)
+        with torch.no_grad():
+            probe.weight.copy_(scale)
+            y = probe(x)
+            probe.weight.fill_(1)
+            unit = probe(x)
+    except Exception:  # a forward that needs more than x: served by the fallback
+        return False
+    return isinstance(y, Tensor) and isinstance(unit, Tensor) and y.shape == x.shape and \
+        torch.equal(y, scale * unit)
+
+
 def _map_rows(fn: Callable[[Tensor], Tensor], B: int, tree):
     """Applies fn to every tensor leaf whose first dimension is B (the batched ones)."""
     return pytree.tree_map(lambda v: fn(v) if isinstance(v, Tensor) and v.dim() >= 1
@@ -410,7 +451,7 @@ class _TwinHead(_TwinLayer):
 
 _KIND_MIXINS = {"linear": _TwinLinear, "conv1d": _TwinConv1D, "embedding": _TwinEmbedding,
                 "layernorm": _TwinLayerNorm, "fallback": _TwinFallback, "head": _TwinHead,
-                "batchless": _TwinBatchless, "params": _TwinParams}
+                "batchless": _TwinBatchless, "params": _TwinParams, "scale": _TwinScale}
 _PATCHED_CLASSES: Dict[Tuple[str, type], type] = {}
 _PATCHED_LOCK = threading.Lock()
 
@@ -448,6 +489,8 @@ def _kind(layer: nn.Module, name: str, attrs: Dict[str, str]) -> str:
         return "embedding"
     if cls is nn.LayerNorm and not lowrank and dense <= {"weight", "bias"}:
         return "layernorm"
+    if not lowrank and dense == {"weight"} and _scales_by_weight(layer):
+        return "scale"
     return "fallback"
 
 

@@ -52,6 +52,7 @@ from twinmerge_ext._layers import (
     _Routing,
     _TwinFallback,
     _TwinParams,
+    _TwinScale,
 )
 from twinmerge_ext._merge_pool import BufferSet, MergePool
 from twinmerge_ext.generation import generate as _generate
@@ -390,6 +391,8 @@ class TwinMergedModule(nn.Module):
             layer._twin_lowrank = {a for a, k in attrs.items() if k == "lowrank"}
             layer._twin_attrs = list(attrs)
             layer._twin_ranks = {}
+            if isinstance(layer, _TwinScale):
+                _register(layer, "_twin_unit", torch.ones_like(_own(layer, "weight")))
             for attr, k in attrs.items():
                 p = _own(layer, attr)
                 full = f"{path}.{attr}" if path else attr
