@@ -149,6 +149,44 @@ def test_llama_fixed_batch_dynamic_length():
                                        case.logits(wrapped, ids, mask, w), **TOL)
 
 
+def _bert_twin_wrapper():
+    torch.manual_seed(7)
+    cfg = transformers.BertConfig(vocab_size=case.VOCAB, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=48,
+                                  max_position_embeddings=32, num_labels=3)
+    make = lambda: transformers.BertForSequenceClassification(cfg).eval()  # noqa: E731
+    base_sd = {k: v.clone() for k, v in make().state_dict().items()}
+    experts = {}
+    for t in range(case.T):
+        head = make().state_dict()  # each task its own classifier
+        experts[f"task{t}"] = {k: head[k] if k.startswith("classifier") else
+                               v + 0.05 * torch.randn_like(v) for k, v in base_sd.items()}
+    twin = tm.TwinCheckpoint.build(base_sd, experts, rank_ratio=0.25, heads=r"^classifier\.")
+    return tm.TwinMergedModule(make(), twin, mode="factored")
+
+
+def test_task_heads_fixed_batch():
+    """Each row's head is the argmax of its weights, in the program too."""
+    wrapped = _bert_twin_wrapper()
+    ids, mask, w = _inputs(4, 8)
+    program = export_twin(wrapped, {"input_ids": ids, "attention_mask": mask}, w,
+                          dynamic_batch=False, max_length=32)
+    for L in (8, 5):
+        ids, mask, w = _inputs(4, L, seed=L)
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(ids, mask, w),
+                                       case.logits(wrapped, ids, mask, w), **TOL)
+
+
+@pytest.mark.xfail(strict=True, raises=TypeError,
+                   reason="_TwinHead collects the heads' output shapes in a set, and a traced "
+                          "(SymInt) batch size is unhashable (docs/export.md, Limitations)")
+def test_task_heads_dynamic_batch():
+    wrapped = _bert_twin_wrapper()
+    ids, mask, w = _inputs(4, 8)
+    export_twin(wrapped, {"input_ids": ids, "attention_mask": mask}, w, max_length=32)
+
+
 # --- bad arguments ----------------------------------------------------------------------------
 
 def _args(gpt2):
