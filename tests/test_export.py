@@ -3,7 +3,6 @@ wrapper on mixed batches (each row its own weights) of other sizes than the expo
 the wrapper left as it was, the model the per-row fallback fixes the batch of, and bad
 arguments. The model and batches are tests/cpp/make_aoti_package.py's (the C++ side's)."""
 
-import copy
 import os
 import sys
 from pathlib import Path
@@ -117,6 +116,15 @@ def test_export_leaves_the_wrapper_as_it_was():
         case.logits(wrapped, ids, mask, w)  # the wrapper still checks
 
 
+def _serves_fixed_batch(program, wrapped, B, lengths):
+    """The program of a fixed batch B equals the wrapper on mixed batches of these lengths."""
+    for L in lengths:
+        ids, mask, w = _inputs(B, L, seed=L)
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(ids, mask, w),
+                                       case.logits(wrapped, ids, mask, w), **TOL)
+
+
 def _llama():
     cfg = transformers.LlamaConfig(vocab_size=case.VOCAB, hidden_size=32, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2,
@@ -142,11 +150,7 @@ def test_llama_fixed_batch_dynamic_length():
         export_twin(wrapped, inputs, w, module_kwargs={"use_cache": False})
     program = export_twin(wrapped, inputs, w, module_kwargs={"use_cache": False},
                           dynamic_batch=False, max_length=32)
-    for L in (8, 13):
-        ids, mask, w = _inputs(3, L, seed=L)
-        with torch.no_grad():
-            torch.testing.assert_close(program.module()(ids, mask, w),
-                                       case.logits(wrapped, ids, mask, w), **TOL)
+    _serves_fixed_batch(program, wrapped, 3, (8, 13))
 
 
 def _bert_twin_wrapper():
@@ -171,11 +175,7 @@ def test_task_heads_fixed_batch():
     ids, mask, w = _inputs(4, 8)
     program = export_twin(wrapped, {"input_ids": ids, "attention_mask": mask}, w,
                           dynamic_batch=False, max_length=32)
-    for L in (8, 5):
-        ids, mask, w = _inputs(4, L, seed=L)
-        with torch.no_grad():
-            torch.testing.assert_close(program.module()(ids, mask, w),
-                                       case.logits(wrapped, ids, mask, w), **TOL)
+    _serves_fixed_batch(program, wrapped, 4, (8, 5))
 
 
 @pytest.mark.xfail(strict=True, raises=TypeError,
@@ -207,8 +207,8 @@ EXPORT_ERRORS = [
      r"export_twin: inputs must not hold 'mix_weights'"),
     ("inputs value", lambda m, i, w: export_twin(m, {"input_ids": [1, 2]}, w), TypeError,
      r"export_twin: inputs\['input_ids'\] must be a Tensor \[B, \.\.\.\], got \[1, 2\]"),
-    ("inputs batch", lambda m, i, w: export_twin(m, {**i, "attention_mask": i["attention_mask"][:2]},
-                                                 w), ValueError,
+    ("inputs batch", lambda m, i, w: export_twin(
+        m, {**i, "attention_mask": i["attention_mask"][:2]}, w), ValueError,
      r"export_twin: inputs must share the batch size \(dimension 0\), got "
      r"\{'input_ids': 3, 'attention_mask': 2\}"),
     ("mix_weights shape", lambda m, i, w: export_twin(m, i, w[:, :2]), ValueError,
@@ -234,8 +234,8 @@ EXPORT_ERRORS = [
     ("length of one", lambda m, i, w: export_twin(m, {k: v[:, :1] for k, v in i.items()}, w),
      ValueError, r"export_twin: a dynamic length needs every input of 2 or more dimensions to "
                  r"share dimension 1, of at least 2, got \{'input_ids': 1, 'attention_mask': 1\}"),
-    ("lengths differ", lambda m, i, w: export_twin(m, {**i, "attention_mask": i["attention_mask"][:, :5]},
-                                                   w), ValueError,
+    ("lengths differ", lambda m, i, w: export_twin(
+        m, {**i, "attention_mask": i["attention_mask"][:, :5]}, w), ValueError,
      r"share dimension 1, of at least 2, got \{'input_ids': 8, 'attention_mask': 5\}"),
     ("max_length", lambda m, i, w: export_twin(m, i, w, max_length=4), ValueError,
      r"export_twin: max_length must be None or an int >= 8 \(the example's size, and at least "

@@ -95,7 +95,8 @@ int main(int argc, char** argv) {
     return 2;
   }
   try {
-    check(c10::Dispatcher::singleton().findSchema({"twinmerge::lowrank_mix_linear", ""}).has_value(),
+    auto& dispatcher = c10::Dispatcher::singleton();
+    check(dispatcher.findSchema({"twinmerge::lowrank_mix_linear", ""}).has_value(),
           "twinmerge ops registered in this process (libtwinmerge linked)");
     const auto ref = load_reference(argv[2]);
     torch::inductor::AOTIModelPackageLoader loader(argv[1]);
