@@ -7,7 +7,8 @@
 #   TWINMERGE_WITH_CUDA=ON CMAKE_CUDA_ARCHITECTURES=90 tests/cpp/run.sh
 #
 # Environment (all optional):
-#   PYTHON                      python with torch (default: python, else python3)
+#   PYTHON                      python with torch and twinmerge_ext (default: python, else
+#                               python3); it also makes the AOTInductor package of aoti_serve
 #   TWINMERGE_WITH_CUDA         AUTO (default), ON or OFF
 #   CMAKE_CUDA_ARCHITECTURES    default "80;90"
 #   CUDA_HOME                   CUDA toolkit (default /usr/local/cuda)
@@ -94,6 +95,7 @@ stage configure-tests cmake -S "$ROOT/tests/cpp" -B "$TEST_BUILD_DIR" -G Ninja \
   -DCMAKE_BUILD_TYPE="$BUILD_TYPE" \
   -DCMAKE_PREFIX_PATH="$PREFIX;$TORCH_CMAKE_PREFIX" \
   -DTWINMERGE_TEST_HEADER_ANCHOR="$HEADER_ANCHOR" \
+  -DTWINMERGE_TEST_PYTHON="$(command -v "$PYTHON")" \
   -UTwinMerge_DIR
 stage build-tests cmake --build "$TEST_BUILD_DIR"
 stage ctest ctest --test-dir "$TEST_BUILD_DIR" --output-on-failure
