@@ -1,7 +1,7 @@
 """twinmerge_ext.export: the exported program and the AOTInductor package against the eager
 wrapper on mixed batches (each row its own weights) of other sizes than the export's example,
-the wrapper left as it was, the model the per-row fallback fixes the batch of, and bad
-arguments. The model and batches are tests/cpp/make_aoti_package.py's (the C++ side's)."""
+the wrapper left as it was, Llama and task heads with a dynamic batch, a per-row fallback
+layer that fixes the batch, and bad arguments. The model and batches are tests/cpp/make_aoti_package.py's (the C++ side's)."""
 
 import os
 import sys
@@ -133,9 +133,17 @@ def _llama():
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
-def test_llama_fixed_batch_dynamic_length():
-    """Llama's RMSNorm is mixed by the per-row fallback, a loop over the rows: the batch size
-    is fixed by the trace (torch.export says so), the length stays dynamic."""
+def _serves(program, wrapped, sizes):
+    """The program equals the wrapper on mixed batches of these (B, L)."""
+    for B, L in sizes:
+        ids, mask, w = _inputs(B, L, seed=L)
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(ids, mask, w),
+                                       case.logits(wrapped, ids, mask, w), **TOL)
+
+
+def test_llama_dynamic_batch_and_length():
+    """Llama's RMSNorm mixes as weight ⊙ f(x), one pass for the batch: B stays dynamic."""
     torch.manual_seed(5)
     base = _llama()
     base_sd = {k: v.clone() for k, v in base.state_dict().items()}
@@ -145,11 +153,41 @@ def test_llama_fixed_batch_dynamic_length():
                                                                      rank_ratio=0.25),
                                   mode="factored")
     ids, mask, w = _inputs(3, 8)
+    program = export_twin(wrapped, {"input_ids": ids, "attention_mask": mask}, w,
+                          module_kwargs={"use_cache": False}, max_length=32)
+    _serves(program, wrapped, [(3, 8), (5, 13), (1, 4)])
+
+
+class _AffineNorm(nn.Module):
+    """(1 + weight) ⊙ x: not weight ⊙ f(x), so the wrapper mixes it row by row (fallback)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(d))
+
+    def forward(self, x):
+        return x * (1 + self.weight)
+
+
+def test_a_per_row_fallback_layer_fixes_the_batch():
+    """A layer mixed by the per-row fallback loops over the rows in Python: the trace fixes B
+    (torch.export says so), the length stays dynamic."""
+    torch.manual_seed(6)
+    make = lambda: case.tiny_gpt2()  # noqa: E731
+    model = make()
+    model.transformer.ln_f = _AffineNorm(model.config.n_embd)
+    base_sd = {k: v.clone() for k, v in model.state_dict().items()}
+    experts = {f"task{t}": {k: v + 0.05 * torch.randn_like(v) for k, v in base_sd.items()}
+               for t in range(case.T)}
+    twin = tm.TwinCheckpoint.build(base_sd, experts, rank_ratio=0.25)
+    served = make()
+    served.transformer.ln_f = _AffineNorm(served.config.n_embd)
+    wrapped = tm.TwinMergedModule(served, twin, mode="factored")
+    ids, mask, w = _inputs(3, 8)
     inputs = {"input_ids": ids, "attention_mask": mask}
     with pytest.raises(torch._dynamo.exc.UserError, match=r"batch"):
-        export_twin(wrapped, inputs, w, module_kwargs={"use_cache": False})
-    program = export_twin(wrapped, inputs, w, module_kwargs={"use_cache": False},
-                          dynamic_batch=False, max_length=32)
+        export_twin(wrapped, inputs, w)
+    program = export_twin(wrapped, inputs, w, dynamic_batch=False, max_length=case.POSITIONS)
     _serves_fixed_batch(program, wrapped, 3, (8, 13))
 
 
@@ -178,13 +216,11 @@ def test_task_heads_fixed_batch():
     _serves_fixed_batch(program, wrapped, 4, (8, 5))
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="_TwinHead collects the heads' output shapes in a set, and a traced "
-                          "(SymInt) batch size is unhashable (docs/export.md, Limitations)")
 def test_task_heads_dynamic_batch():
     wrapped = _bert_twin_wrapper()
     ids, mask, w = _inputs(4, 8)
-    export_twin(wrapped, {"input_ids": ids, "attention_mask": mask}, w, max_length=32)
+    program = export_twin(wrapped, {"input_ids": ids, "attention_mask": mask}, w, max_length=32)
+    _serves(program, wrapped, [(4, 8), (2, 5), (6, 11)])
 
 
 # --- bad arguments ----------------------------------------------------------------------------

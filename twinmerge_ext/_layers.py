@@ -432,10 +432,11 @@ class _TwinHead(_TwinLayer):
         if bad:
             raise _error(self, f"a task head must return one tensor, got {bad[0]}")
         width = max(o.shape[-1] for o in outs)
-        shapes = {tuple(o.shape[:-1]) for o in outs}
-        if len(shapes) != 1:
+        # A list, not a set: traced sizes (SymInt, under torch.export) are not hashable.
+        shapes = [tuple(o.shape[:-1]) for o in outs]
+        if any(s != shapes[0] for s in shapes[1:]):
             raise _error(self, f"task heads disagree on their output shape except the last "
-                               f"dimension: {sorted(shapes)}")
+                               f"dimension: {shapes}")
         outs = [F.pad(o, (0, width - o.shape[-1]), value=self._twin_head_pad)
                 if o.shape[-1] < width else o for o in outs]
         stacked = torch.stack(outs)                                    # [T, B, ..., width]

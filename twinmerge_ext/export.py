@@ -107,8 +107,8 @@ def export_twin(wrapped: TwinMergedModule, inputs: Mapping[str, Tensor], mix_wei
     [1, max_batch]; L (dimension 1 of every input of 2 or more dimensions) when dynamic_length,
     in [1, max_length]. None is unbounded; bound L by what the model supports (its position
     table). An example size must be at least 2 to be dynamic (torch.export specializes 0 and 1).
-    A model whose layers loop over the rows (e.g. an RMSNorm mixed by the wrapper's per-row
-    fallback) fixes B: export it with dynamic_batch=False.
+    A model with a layer mixed by the per-row fallback (a loop over the rows: e.g. a norm that
+    is not weight ⊙ f(x)) fixes B: export it with dynamic_batch=False.
 
     check_finite (default: wrapped.check_finite): the program asserts that mix_weights is
     finite. On CPU a NaN/Inf raises "TwinMergedModule (exported): mix_weights has NaN/Inf
