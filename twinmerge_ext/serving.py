@@ -13,6 +13,7 @@ and each row gets its own position ids, so padding changes nothing a request att
 requests leave, their rows are dropped, and so are the columns no remaining row uses.
 """
 
+import inspect
 import itertools
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
@@ -90,6 +91,12 @@ class ServeLoop:
         self.eos = frozenset(eos)
         self.select = select or _greedy
         self.device = next(served.module.parameters()).device
+        # Logits of the last position only (a prefill's other positions would cost a vocabulary-
+        # wide projection each), where the model's forward offers it.
+        params = inspect.signature(served.module.forward).parameters
+        self._keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        # transformers 5 names the cache argument `cache`, earlier versions `past_key_values`.
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._ids = itertools.count()
         self._waiting: List[_Request] = []
         self._active: List[_Request] = []      # row i of the cache is _active[i]
@@ -161,8 +168,9 @@ class ServeLoop:
         return out
 
     def _forward(self, ids: Tensor, mask: Tensor, pos: Tensor, weights: Tensor, cache):
-        logits = self.served(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache,
-                             use_cache=True, mix_weights=weights).logits
+        logits = self.served(input_ids=ids, attention_mask=mask, position_ids=pos,
+                             use_cache=True, mix_weights=weights,
+                             **{self._cache_arg: cache}, **self._keep).logits
         return self.select(logits[:, -1].float())
 
     def _decode(self) -> Dict[int, int]:
