@@ -21,3 +21,16 @@ def assert_close(actual, expected, dtype=None):
     assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     scale = expected.abs().max().item() if expected.numel() else 1.0
     torch.testing.assert_close(actual, expected, rtol=RTOL[dtype], atol=RTOL[dtype] * max(scale, 1.0))
+
+
+@pytest.fixture(scope="session")
+def lm_twins():
+    """{"gpt2" | "llama": (make, twin)}: tiny causal LMs from configs (test_module's) and the
+    twin of 3 experts perturbed from one base, at full rank."""
+    from twinmerge_ext import TwinCheckpoint
+    from test_module import _experts, _gpt2, _llama
+    out = {}
+    for i, (name, make) in enumerate((("gpt2", _gpt2), ("llama", _llama))):
+        _, base_sd, experts = _experts(lambda *_, make=make: make(), 3, 10 + i)
+        out[name] = (make, TwinCheckpoint.build(base_sd, experts, rank_ratio=1.0))
+    return out

@@ -9,26 +9,16 @@ import torch.nn.functional as F
 
 from twinmerge_ext import LoraExpert, TwinCheckpoint, TwinMergedModule, TwinRouter
 
-from test_module import VOCAB, _experts, _gpt2, _llama
+from test_module import VOCAB, _llama
 
 transformers = pytest.importorskip("transformers")
 
-MODELS = {"gpt2": _gpt2, "llama": _llama}
 NEW = 6
 STRATEGIES = {
     "greedy": dict(do_sample=False),
     "beam": dict(num_beams=3, do_sample=False),
     "beam_sequences": dict(num_beams=3, num_return_sequences=2, do_sample=False),
 }
-
-
-@pytest.fixture(scope="module")
-def cases():
-    out = {}
-    for i, (name, make) in enumerate(MODELS.items()):
-        _, base_sd, experts = _experts(lambda *_, make=make: make(), 3, 10 + i)
-        out[name] = (make, TwinCheckpoint.build(base_sd, experts, rank_ratio=1.0))
-    return out
 
 
 def _prompts(B=3, L=6, seed=0):
@@ -76,9 +66,9 @@ def _same_tokens(got, want):
 
 @pytest.mark.parametrize("mode", ["factored", "materialize", "auto"])
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
-@pytest.mark.parametrize("model", list(MODELS))
-def test_every_request_gets_its_models_tokens(cases, model, strategy, mode):
-    make, twin = cases[model]
+@pytest.mark.parametrize("model", ["gpt2", "llama"])
+def test_every_request_gets_its_models_tokens(lm_twins, model, strategy, mode):
+    make, twin = lm_twins[model]
     wrapped = TwinMergedModule(make(), twin, mode=mode)
     ids, mask = _prompts()
     w = _mixed()
@@ -94,8 +84,8 @@ def test_every_request_gets_its_models_tokens(cases, model, strategy, mode):
     assert last["decode_tokens"] == 3 * k * NEW
 
 
-def test_sampling_draws_what_each_requests_model_draws(cases):
-    make, twin = cases["llama"]
+def test_sampling_draws_what_each_requests_model_draws(lm_twins):
+    make, twin = lm_twins["llama"]
     wrapped = TwinMergedModule(make(), twin, mode="factored")
     ids, mask = _prompts()
     w = _mixed(seed=1)
@@ -133,8 +123,8 @@ def test_lora_experts_generate_exactly(tmp_path):
         _same_tokens(got, _reference(_llama, twin, w, ids, mask, **kw))
 
 
-def test_static_cache_and_dynamic_cache_agree(cases):
-    make, twin = cases["llama"]
+def test_static_cache_and_dynamic_cache_agree(lm_twins):
+    make, twin = lm_twins["llama"]
     wrapped = TwinMergedModule(make(), twin, mode="factored")
     ids, mask = _prompts()
     w = _mixed()
@@ -146,8 +136,8 @@ def test_static_cache_and_dynamic_cache_agree(cases):
     _same_tokens(static, _reference(make, twin, w, ids, mask, do_sample=False))
 
 
-def test_num_beams_from_a_generation_config(cases):
-    make, twin = cases["gpt2"]
+def test_num_beams_from_a_generation_config(lm_twins):
+    make, twin = lm_twins["gpt2"]
     wrapped = TwinMergedModule(make(), twin, mode="factored")
     ids, mask = _prompts()
     w = _mixed()
@@ -159,8 +149,8 @@ def test_num_beams_from_a_generation_config(cases):
                                  do_sample=False))
 
 
-def test_streamer_stopping_criteria_and_dict_outputs_keep_working(cases):
-    make, twin = cases["gpt2"]
+def test_streamer_stopping_criteria_and_dict_outputs_keep_working(lm_twins):
+    make, twin = lm_twins["gpt2"]
     wrapped = TwinMergedModule(make(), twin, mode="factored")
     ids, mask = _prompts(B=1)
     w = _mixed(B=1)
@@ -194,8 +184,8 @@ def test_streamer_stopping_criteria_and_dict_outputs_keep_working(cases):
                                      [StopAfter()])))
 
 
-def test_router_runs_once_on_the_prompt(cases):
-    make, twin = cases["gpt2"]
+def test_router_runs_once_on_the_prompt(lm_twins):
+    make, twin = lm_twins["gpt2"]
     torch.manual_seed(3)
     router = TwinRouter(32, twin.tasks).eval()
     wrapped = TwinMergedModule(make(), twin, router=router, mode="factored")
@@ -214,8 +204,8 @@ def test_router_runs_once_on_the_prompt(cases):
                                        max_new_tokens=NEW, pad_token_id=0))
 
 
-def test_one_weight_vector_and_a_merged_block(cases):
-    make, twin = cases["llama"]
+def test_one_weight_vector_and_a_merged_block(lm_twins):
+    make, twin = lm_twins["llama"]
     wrapped = TwinMergedModule(make(), twin)
     ids, mask = _prompts()
     w = torch.tensor([0.2, 0.5, 0.3])
@@ -229,8 +219,8 @@ def test_one_weight_vector_and_a_merged_block(cases):
     _same_tokens(got, want)
 
 
-def test_group_mode_generates_per_group(cases):
-    make, twin = cases["gpt2"]
+def test_group_mode_generates_per_group(lm_twins):
+    make, twin = lm_twins["gpt2"]
     wrapped = TwinMergedModule(make(), twin, mode="group", n_groups=3)
     ids, mask = _prompts()
     w = _mixed()
@@ -241,8 +231,8 @@ def test_group_mode_generates_per_group(cases):
     _same_tokens(got, _reference(make, twin, w, ids, mask, do_sample=False))
 
 
-def test_threads_generate_with_their_own_weights(cases):
-    make, twin = cases["llama"]
+def test_threads_generate_with_their_own_weights(lm_twins):
+    make, twin = lm_twins["llama"]
     wrapped = TwinMergedModule(make(), twin, mode="factored")
     ids, mask = _prompts()
     ws = [_mixed(seed=s) for s in range(4)]
@@ -266,8 +256,8 @@ def test_threads_generate_with_their_own_weights(cases):
         _same_tokens(g, w)
 
 
-def test_drop_in_attributes_fall_through(cases):
-    make, twin = cases["gpt2"]
+def test_drop_in_attributes_fall_through(lm_twins):
+    make, twin = lm_twins["gpt2"]
     model = make()
     wrapped = TwinMergedModule(model, twin)
     assert wrapped.config is model.config
@@ -283,8 +273,8 @@ def test_drop_in_attributes_fall_through(cases):
     assert not hasattr(wrapped, "__no_such_dunder__")
 
 
-def test_bad_generate_calls_raise_before_anything_runs(cases):
-    make, twin = cases["gpt2"]
+def test_bad_generate_calls_raise_before_anything_runs(lm_twins):
+    make, twin = lm_twins["gpt2"]
     wrapped = TwinMergedModule(make(), twin, mode="materialize")
     ids, mask = _prompts()
     w = _mixed()
@@ -312,8 +302,8 @@ def test_bad_generate_calls_raise_before_anything_runs(cases):
         ).generate(ids, mix_weights=torch.ones(1))
 
 
-def test_a_kv_cache_is_never_split_into_sub_batches(cases):
-    make, twin = cases["gpt2"]
+def test_a_kv_cache_is_never_split_into_sub_batches(lm_twins):
+    make, twin = lm_twins["gpt2"]
     wrapped = TwinMergedModule(make(), twin, mode="materialize")
     ids, mask = _prompts()
     w = _mixed()

@@ -11,8 +11,6 @@ import torch
 
 from twinmerge_ext import ServeLoop, TwinMergedModule, TwinRouter
 
-from test_generate import cases  # noqa: F401  (the module-scoped fixture)
-
 transformers = pytest.importorskip("transformers")
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "serve_loop.py"
@@ -49,8 +47,8 @@ def _serve_interleaved(loop, requests, arrivals):
 
 
 @pytest.mark.parametrize("model", ["gpt2", "llama"])
-def test_interleaved_requests_get_their_tokens_alone(cases, model):
-    make, twin = cases[model]
+def test_interleaved_requests_get_their_tokens_alone(lm_twins, model):
+    make, twin = lm_twins[model]
     served = TwinMergedModule(make(), twin, mode="factored")
     requests = _requests(7, seed=1 if model == "gpt2" else 2)
     arrivals = [0, 0, 1, 3, 3, 6, 9]
@@ -61,8 +59,8 @@ def test_interleaved_requests_get_their_tokens_alone(cases, model):
         assert torch.equal(got[i], _alone(served, prompt, new, w)), i
 
 
-def test_eos_ends_a_request_early_and_the_batch_shrinks(cases):
-    make, twin = cases["llama"]
+def test_eos_ends_a_request_early_and_the_batch_shrinks(lm_twins):
+    make, twin = lm_twins["llama"]
     served = TwinMergedModule(make(), twin, mode="auto")
     requests = [(p, 9, w) for p, _, w in _requests(5, seed=3)]
     free = [_alone(served, p, 9, w) for p, _, w in requests]
@@ -79,8 +77,8 @@ def test_eos_ends_a_request_early_and_the_batch_shrinks(cases):
     assert loop._cache is None and loop.in_flight == []  # nothing left behind
 
 
-def test_the_router_runs_once_per_request_on_its_prompt(cases):
-    make, twin = cases["gpt2"]
+def test_the_router_runs_once_per_request_on_its_prompt(lm_twins):
+    make, twin = lm_twins["gpt2"]
     torch.manual_seed(5)
     served = TwinMergedModule(make(), twin, router=TwinRouter(32, twin.tasks).eval(),
                               mode="factored")
@@ -96,8 +94,8 @@ def test_the_router_runs_once_per_request_on_its_prompt(cases):
     assert torch.equal(tokens, _alone(served, prompt, 4, w))
 
 
-def test_loops_in_threads_share_one_wrapper(cases):
-    make, twin = cases["llama"]
+def test_loops_in_threads_share_one_wrapper(lm_twins):
+    make, twin = lm_twins["llama"]
     served = TwinMergedModule(make(), twin, mode="factored")
     batches = [_requests(4, seed=10 + i) for i in range(3)]
     want = [[_alone(served, p, n, w) for p, n, w in reqs] for reqs in batches]
@@ -119,8 +117,8 @@ def test_loops_in_threads_share_one_wrapper(cases):
             assert torch.equal(got[i][j], w), (i, j)
 
 
-def test_bad_requests_are_refused_before_they_join(cases):
-    make, twin = cases["gpt2"]
+def test_bad_requests_are_refused_before_they_join(lm_twins):
+    make, twin = lm_twins["gpt2"]
     served = TwinMergedModule(make(), twin, mode="factored")
     loop = ServeLoop(served)
     with pytest.raises(ValueError, match=r"ServeLoop.add: input_ids must be a non-empty 1-D "
