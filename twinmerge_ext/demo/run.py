@@ -49,6 +49,13 @@ class Config:
     batch: int = 16
     max_length: int = 64
     lr: float = 1e-4
+    # "standard": linear warmup over warmup_ratio of the steps, then linear decay to 0, gradient
+    # norm clipped at max_grad_norm (the usual fine-tuning recipe, transformers' Trainer's
+    # default schedule and clipping); "constant": lr throughout, no clipping (this job's first
+    # recipe, kept to compare).
+    recipe: str = "standard"
+    warmup_ratio: float = 0.06
+    max_grad_norm: float = 1.0
     router_items: int = 1000
     router_epochs: int = 20
     router_lrs: Tuple[float, ...] = (5e-4,)
@@ -156,8 +163,26 @@ def _digest(*parts) -> str:
 
 def expert_key(task: str, train: Encoded, cfg: Config) -> str:
     """What an expert depends on: model, task, training data and hyper-parameters."""
-    return _digest(MODEL_ID, task, train.ids.tolist(), train.labels.tolist(), cfg.steps,
-                   cfg.batch, cfg.lr, cfg.max_length, cfg.seed)
+    parts = [MODEL_ID, task, train.ids.tolist(), train.labels.tolist(), cfg.steps, cfg.batch,
+             cfg.lr, cfg.max_length, cfg.seed]
+    if cfg.recipe != "constant":  # the constant recipe's experts keep their first keys
+        parts += [cfg.recipe, cfg.warmup_ratio, cfg.max_grad_norm]
+    return _digest(*parts)
+
+
+RECIPES = ("standard", "constant")
+
+
+def lr_factor(step: int, cfg: Config) -> float:
+    """The learning rate of step `step` (0-based) over cfg.lr: the standard recipe's linear
+    warmup to 1 over the first ceil(warmup_ratio·steps) steps, then linear decay to 0 at the
+    end (transformers' get_linear_schedule_with_warmup); 1 for the constant recipe."""
+    if cfg.recipe == "constant":
+        return 1.0
+    warmup = math.ceil(cfg.warmup_ratio * cfg.steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (cfg.steps - step) / max(1, cfg.steps - warmup))
 
 
 def fine_tune(task: str, train: Encoded, num_labels: int, cfg: Config, cache_dir: str,
@@ -166,6 +191,9 @@ def fine_tune(task: str, train: Encoded, num_labels: int, cfg: Config, cache_dir
     """One expert: the pretrained model fine-tuned on the task (word embeddings frozen), cached
     as safetensors keyed by model, data and hyper-parameters (`seconds[task]`: the training
     time, None when cached)."""
+    if cfg.recipe not in RECIPES:
+        raise ValueError(f"fine_tune: cfg.recipe must be one of {list(RECIPES)}, got "
+                         f"{cfg.recipe!r}")
     seconds = {} if seconds is None else seconds
     path = os.path.join(cache_dir, "experts",
                         f"{task}-{expert_key(task, train, cfg)}.safetensors")
@@ -177,7 +205,9 @@ def fine_tune(task: str, train: Encoded, num_labels: int, cfg: Config, cache_dir
     model = _new_model(num_labels, cfg.seed)
     model.bert.embeddings.word_embeddings.weight.requires_grad_(False)
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, cfg))
     g = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(len(train.labels), generator=g)
     t0 = time.perf_counter()
@@ -187,7 +217,10 @@ def fine_tune(task: str, train: Encoded, num_labels: int, cfg: Config, cache_dir
         loss = F.cross_entropy(model(input_ids=ids, attention_mask=mask).logits, train.labels[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if cfg.recipe == "standard":
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
+        sched.step()
     seconds[task] = time.perf_counter() - t0
     log(f"expert {task}: {cfg.steps} steps in {seconds[task]:.0f} s")
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -846,7 +879,13 @@ _LABELS = {"expert": "Fine-tuned experts", "average": "Weight averaging",
 
 def markdown(out: Dict[str, object]) -> str:
     names = out["tasks"]
-    lines = [f"# Twin-Merging demo: {len(names)} tasks, {out['config']['model']}", ""]
+    c = out["config"]
+    recipe = c.get("recipe", "constant")
+    lines = [f"# Twin-Merging demo: {len(names)} tasks, {c['model']}", "",
+             f"Experts: {c['steps']} steps at batch {c['batch']}, lr {c['lr']}, " + (
+                 f"standard recipe (linear warmup over {c['warmup_ratio']:.0%} of the steps, "
+                 f"linear decay, gradient norm clipped at {c['max_grad_norm']})"
+                 if recipe == "standard" else "constant lr, no clipping") + ".", ""]
     for protocol, title in (("standard", "task's own head (standard protocol)"),
                             ("routed", "head of the router's argmax task")):
         lines += [f"## Normalized score, {title}", "",
@@ -946,11 +985,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--quick", action="store_true", help="2 tasks, tiny settings (a minute or two)")
     p.add_argument("--tasks", nargs="+", choices=list(demo_data.TASKS), help="a subset of tasks")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--recipe", choices=RECIPES, default="standard",
+                   help="the experts' fine-tuning recipe: standard (warmup, linear decay, "
+                        "gradient clipping; default) or constant (constant lr, no clipping)")
     p.add_argument("--recompute", action="store_true",
                    help="recompute every score, feature and twin instead of reusing the "
                         "evaluation cache (experts stay cached; timings are always measured)")
     args = p.parse_args(argv)
-    kw = {"out": args.out, "cache": args.cache, "seed": args.seed, "recompute": args.recompute}
+    kw = {"out": args.out, "cache": args.cache, "seed": args.seed, "recompute": args.recompute,
+          "recipe": args.recipe}
     cfg = Config.quick_config(**kw) if args.quick else Config(**kw)
     if args.tasks:
         cfg.tasks = tuple(args.tasks)
