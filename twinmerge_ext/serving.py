@@ -62,6 +62,8 @@ class ServeLoop:
     step; `loop.pop_finished()` -> {rid: generated tokens [n]} of the requests done since the
     last call; `loop.run()` steps until no request is left and returns them all.
     Errors: ValueError/TypeError naming the argument, before the request joins.
+    Threads: a loop belongs to one thread (its batch is its own state); several loops, in
+    threads of their own, may serve one wrapper at once.
     """
 
     def __init__(self, served: TwinMergedModule, eos_token_id=None,
