@@ -264,7 +264,8 @@ CASES = [
     ("factors/index", lambda: _twin().lowrank["proj.weight"].factors(3), IndexError,
      r"LowRankDelta.factors: t must be in \[0, 3\), got 3"),
     ("with_router/type", lambda: _twin().with_router(nn.Linear(2, 2)), TypeError,
-     r"TwinCheckpoint.with_router: router must be a TwinRouter, got Linear"),
+     r"TwinCheckpoint.with_router: router must be a Router \(TwinRouter, PrototypeRouter\), "
+     r"got Linear"),
     ("with_router/tasks", lambda: _twin().with_router(TwinRouter(6, ["x", "y", "z"])),
      ValueError, r"TwinCheckpoint.with_router: router.tasks must be the twin's tasks in order"),
     ("with_router/info", lambda: _twin().with_router(_router(), info={"acc": NAN}), TypeError,
@@ -372,7 +373,8 @@ CASES = [
      r"TwinMergedModule: mode must be one of \['auto', 'factored', 'materialize', 'group'\], "
      r"got 'fast'"),
     ("wrap/router_type", lambda: _wrapped(router=nn.Linear(6, 3)), TypeError,
-     r"TwinMergedModule: router must be a TwinRouter or None, got Linear"),
+     r"TwinMergedModule: router must be a Router \(TwinRouter, PrototypeRouter\) or None, "
+     r"got Linear"),
     ("wrap/router_tasks", lambda: _wrapped(router=TwinRouter(6, ["c", "b", "a"])), ValueError,
      r"TwinMergedModule: router.tasks must be the twin's tasks in order, \['a', 'b', 'c'\], got "
      r"\['c', 'b', 'a'\]"),

@@ -1096,7 +1096,7 @@ def test_router_round_trip(saved, tmp_path):
 
 def test_router_errors(saved, tmp_path):
     twin, path = saved
-    with pytest.raises(TypeError, match="router must be a TwinRouter"):
+    with pytest.raises(TypeError, match=r"router must be a Router \(TwinRouter, PrototypeRouter\)"):
         twin.with_router(torch.nn.Linear(2, 3))
     with pytest.raises(ValueError, match=r"router.tasks must be the twin's tasks in order"):
         twin.with_router(trained_like_router(list(reversed(TASKS))))
@@ -1108,7 +1108,7 @@ def test_router_errors(saved, tmp_path):
         "missing": (dict(tensors=lambda d: d.pop("router/net.0.weight")),
                     r"tensor 'router/net.0.weight' is listed in the metadata but missing"),
         "config": (dict(meta=lambda h: h["router"]["config"].update(hidden=0)),
-                   r"router.config is not a valid TwinRouter config: .*hidden must be >= 1"),
+                   r"router.config is not a valid router config: .*hidden must be >= 1"),
         "tasks": (dict(meta=lambda h: h["router"]["config"].update(tasks=["a", "b", "c"])),
                   r"the router routes tasks \['a', 'b', 'c'\], the twin has"),
         "shape": (dict(tensors=lambda d: d.update({"router/net.0.weight": torch.zeros(6, 9)})),

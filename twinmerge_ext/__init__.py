@@ -3,7 +3,8 @@
 from twinmerge_ext import merging
 from twinmerge_ext.checkpoint import LowRankDelta, TwinCheckpoint
 from twinmerge_ext.lora import LoraExpert
-from twinmerge_ext.router import TwinRouter, fit_router, pooled_features
+from twinmerge_ext.prototype_router import PrototypeRouter
+from twinmerge_ext.router import Router, TwinRouter, fit_router, pooled_features, router_from_config
 from twinmerge_ext.module import TwinMergedModule
 from twinmerge_ext.serving import ServeLoop
 from twinmerge_ext.ops import (
@@ -19,11 +20,14 @@ __version__ = "0.1.0"
 __all__ = [
     "LoraExpert",
     "LowRankDelta",
+    "PrototypeRouter",
+    "Router",
     "ServeLoop",
     "TwinCheckpoint",
     "TwinMergedModule",
     "TwinRouter",
     "fit_router",
+    "router_from_config",
     "pooled_features",
     "merging",
     "dense_merge_",

@@ -19,7 +19,7 @@ from twinmerge_ext import merging
 from twinmerge_ext._files import (DIGEST_ALGORITHM, check_readable, os_error, tensor_digest,
                                   text_digest, write_atomically)
 from twinmerge_ext._finite import non_finite
-from twinmerge_ext.router import TwinRouter
+from twinmerge_ext.router import Router, router_from_config
 
 FORMAT_VERSION = 1
 METADATA_KEY = "twinmerge"
@@ -181,8 +181,8 @@ def _checked_checksums(raw: Optional[str], meta: str, bad) -> Optional[Dict[str,
     return tensors
 
 
-def _router_from_metadata(meta: Any, tasks: List[str], bad) -> Optional[TwinRouter]:
-    """An untrained TwinRouter of the saved architecture (its tensors are checked against it),
+def _router_from_metadata(meta: Any, tasks: List[str], bad) -> Optional[Router]:
+    """An untrained router of the saved kind and architecture (its tensors are checked against it),
     or None."""
     if meta is None:
         return None
@@ -191,9 +191,9 @@ def _router_from_metadata(meta: Any, tasks: List[str], bad) -> Optional[TwinRout
         raise bad(f"metadata field 'router' must hold a 'config' object and an 'info' object, "
                   f"got {meta!r}")
     try:
-        router = TwinRouter.from_config(cfg)
+        router = router_from_config(cfg)
     except (TypeError, ValueError) as e:
-        raise bad(f"metadata field router.config is not a valid TwinRouter config: {e}") from e
+        raise bad(f"metadata field router.config is not a valid router config: {e}") from e
     if list(router.tasks) != tasks:
         raise bad(f"the router routes tasks {list(router.tasks)}, the twin has {tasks}")
     return router

@@ -27,7 +27,7 @@ Task heads (`heads=` regexes, e.g. a classifier whose width differs per task) ar
 merged nor compressed: each task keeps its own tensors, and whoever serves the twin picks one
 task's head per input (`TwinMergedModule`: the router's argmax).
 
-A trained `TwinRouter` can travel in the same file (`with_router`), so one file serves.
+A trained router (any kind) can travel in the same file (`with_router`), so one file serves.
 
 File format (version 1): one .safetensors file holding the tensors `shared/<name>`,
 `lowrank/<name>/U_cat`, `lowrank/<name>/S_cat`, `lowrank/<name>/V_cat`, `dense/<name>/deltas`,
@@ -45,7 +45,7 @@ two keys. `twinmerge` holds JSON:
                  "dense": {name: {"shape": [...], "dtype": ...}, ...},
                  "heads": {task: {name: {"shape": [...], "dtype": ...}, ...}, ...}},
      "heads": null or [regex, ...],
-     "router": null or {"config": TwinRouter.config(), "info": {...}}}
+     "router": null or {"config": router.config(), "info": {...}}}
 
 `twinmerge.checksums` holds JSON:
 
@@ -88,7 +88,7 @@ from twinmerge_ext.merging import Patterns, StateSource
 # _MAX_EXPERTS: the merge ops' limit (csrc/checks.h, kMaxExperts), checked before a long build.
 from twinmerge_ext.ops import (_MAX_EXPERTS, dense_merge_, lowrank_merge_, reconstruct_delta,
                                truncated_svd)
-from twinmerge_ext.router import TwinRouter
+from twinmerge_ext.router import Router
 
 __all__ = ["FORMAT_VERSION", "LowRankDelta", "TwinCheckpoint"]
 
@@ -269,7 +269,7 @@ class TwinCheckpoint:
         lowrank: name -> LowRankDelta (U_cat [m, K], S_cat [K], V_cat [n, K], ranks).
         dense: name -> deltas [T, *shape].
         heads: task -> {name: tensor}, each task's own head (empty without `heads=`).
-        router: the attached TwinRouter (eval mode), or None.
+        router: the attached router (any kind, eval mode), or None.
         metadata: the JSON metadata (a fresh copy), as `save` writes it.
     """
 
@@ -277,7 +277,7 @@ class TwinCheckpoint:
                  lowrank: Mapping[str, LowRankDelta], dense: Mapping[str, Tensor],
                  errors: Mapping[str, Sequence[float]], info: Mapping[str, Any],
                  heads: Optional[Mapping[str, Mapping[str, Tensor]]] = None,
-                 router: Optional[TwinRouter] = None):
+                 router: Optional[Router] = None):
         """Low level: use `build` or `load`. `info` is the metadata without its "tensors"
         section, which is derived from the tensors and `errors` (name -> T floats)."""
         self._tasks = list(tasks)
@@ -313,10 +313,10 @@ class TwinCheckpoint:
         return MappingProxyType({t: MappingProxyType(h) for t, h in self._heads.items()})
 
     @property
-    def router(self) -> Optional[TwinRouter]:
+    def router(self) -> Optional[Router]:
         return self._router
 
-    def with_router(self, router: TwinRouter,
+    def with_router(self, router: Router,
                     info: Optional[Mapping[str, Any]] = None) -> "TwinCheckpoint":
         """A twin sharing this one's tensors, with `router` attached (saved with it).
 
@@ -325,13 +325,15 @@ class TwinCheckpoint:
         validation accuracy).
 
         Raises:
-            TypeError: router not a TwinRouter, or info not JSON-serializable.
+            TypeError: router not a Router (TwinRouter, PrototypeRouter), or info not
+                JSON-serializable.
             ValueError: router.tasks differ from the twin's tasks; a router tensor with NaN/Inf
                 (a twin is saved only finite).
         """
         fn = "TwinCheckpoint.with_router"
-        if not isinstance(router, TwinRouter):
-            raise TypeError(f"{fn}: router must be a TwinRouter, got {type(router).__name__}")
+        if not isinstance(router, Router):
+            raise TypeError(f"{fn}: router must be a Router (TwinRouter, PrototypeRouter), got "
+                            f"{type(router).__name__}")
         if list(router.tasks) != self._tasks:
             raise ValueError(f"{fn}: router.tasks must be the twin's tasks in order, "
                              f"{self._tasks}, got {list(router.tasks)}")

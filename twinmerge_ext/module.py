@@ -58,7 +58,7 @@ from twinmerge_ext._merge_pool import BufferSet, MergePool
 from twinmerge_ext.generation import generate as _generate
 from twinmerge_ext.checkpoint import TwinCheckpoint
 from twinmerge_ext.ops import dense_merge_, lowrank_merge_
-from twinmerge_ext.router import TwinRouter, pooled_features
+from twinmerge_ext.router import Router, pooled_features
 
 __all__ = ["TwinMergedModule"]
 
@@ -188,7 +188,7 @@ class TwinMergedModule(nn.Module):
             holds the shared expert, and `module.state_dict()` is θs. Its layers are patched in
             place (their class is swapped for a subclass; `unwrap()` restores them).
         twin: the TwinCheckpoint (its tensors are copied to the module's devices and dtypes).
-        router: the TwinRouter for calls without mix_weights (default: twin.router).
+        router: the router (any kind) for calls without mix_weights (default: twin.router).
         mode: "auto", "factored", "materialize" or "group" (module docstring).
         filter_fn: (layer, qualified name) -> bool, which layers mix; the others serve θs.
         n_groups: groups of mode="group" (the paper: 20); at least one per argmax bin.
@@ -233,7 +233,7 @@ class TwinMergedModule(nn.Module):
     computing with its mixed tensor), raised before anything changes.
     """
 
-    def __init__(self, module: nn.Module, twin: TwinCheckpoint, router: Optional[TwinRouter] = None,
+    def __init__(self, module: nn.Module, twin: TwinCheckpoint, router: Optional[Router] = None,
                  mode: str = "auto", filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
                  n_groups: int = 20, temperature: float = 1.0, top_k: Optional[int] = None,
                  router_features: Optional[Callable[[nn.Module, tuple, dict], Tensor]] = None,
@@ -250,9 +250,9 @@ class TwinMergedModule(nn.Module):
         if router is None:
             router = twin.router
         if router is not None:
-            if not isinstance(router, TwinRouter):
-                raise TypeError(f"{fn}: router must be a TwinRouter or None, got "
-                                f"{type(router).__name__}")
+            if not isinstance(router, Router):
+                raise TypeError(f"{fn}: router must be a Router (TwinRouter, PrototypeRouter) or "
+                                f"None, got {type(router).__name__}")
             if list(router.tasks) != twin.tasks:
                 raise ValueError(f"{fn}: router.tasks must be the twin's tasks in order, "
                                  f"{twin.tasks}, got {list(router.tasks)}")

@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from twinmerge_ext._finite import all_finite, nonfinite_rows
 
-__all__ = ["TwinRouter", "fit_router", "pool_hidden_states", "pooled_features"]
+__all__ = ["Router", "TwinRouter", "fit_router", "pool_hidden_states", "pooled_features",
+           "router_from_config"]
 
 _POOLINGS = ("mean", "max", "cls", "last")
 _CONFIG_KEYS = ("in_features", "tasks", "hidden", "dropout", "negative_slope", "layer", "pooling",
@@ -89,7 +90,111 @@ def _task_list(tasks, fn: str) -> List[str]:
     return tasks
 
 
-class TwinRouter(nn.Module):
+class Router(nn.Module):
+    """What every router kind offers, and all that TwinMergedModule and the twin file use.
+
+    A router maps pooled features of the shared expert (made as its `layer` and `pooling` say,
+    `pooled_features`) to one logit per task; `weights()` turns them into mixing weights. Kinds:
+    `TwinRouter` (the paper's MLP, kind "mlp") and `PrototypeRouter` (nearest task prototypes,
+    kind "prototype"). `config()` holds the constructor arguments (and "kind" but for the MLP,
+    whose files predate kinds); `router_from_config` rebuilds any kind from it.
+    """
+
+    kind = ""
+
+    def _init_common(self, in_features, tasks, layer, pooling, standardize, fn: str) -> None:
+        in_features = _int_arg(in_features, "in_features", fn, 1)
+        tasks = _task_list(tasks, fn)
+        if not tasks:
+            raise ValueError(f"{fn}: tasks must name at least one task, got []")
+        self.in_features = in_features
+        self.tasks = tasks
+        self.layer = _layer_arg(layer, fn)
+        self.pooling = _pooling_arg(pooling, fn)
+        self.standardize = _bool_arg(standardize, "standardize", fn)
+        if self.standardize:
+            self.register_buffer("feature_mean", torch.zeros(in_features))
+            self.register_buffer("feature_std", torch.ones(in_features))
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    def _common_config(self) -> Dict[str, Any]:
+        return {"in_features": self.in_features, "tasks": list(self.tasks),
+                "layer": list(self.layer) if isinstance(self.layer, tuple) else self.layer,
+                "pooling": list(self.pooling) if isinstance(self.pooling, tuple)
+                else self.pooling}
+
+    def _check_features(self, features: Tensor, fn: str) -> None:
+        if not isinstance(features, Tensor):
+            raise TypeError(f"{fn}: features must be a Tensor, got {type(features).__name__}")
+        if features.dim() != 2 or features.shape[1] != self.in_features:
+            raise ValueError(f"{fn}: features must have shape [B, {self.in_features}], "
+                             f"got {list(features.shape)}")
+        if not features.is_floating_point():
+            raise TypeError(f"{fn}: features must be floating point, got {features.dtype}")
+        _check_finite_rows(features, "features", fn)
+
+    def _standardized(self, features: Tensor, device) -> Tensor:
+        """The features on `device`, standardized (in float32 whatever the router's dtype: the
+        large-scale features are the reason to standardize, and their mean cancels badly in 16
+        bits) when the router standardizes."""
+        x = features.to(device=device)
+        if self.standardize:
+            x = (x.float() - self.feature_mean.float()) / self.feature_std.float()
+        return x
+
+    def set_standardization(self, features: Tensor) -> None:
+        """feature_mean/std from these (training) features: a feature constant there (std ≤
+        1e-6·max(|mean|, 1)) gets std 1, as scikit-learn's StandardScaler does, since dividing
+        by a std of rounding size would turn one ulp of difference at serving time into a unit
+        step."""
+        mean, std = features.mean(dim=0), features.std(dim=0, unbiased=False)
+        constant = std <= 1e-6 * mean.abs().clamp_min(1.0)
+        with torch.no_grad():
+            self.feature_mean.copy_(mean)
+            self.feature_std.copy_(torch.where(constant, torch.ones_like(std), std))
+
+    def _logits(self, features: Tensor, fn: str) -> Tensor:
+        raise NotImplementedError
+
+    def config(self) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    def forward(self, features: Tensor) -> Tensor:
+        """Semantics: logits[b, t] = router score of task t for input b.
+        Shape: features [B, d] -> logits [B, T].
+        """
+        return self._logits(features, f"{type(self).__name__}.forward")
+
+    def weights(self, features: Tensor, temperature: float = 1.0,
+                top_k: Optional[int] = None) -> Tensor:
+        """Mixing weights for the experts.
+
+        Semantics: w = softmax(logits / temperature); with top_k, w[b, t] = 0 outside the k
+        largest logits of row b and the rest renormalized to sum 1 (= softmax over those k).
+        Shape: features [B, d] -> w [B, T], rows sum to 1.
+        Errors: ValueError for temperature <= 0 or top_k outside [1, T].
+        """
+        fn = f"{type(self).__name__}.weights"
+        temperature = _real_arg(temperature, "temperature", fn)
+        if temperature <= 0:
+            raise ValueError(f"{fn}: temperature must be > 0, got {temperature!r}")
+        if top_k is not None:
+            top_k = _int_arg(top_k, "top_k", fn, 1)
+            if top_k > self.num_tasks:
+                raise ValueError(f"{fn}: top_k must be in [1, T={self.num_tasks}], got {top_k}")
+        logits = self._logits(features, fn) / temperature
+        if top_k is None or top_k == self.num_tasks:
+            return torch.softmax(logits, dim=-1)
+        # Renormalizing the softmax over the kept entries is exactly a softmax over their
+        # logits; computing it that way avoids dividing by a tiny sum of probabilities.
+        top, idx = logits.topk(top_k, dim=-1)
+        return torch.zeros_like(logits).scatter(-1, idx, torch.softmax(top, dim=-1))
+
+
+class TwinRouter(Router):
     """The router MLP of METHOD.md §1: pooled features -> one logit per task.
 
     Semantics: logits = L3(drop(act(bn2(L2(drop(act(bn1(L1(z))))))))), act = LeakyReLU,
@@ -123,30 +228,16 @@ class TwinRouter(nn.Module):
                  pooling: Union[str, Sequence[str]] = "mean", standardize: bool = False):
         super().__init__()
         fn = "TwinRouter"
-        in_features = _int_arg(in_features, "in_features", fn, 1)
-        tasks = _task_list(tasks, fn)
-        if not tasks:
-            raise ValueError(f"{fn}: tasks must name at least one task, got []")
+        self._init_common(in_features, tasks, layer, pooling, standardize, fn)
+        in_features = self.in_features
         hidden = 2 * in_features if hidden is None else _int_arg(hidden, "hidden", fn, 1)
         dropout = _real_arg(dropout, "dropout", fn)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"{fn}: dropout must be in [0, 1), got {dropout!r}")
         negative_slope = _real_arg(negative_slope, "negative_slope", fn)
-        layer = _layer_arg(layer, fn)
-        pooling = _pooling_arg(pooling, fn)
-        standardize = _bool_arg(standardize, "standardize", fn)
-
-        self.in_features = in_features
-        self.tasks = tasks
         self.hidden = hidden
         self.dropout = dropout
         self.negative_slope = negative_slope
-        self.layer = layer
-        self.pooling = pooling
-        self.standardize = standardize
-        if standardize:
-            self.register_buffer("feature_mean", torch.zeros(in_features))
-            self.register_buffer("feature_std", torch.ones(in_features))
         self.net = nn.Sequential(
             nn.Linear(in_features, hidden), nn.BatchNorm1d(hidden),
             nn.LeakyReLU(negative_slope), nn.Dropout(dropout),
@@ -155,68 +246,16 @@ class TwinRouter(nn.Module):
             nn.Linear(hidden, len(tasks)),
         )
 
-    @property
-    def num_tasks(self) -> int:
-        return len(self.tasks)
-
-    def _check_features(self, features: Tensor, fn: str) -> None:
-        if not isinstance(features, Tensor):
-            raise TypeError(f"{fn}: features must be a Tensor, got {type(features).__name__}")
-        if features.dim() != 2 or features.shape[1] != self.in_features:
-            raise ValueError(f"{fn}: features must have shape [B, {self.in_features}], "
-                             f"got {list(features.shape)}")
-        if not features.is_floating_point():
-            raise TypeError(f"{fn}: features must be floating point, got {features.dtype}")
-        _check_finite_rows(features, "features", fn)
-
-    def forward(self, features: Tensor) -> Tensor:
-        """Semantics: logits[b, t] = router score of task t for input b.
-        Shape: features [B, d] -> logits [B, T], in the router's dtype.
-        """
-        return self._logits(features, "TwinRouter.forward")
-
     def _logits(self, features: Tensor, fn: str) -> Tensor:
         self._check_features(features, fn)
         weight = self.net[0].weight
-        x = features.to(device=weight.device)
-        if self.standardize:
-            # In float32 whatever the router's dtype: the large-scale features are the reason to
-            # standardize, and their mean cancels badly in 16 bits.
-            x = (x.float() - self.feature_mean.float()) / self.feature_std.float()
-        return self.net(x.to(weight.dtype))
-
-    def weights(self, features: Tensor, temperature: float = 1.0,
-                top_k: Optional[int] = None) -> Tensor:
-        """Mixing weights for the experts.
-
-        Semantics: w = softmax(logits / temperature); with top_k, w[b, t] = 0 outside the k
-        largest logits of row b and the rest renormalized to sum 1 (= softmax over those k).
-        Shape: features [B, d] -> w [B, T], rows sum to 1.
-        Errors: ValueError for temperature <= 0 or top_k outside [1, T].
-        """
-        fn = "TwinRouter.weights"
-        temperature = _real_arg(temperature, "temperature", fn)
-        if temperature <= 0:
-            raise ValueError(f"{fn}: temperature must be > 0, got {temperature!r}")
-        if top_k is not None:
-            top_k = _int_arg(top_k, "top_k", fn, 1)
-            if top_k > self.num_tasks:
-                raise ValueError(f"{fn}: top_k must be in [1, T={self.num_tasks}], got {top_k}")
-        logits = self._logits(features, fn) / temperature
-        if top_k is None or top_k == self.num_tasks:
-            return torch.softmax(logits, dim=-1)
-        # Renormalizing the softmax over the kept entries is exactly a softmax over their
-        # logits; computing it that way avoids dividing by a tiny sum of probabilities.
-        top, idx = logits.topk(top_k, dim=-1)
-        return torch.zeros_like(logits).scatter(-1, idx, torch.softmax(top, dim=-1))
+        return self.net(self._standardized(features, weight.device).to(weight.dtype))
 
     def config(self) -> Dict[str, Any]:
         """The constructor arguments as a JSON-serializable dict (for checkpoints; "standardize"
         only when True)."""
-        return {"in_features": self.in_features, "tasks": list(self.tasks), "hidden": self.hidden,
-                "dropout": self.dropout, "negative_slope": self.negative_slope,
-                "layer": list(self.layer) if isinstance(self.layer, tuple) else self.layer,
-                "pooling": list(self.pooling) if isinstance(self.pooling, tuple) else self.pooling,
+        return {**self._common_config(), "hidden": self.hidden, "dropout": self.dropout,
+                "negative_slope": self.negative_slope,
                 # Written only when set, so readers that predate it still load other routers.
                 **({"standardize": True} if self.standardize else {})}
 
@@ -398,6 +437,51 @@ def _task_features(extract: Callable[[Any], Tensor], batches: Iterable[Any], tas
     return torch.cat([c.to(chunks[0].device) for c in chunks])[:limit]
 
 
+def _router_data(features_fn_or_model, data, tasks: List[str], layer, pooling,
+                 max_items_per_task: int, val_fraction: float, seed: int, device, fn: str):
+    """(x_train, y_train, x_val, y_val, items per task, generator) of fit_router: features
+    computed once, every task subsampled (seeded) to the same count and split (seeded,
+    stratified) into validation and training items, all float32 on `device` (None: the
+    features'); the generator that drew the splits, to draw on."""
+
+    def extract(batch):
+        if (isinstance(features_fn_or_model, nn.Module) and isinstance(batch, Mapping)
+                and "input_ids" in batch and "attention_mask" in batch):
+            return pooled_features(features_fn_or_model, batch["input_ids"],
+                                   batch["attention_mask"], layer=layer, pooling=pooling)
+        with torch.no_grad():
+            return features_fn_or_model(batch)
+
+    feats = {t: _task_features(extract, data[t], t, max_items_per_task, fn) for t in tasks}
+    for t in tasks:
+        n = feats[t].shape[0]
+        n_val = round(n * val_fraction)
+        if n_val < 1 or n - n_val < 1:
+            raise ValueError(f"{fn}: task {t!r} has {n} items, too few for non-empty train and "
+                             f"validation splits at val_fraction={val_fraction} "
+                             f"(round({n}·{val_fraction}) = {n_val} validation items)")
+    widths = {t: feats[t].shape[1] for t in tasks}
+    if len(set(widths.values())) != 1:
+        raise ValueError(f"{fn}: all tasks must give features of one width, got {widths}")
+    device = torch.device(device) if device is not None else feats[tasks[0]].device
+
+    g = torch.Generator().manual_seed(seed)
+    n_per_task = min(f.shape[0] for f in feats.values())
+    n_val = round(n_per_task * val_fraction)
+    x_tr, y_tr, x_va, y_va = [], [], [], []
+    for i, t in enumerate(tasks):
+        f = feats[t].to(device=device, dtype=torch.float32)
+        perm = torch.randperm(f.shape[0], generator=g)[:n_per_task].to(device)
+        x_va.append(f[perm[:n_val]])
+        x_tr.append(f[perm[n_val:]])
+        y_va.append(torch.full((n_val,), i, dtype=torch.long, device=device))
+        y_tr.append(torch.full((n_per_task - n_val,), i, dtype=torch.long, device=device))
+    return (*(torch.cat(v) for v in (x_tr, y_tr, x_va, y_va)), n_per_task, g)
+
+
+ROUTER_KINDS = ("mlp", "prototype")
+
+
 def fit_router(features_fn_or_model: Union[nn.Module, Callable[[Any], Tensor]],
                data: Mapping[str, Iterable[Any]], epochs: int = 10, lr: float = 5e-4,
                weight_decay: float = 0.01, batch_size: int = 64, val_fraction: float = 0.2,
@@ -405,11 +489,16 @@ def fit_router(features_fn_or_model: Union[nn.Module, Callable[[Any], Tensor]],
                max_items_per_task: int = 1000, device: Optional[Union[str, torch.device]] = None,
                progress: bool = False, layer: Union[int, Sequence[int]] = -1,
                pooling: Union[str, Sequence[str]] = "mean",
-               standardize: bool = False) -> Tuple[TwinRouter, Dict[str, Any]]:
-    """Trains a `TwinRouter` to predict each input's task; selects the epoch on held-out data.
+               standardize: bool = False, kind: str = "mlp",
+               prototypes: int = 1) -> Tuple[Router, Dict[str, Any]]:
+    """Fits a router of `kind` to predict each input's task, chosen on held-out data.
 
-    Semantics: minimize CE(router(f(x)), task(x)) with AdamW over the train split; return the
-    state after the epoch of highest validation accuracy (ties -> the earliest epoch).
+    Semantics, kind "mlp" (a `TwinRouter`, the paper's): minimize CE(router(f(x)), task(x))
+    with AdamW over the train split; return the state after the epoch of highest validation
+    accuracy (ties -> the earliest epoch). Kind "prototype" (a `PrototypeRouter`): each task's
+    `prototypes` centres of its (standardized) training features (their mean for 1, KMeans
+    centres for more), the logit scale that minimizes the validation cross-entropy; no
+    training epochs (epochs, lr, weight_decay, batch_size, hidden, dropout unused).
     Shape: features f(x) [b, d] per batch; the router maps [B, d] -> [B, T], T = len(data).
 
     Features: if `features_fn_or_model` is an nn.Module and a batch is a mapping with
@@ -428,10 +517,10 @@ def fit_router(features_fn_or_model: Union[nn.Module, Callable[[Any], Tensor]],
     and standard deviation (a feature constant there, std ≤ 1e-6·max(|mean|, 1), gets std 1),
     kept in the router (`TwinRouter(standardize=True)`).
 
-    Returns (router in eval mode, report) with report = {"tasks", "best_epoch" (0-based index
-    into the per-epoch lists), "val_accuracy" (at best_epoch), "val_accuracy_per_task",
-    "train_loss" (mean per epoch), "val_accuracy_per_epoch", "n_train", "n_val",
-    "n_items_per_task"}.
+    Returns (router in eval mode, report) with report = {"tasks", "kind", "val_accuracy",
+    "val_accuracy_per_task", "n_train", "n_val", "n_items_per_task"} and for "mlp"
+    "best_epoch" (0-based index into the per-epoch lists), "train_loss" (mean per epoch),
+    "val_accuracy_per_epoch"; for "prototype" "scale", "val_loss".
     Errors: ValueError for fewer than 2 tasks, a task too small for non-empty train and
     validation splits (named), or bad hyper-parameters (named, with the value); TypeError for
     wrongly typed arguments.
@@ -468,41 +557,19 @@ def fit_router(features_fn_or_model: Union[nn.Module, Callable[[Any], Tensor]],
         raise TypeError(f"{fn}: features_fn_or_model must be an nn.Module or a callable, "
                         f"got {type(features_fn_or_model).__name__}")
 
-    def extract(batch):
-        if (isinstance(features_fn_or_model, nn.Module) and isinstance(batch, Mapping)
-                and "input_ids" in batch and "attention_mask" in batch):
-            return pooled_features(features_fn_or_model, batch["input_ids"],
-                                   batch["attention_mask"], layer=layer, pooling=pooling)
-        with torch.no_grad():
-            return features_fn_or_model(batch)
-
-    feats = {t: _task_features(extract, data[t], t, max_items_per_task, fn) for t in tasks}
-    for t in tasks:
-        n = feats[t].shape[0]
-        n_val = round(n * val_fraction)
-        if n_val < 1 or n - n_val < 1:
-            raise ValueError(f"{fn}: task {t!r} has {n} items, too few for non-empty train and "
-                             f"validation splits at val_fraction={val_fraction} "
-                             f"(round({n}·{val_fraction}) = {n_val} validation items)")
-    widths = {t: feats[t].shape[1] for t in tasks}
-    if len(set(widths.values())) != 1:
-        raise ValueError(f"{fn}: all tasks must give features of one width, got {widths}")
-    d = widths[tasks[0]]
-    device = torch.device(device) if device is not None else feats[tasks[0]].device
-
-    g = torch.Generator().manual_seed(seed)
-    n_per_task = min(f.shape[0] for f in feats.values())
-    n_val = round(n_per_task * val_fraction)
-    x_tr, y_tr, x_va, y_va = [], [], [], []
-    for i, t in enumerate(tasks):
-        f = feats[t].to(device=device, dtype=torch.float32)
-        perm = torch.randperm(f.shape[0], generator=g)[:n_per_task].to(device)
-        x_va.append(f[perm[:n_val]])
-        x_tr.append(f[perm[n_val:]])
-        y_va.append(torch.full((n_val,), i, dtype=torch.long, device=device))
-        y_tr.append(torch.full((n_per_task - n_val,), i, dtype=torch.long, device=device))
-    x_tr, y_tr, x_va, y_va = (torch.cat(v) for v in (x_tr, y_tr, x_va, y_va))
-    n_train = x_tr.shape[0]
+    if kind not in ROUTER_KINDS:
+        raise ValueError(f"{fn}: kind must be one of {list(ROUTER_KINDS)}, got {kind!r}")
+    prototypes = _int_arg(prototypes, "prototypes", fn, 1)
+    x_tr, y_tr, x_va, y_va, n_per_task, g = _router_data(
+        features_fn_or_model, data, tasks, layer, pooling, max_items_per_task, val_fraction,
+        seed, device, fn)
+    if kind == "prototype":
+        from twinmerge_ext.prototype_router import _fit_prototypes
+        router, report = _fit_prototypes(x_tr, y_tr, x_va, y_va, tasks, layer, pooling,
+                                         standardize, prototypes, seed)
+        report.update(n_train=x_tr.shape[0], n_val=x_va.shape[0], n_items_per_task=n_per_task)
+        return router, report
+    d, device, n_train = x_tr.shape[1], x_tr.device, x_tr.shape[0]
 
     fork_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else []
@@ -518,13 +585,7 @@ def fit_router(features_fn_or_model: Union[nn.Module, Callable[[Any], Tensor]],
         router = TwinRouter(d, tasks, hidden=hidden, dropout=dropout, layer=layer,
                             pooling=pooling, standardize=standardize).to(device)
         if standardize:
-            mean, std = x_tr.mean(dim=0), x_tr.std(dim=0, unbiased=False)
-            # A feature constant on the training split has a std of rounding size (7e-9 for
-            # 0.1), not 0: dividing by it would turn one ulp of difference at serving time into
-            # a unit step. Such features get std 1 (as scikit-learn's StandardScaler does).
-            constant = std <= 1e-6 * mean.abs().clamp_min(1.0)
-            router.feature_mean.copy_(mean)
-            router.feature_std.copy_(torch.where(constant, torch.ones_like(std), std))
+            router.set_standardization(x_tr)
         opt = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=weight_decay)
         epoch_iter = range(epochs)
         if progress:
@@ -567,6 +628,7 @@ def fit_router(features_fn_or_model: Union[nn.Module, Callable[[Any], Tensor]],
     router.eval()
     report = {
         "tasks": list(tasks),
+        "kind": "mlp",
         "best_epoch": best_epoch,
         "val_accuracy": val_acc_per_epoch[best_epoch],
         "val_accuracy_per_task": best_per_task,
@@ -577,3 +639,20 @@ def fit_router(features_fn_or_model: Union[nn.Module, Callable[[Any], Tensor]],
         "n_items_per_task": n_per_task,
     }
     return router, report
+
+
+def router_from_config(cfg: Mapping[str, Any],
+                       state_dict: Optional[Mapping[str, Tensor]] = None) -> Router:
+    """Any kind of router from its `config()` (its "kind", absent for the MLP) and optionally
+    its state dict, in eval mode. Errors: ValueError for an unknown kind or a bad config."""
+    fn = "router_from_config"
+    if not isinstance(cfg, Mapping):
+        raise TypeError(f"{fn}: cfg must be a mapping, got {type(cfg).__name__}")
+    kind = cfg.get("kind", "mlp")
+    if kind == "prototype":
+        from twinmerge_ext.prototype_router import PrototypeRouter
+        return PrototypeRouter.from_config(cfg, state_dict)
+    if kind != "mlp":
+        raise ValueError(f"{fn}: cfg['kind'] must be one of {list(ROUTER_KINDS)} (absent: "
+                         f"'mlp'), got {kind!r}")
+    return TwinRouter.from_config({k: v for k, v in cfg.items() if k != "kind"}, state_dict)
