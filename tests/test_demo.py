@@ -48,7 +48,14 @@ def test_quick_demo_runs_and_reports_and_a_rerun_reuses_every_result(tmp_path):
     assert res["timing"]["authors_style_nonzero_seconds_per_1000"] > 0
     # The quick run's router candidate: pooled mean and first token, standardized.
     assert res["router"]["pooling"] == ["mean", "cls"] and res["router"]["standardize"] is True
-    assert [c["features"] for c in res["router"]["candidates"]] == ["-1:mean+cls standardized"]
+    assert [c["features"] for c in res["router"]["candidates"]] == [
+        "-1:mean+cls standardized", "-1:mean+cls standardized prototype×1"]
+    assert all(0 <= c["test_accuracy"] <= 1 for c in res["router"]["candidates"])
+    confusion = res["router"]["test_confusion"]
+    assert len(confusion) == 2 and sum(map(sum, confusion)) == 2 * 64  # every test item
+    assert [row[t] / sum(row) for t, row in enumerate(confusion)] == pytest.approx(
+        [res["router"]["test_accuracy_per_task"][t] for t in tasks])
+    assert "Test routing (rows: true task" in md
     assert res["evaluation_cache"]["reused"] == 0 and res["evaluation_cache"]["computed"] > 0
     # Hyper-parameters were chosen (on validation splits) from the quick grids.
     assert res["methods"]["task_arithmetic"]["hyperparameters"]["scale"] in (0.3, 1.0)
@@ -85,3 +92,20 @@ def test_the_standard_recipe_warms_up_decays_and_keys_its_experts_apart():
     with pytest.raises(ValueError, match=r"fine_tune: cfg.recipe must be one of \['standard', "
                                          r"'constant'\], got 'cosine'"):
         demo.fine_tune("t", Train, 2, demo.Config(recipe="cosine"), "/nonexistent", print)
+
+
+def test_fine_tune_runs_the_standard_recipe_and_caches_its_expert(tmp_path):
+    from twinmerge_ext.demo import run as demo
+
+    g = torch.Generator().manual_seed(0)
+    train = demo.Encoded(torch.randint(1000, 2000, (4, 8), generator=g),
+                         torch.ones(4, 8, dtype=torch.long), torch.tensor([0, 1, 0, 1]))
+    cfg = demo.Config(steps=3, batch=2)
+    seconds = {}
+    sd = demo.fine_tune("t", train, 2, cfg, str(tmp_path), lambda _: None, seconds)
+    base = demo._new_model(2, cfg.seed).state_dict()
+    name = "bert.encoder.layer.0.attention.self.query.weight"
+    assert seconds["t"] > 0 and not torch.equal(sd[name], base[name])
+    assert all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point())
+    again = demo.fine_tune("t", train, 2, cfg, str(tmp_path), lambda _: None, seconds)
+    assert seconds["t"] is None and torch.equal(again[name], sd[name])  # from the cache
