@@ -2,6 +2,7 @@
 
 from twinmerge_ext import merging
 from twinmerge_ext.checkpoint import LowRankDelta, TwinCheckpoint
+from twinmerge_ext.energy import energy_layers, subspace_energies
 from twinmerge_ext.lora import LoraExpert
 from twinmerge_ext.prototype_router import PrototypeRouter
 from twinmerge_ext.router import Router, TwinRouter, fit_router, pooled_features, router_from_config
@@ -26,8 +27,10 @@ __all__ = [
     "TwinCheckpoint",
     "TwinMergedModule",
     "TwinRouter",
+    "energy_layers",
     "fit_router",
     "router_from_config",
+    "subspace_energies",
     "pooled_features",
     "merging",
     "dense_merge_",

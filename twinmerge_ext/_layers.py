@@ -31,7 +31,7 @@ import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
-from twinmerge_ext.ops import _per_column, lowrank_mix_linear
+from twinmerge_ext.ops import _per_column, _per_expert, lowrank_mix_linear
 
 # {module: {attribute: tensor}}: what a call serves instead of a module's own tensors.
 Overrides = Dict[nn.Module, Dict[str, Tensor]]
@@ -54,6 +54,7 @@ class _Routing(threading.local):
         self.reentry = False        # inside a fallback row or a head: patched layers run plain
         self.current: Optional[nn.Module] = None    # the layer whose _twin_forward runs
         self.rows: Optional["_Rows"] = None         # a generate() call: rows expand in the model
+        self.energy: Optional["_EnergyProbe"] = None  # a subspace_energies() pass of θs
 
     def __reduce__(self):  # a copied wrapper gets fresh state (thread-locals cannot be copied)
         return (_Routing, (self.T,))
@@ -95,6 +96,34 @@ class _Rows:
                                         for t in self.base)
         ctx.row_weights, ctx.head_tasks = fit
         self.n = n
+
+
+class _EnergyProbe:
+    """What a `subspace_energies` pass of θs collects: for each low-rank Linear (or Conv1D) it
+    passes through, each task's energy ‖S_t ⊙ V_tᵀ x‖² (the squared norm of what the task's
+    exclusive knowledge would add to the layer's output: U_t has orthonormal columns), pooled
+    over the real tokens of each row."""
+
+    def __init__(self, mask: Optional[Tensor], names: Optional[frozenset]):
+        self.mask = mask        # [B, L] bool, or None: every position counts
+        self.names = names      # the layers to read, None: all
+        self.out: Dict[str, Tensor] = {}    # layer name -> [B, T] float32
+
+    def record(self, layer: "_TwinLinear", x: Tensor) -> None:
+        if "weight" not in layer._twin_lowrank or (
+                self.names is not None and layer._twin_name not in self.names):
+            return
+        _, _, S, V = layer._twin_as_linear()
+        h = (x.float() @ V.float()) * S.float()                           # [B, ..., K]
+        e = _per_expert(h * h, layer._twin_ranks["weight"])               # [B, ..., T]
+        e = e.reshape(e.shape[0], -1, e.shape[-1])                         # [B, L, T]
+        m = self.mask
+        if m is not None and m.shape == e.shape[:2]:
+            m = m.to(e.device, e.dtype).unsqueeze(-1)
+            pooled = (e * m).sum(1) / m.sum(1).clamp_min(1.0)
+        else:
+            pooled = e.mean(1)
+        self.out[layer._twin_name] = pooled
 
 
 def _own(module: nn.Module, name: str):
@@ -198,6 +227,8 @@ class _TwinLayer(_TwinParams):
         ctx: _Routing = self._twin_ctx
         if ctx.rows is not None and not ctx.reentry and not isinstance(self, _TwinBatchless):
             ctx.rows.fit(ctx, self, args, kwargs)
+        if ctx.energy is not None and isinstance(self, _TwinLinear) and args:
+            ctx.energy.record(self, args[0])
         # A head picks each row's task even inside a fallback layer's rows (reentry).
         if self._twin_is_head:
             if ctx.head_tasks is None:
