@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from twinmerge_ext import TwinCheckpoint, TwinMergedModule
-from twinmerge_ext.energy import energy_layers, subspace_energies
+from twinmerge_ext import TwinCheckpoint, TwinMergedModule, router_from_config
+from twinmerge_ext.energy import (EnergyRouter, energy_layers, fit_energy_router,
+                                  subspace_energies)
 
 D, T = 8, 3
 
@@ -135,3 +136,73 @@ def test_gpt2_conv1d_energies_match_the_deltas_on_the_layers_inputs():
                         for t in range(T)], -1)                 # Conv1D: y = x W, W [in, out]
     m = mask.unsqueeze(-1).float()
     torch.testing.assert_close(f, (want * m).sum(1) / m.sum(1), rtol=1e-4, atol=1e-6)
+
+
+def _task_batches(seed=0, n=4):
+    """Task t: sequences of token t with some tokens 5..7 (in no expert's subspace) mixed in."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for t in range(T):
+        batches = []
+        for _ in range(n):
+            ids = torch.where(torch.rand(4, 6, generator=g) < 0.3,
+                              torch.randint(5, 8, (4, 6), generator=g), torch.full((4, 6), t))
+            batches.append({"input_ids": ids, "attention_mask": torch.ones(4, 6,
+                                                                            dtype=torch.long)})
+        out[f"task{t}"] = batches
+    return out
+
+
+def test_the_energy_router_routes_without_training_and_travels_with_the_twin(tmp_path):
+    served, twin = _served()
+    data = _task_batches()
+    router, report = fit_energy_router(served, data)
+    assert isinstance(router, EnergyRouter) and router.energy_layers == ["lin"]
+    assert report["val_accuracy_uncalibrated"] == 1.0 and not report["calibrated"]
+    assert float(router.scale) == 1.0 and router.bias.abs().sum() == 0
+    path = tmp_path / "twin.safetensors"
+    twin.with_router(router, info=report).save(path)
+    loaded = TwinCheckpoint.load(path)
+    assert isinstance(loaded.router, EnergyRouter) and loaded.router.energy_layers == ["lin"]
+    wrapped = TwinMergedModule(Tiny(), loaded, mode="factored").eval()
+    ids = torch.tensor([[2, 2, 6], [0, 7, 0], [1, 1, 1]])
+    w = wrapped.route(input_ids=ids, attention_mask=torch.ones_like(ids))
+    assert w.argmax(-1).tolist() == [2, 0, 1]
+    with torch.no_grad():  # a call without weights routes by energies, then mixes
+        out = wrapped(ids, attention_mask=torch.ones_like(ids))
+    assert wrapped.last_call["weights"].argmax(-1).tolist() == [2, 0, 1]
+    assert out.shape == (3, 3, D)
+
+
+def test_calibration_is_kept_only_when_it_helps_on_validation():
+    served, _ = _served()
+    router = EnergyRouter(served.tasks, ["lin"])
+    f, _ = subspace_energies(served, {"input_ids": torch.tensor([[0, 0], [1, 1]])})
+    torch.testing.assert_close(router(f), f)  # one layer: the logits are the energies
+    # Tokens 5..7 only: no expert's subspace is excited, so only the biases can tell the tasks
+    # apart (they cannot), and calibration must not claim a gain it does not have.
+    g = torch.Generator().manual_seed(1)
+    data = {f"task{t}": [{"input_ids": torch.randint(5, 8, (4, 6), generator=g)}
+                         for _ in range(4)] for t in range(T)}
+    router, report = fit_energy_router(served, data)
+    assert report["val_accuracy"] <= 0.5
+    assert report["calibrated"] == (report["val_accuracy_calibrated"] >
+                                    report["val_accuracy_uncalibrated"])
+
+
+def test_bad_energy_routers_are_refused():
+    served, _ = _served()
+    with pytest.raises(ValueError, match=r"EnergyRouter: energy_layers must be a non-empty list "
+                                         r"of layer names, got 'lin'"):
+        EnergyRouter(served.tasks, "lin")
+    with pytest.raises(ValueError, match=r"EnergyRouter.from_config: cfg must have exactly the "
+                                         r"keys \['kind', 'tasks', 'energy_layers'\]"):
+        router_from_config({"kind": "energy", "tasks": ["a"]})
+    with pytest.raises(ValueError, match=r"fit_energy_router: data must hold the twin's tasks "
+                                         r"in order"):
+        fit_energy_router(served, {"x": [], "y": []})
+    with pytest.raises(ValueError, match=r"EnergyRouter.forward: features must have shape "
+                                         r"\[B, 3\], got \[2, 4\]"):
+        EnergyRouter(served.tasks, ["lin"])(torch.ones(2, 4))
+    router = EnergyRouter(served.tasks, ["lin"])
+    assert isinstance(router_from_config(router.config(), router.state_dict()), EnergyRouter)

@@ -2,7 +2,7 @@
 
 from twinmerge_ext import merging
 from twinmerge_ext.checkpoint import LowRankDelta, TwinCheckpoint
-from twinmerge_ext.energy import energy_layers, subspace_energies
+from twinmerge_ext.energy import EnergyRouter, energy_layers, fit_energy_router, subspace_energies
 from twinmerge_ext.lora import LoraExpert
 from twinmerge_ext.prototype_router import PrototypeRouter
 from twinmerge_ext.router import Router, TwinRouter, fit_router, pooled_features, router_from_config
@@ -19,6 +19,7 @@ from twinmerge_ext.ops import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "EnergyRouter",
     "LoraExpert",
     "LowRankDelta",
     "PrototypeRouter",
@@ -28,6 +29,7 @@ __all__ = [
     "TwinMergedModule",
     "TwinRouter",
     "energy_layers",
+    "fit_energy_router",
     "fit_router",
     "router_from_config",
     "subspace_energies",

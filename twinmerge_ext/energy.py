@@ -8,15 +8,17 @@ Linear anyway, so these energies are nearly free to collect; routing by them (MA
 no router training data. `subspace_energies` gives them as features, one per (layer, task).
 """
 
-from typing import List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from twinmerge_ext._layers import _EnergyProbe, _TwinLinear
 from twinmerge_ext.ops import _per_expert
+from twinmerge_ext.router import Router, _int_arg, _real_arg, _router_data, _task_list
 
-__all__ = ["energy_layers", "subspace_energies"]
+__all__ = ["EnergyRouter", "energy_layers", "fit_energy_router", "subspace_energies"]
 
 
 def energy_layers(served) -> List[str]:
@@ -96,3 +98,142 @@ def subspace_energies(served, inputs: Mapping[str, Tensor], mask: Optional[Tenso
             e = torch.log(e / norm.clamp_min(1e-30) + 1e-12)
         cols.append(e)
     return torch.cat(cols, -1), names
+
+
+class EnergyRouter(Router):
+    """Routing by subspace energies, from the twin's own factors (module docstring).
+
+    Semantics: logits[b, t] = scale · mean_ℓ f[b, ℓ, t] + bias[t], with f the normalized
+    subspace energies (`subspace_energies`) at the router's `energy_layers`: the task whose
+    subspaces the input excites most, on average over the layers. Uncalibrated (scale 1, bias 0)
+    it needs no training data; `fit_energy_router` calibrates scale and bias (T + 1 numbers) on
+    labelled items.
+    Shape: features [B, n·T] (n layers, as subspace_energies orders them) -> logits [B, T].
+    Its features come from a plain pass of θs through the wrapper that serves it
+    (`features(served, input_ids, attention_mask)`), as the MLP's do.
+    """
+
+    kind = "energy"
+
+    def __init__(self, tasks: Sequence[str], energy_layers: Sequence[str]):
+        super().__init__()
+        fn = "EnergyRouter"
+        if isinstance(energy_layers, str) or not all(isinstance(n, str) for n in energy_layers) \
+                or not list(energy_layers):
+            raise ValueError(f"{fn}: energy_layers must be a non-empty list of layer names, got "
+                             f"{energy_layers!r}")
+        self.energy_layers = list(energy_layers)
+        tasks = list(tasks)
+        self._init_common(len(self.energy_layers) * max(1, len(tasks)), tasks, -1, "mean",
+                          False, fn)
+        self.register_buffer("scale", torch.tensor(1.0))
+        self.register_buffer("bias", torch.zeros(len(self.tasks)))
+
+    def _logits(self, features: Tensor, fn: str) -> Tensor:
+        self._check_features(features, fn)
+        f = features.to(self.scale.device).float()
+        f = f.reshape(f.shape[0], len(self.energy_layers), self.num_tasks).mean(1)
+        return self.scale * f + self.bias
+
+    def features(self, served, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return subspace_energies(served, {"input_ids": input_ids,
+                                          "attention_mask": attention_mask},
+                                 layers=self.energy_layers)[0]
+
+    def config(self) -> Dict[str, Any]:
+        return {"kind": self.kind, "tasks": list(self.tasks),
+                "energy_layers": list(self.energy_layers)}
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any],
+                    state_dict: Optional[Mapping[str, Tensor]] = None) -> "EnergyRouter":
+        fn = "EnergyRouter.from_config"
+        if cfg.get("kind") != cls.kind or set(cfg) != {"kind", "tasks", "energy_layers"}:
+            raise ValueError(f"{fn}: cfg must have exactly the keys ['kind', 'tasks', "
+                             f"'energy_layers'] with kind 'energy', got {sorted(cfg)} "
+                             f"(kind {cfg.get('kind')!r})")
+        router = cls(cfg["tasks"], cfg["energy_layers"])
+        if state_dict is not None:
+            router.load_state_dict(state_dict, strict=True)
+        return router.eval()
+
+
+def fit_energy_router(served, data: Mapping[str, Iterable[Any]],
+                      layers: Optional[Sequence[str]] = None, max_items_per_task: int = 1000,
+                      val_fraction: float = 0.2, seed: int = 0,
+                      steps: int = 100) -> Tuple[EnergyRouter, Dict[str, Any]]:
+    """An EnergyRouter for `served`'s twin, calibrated on labelled items if that helps.
+
+    Semantics: features = subspace_energies at `layers` (default: every low-rank Linear); the
+    uncalibrated router (scale 1, bias 0) and the calibrated one (scale and bias minimizing the
+    cross-entropy on the training split, L-BFGS, `steps` iterations) are scored on the validation
+    split; the better (ties: uncalibrated) is returned. Data: task name -> iterable of batches
+    {"input_ids", "attention_mask"}, split as fit_router does (balanced, seeded, stratified).
+    Returns (router in eval mode, report {"tasks", "kind", "calibrated", "val_accuracy",
+    "val_accuracy_uncalibrated", "val_accuracy_calibrated", "val_accuracy_per_task", "scale",
+    "bias", "n_train", "n_val", "n_items_per_task"}).
+    Errors: as fit_router's, and subspace_energies' for the layers.
+    """
+    fn = "fit_energy_router"
+    if not isinstance(data, Mapping):
+        raise TypeError(f"{fn}: data must be a mapping task name -> iterable of batches, got "
+                        f"{type(data).__name__}")
+    tasks = _task_list(data.keys(), fn)
+    if tasks != list(served.tasks):
+        raise ValueError(f"{fn}: data must hold the twin's tasks in order, {served.tasks}, got "
+                         f"{tasks}")
+    names = energy_layers(served) if layers is None else list(layers)
+    router = EnergyRouter(tasks, names).to(next(served.module.parameters()).device)
+
+    def extract(batch):
+        if not isinstance(batch, Mapping) or "input_ids" not in batch:
+            raise ValueError(f"{fn}: a batch must be a mapping with input_ids (and "
+                             f"attention_mask), got {type(batch).__name__}")
+        mask = batch.get("attention_mask")
+        if mask is None:
+            mask = torch.ones_like(batch["input_ids"])
+        return router.features(served, batch["input_ids"], mask)
+
+    x_tr, y_tr, x_va, y_va, n_per_task, _ = _router_data(
+        extract, data, tasks, -1, "mean", _int_arg(max_items_per_task, "max_items_per_task", fn,
+                                                    2),
+        _real_arg(val_fraction, "val_fraction", fn), _int_arg(seed, "seed", fn, 0), None, fn)
+    router = router.to(x_tr.device)
+
+    def accuracy():
+        with torch.no_grad():
+            correct = router(x_va).argmax(-1) == y_va
+        return correct.float().mean().item(), correct
+
+    plain_acc, plain_correct = accuracy()
+    scale = torch.zeros((), device=x_tr.device, requires_grad=True)   # log scale
+    bias = torch.zeros(len(tasks), device=x_tr.device, requires_grad=True)
+    mean_f = x_tr.reshape(x_tr.shape[0], len(names), len(tasks)).mean(1)
+    opt = torch.optim.LBFGS([scale, bias], max_iter=_int_arg(steps, "steps", fn, 1),
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(scale.exp() * mean_f + bias, y_tr)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        router.scale.copy_(scale.exp())
+        router.bias.copy_(bias)
+    cal_acc, cal_correct = accuracy()
+    calibrated = cal_acc > plain_acc
+    if not calibrated:
+        with torch.no_grad():
+            router.scale.fill_(1.0)
+            router.bias.zero_()
+    correct = cal_correct if calibrated else plain_correct
+    report = {"tasks": tasks, "kind": "energy", "calibrated": calibrated,
+              "val_accuracy": max(cal_acc, plain_acc), "val_accuracy_uncalibrated": plain_acc,
+              "val_accuracy_calibrated": cal_acc,
+              "val_accuracy_per_task": {t: correct[y_va == i].float().mean().item()
+                                        for i, t in enumerate(tasks)},
+              "scale": float(router.scale), "bias": router.bias.tolist(),
+              "n_train": x_tr.shape[0], "n_val": x_va.shape[0], "n_items_per_task": n_per_task}
+    return router.eval(), report

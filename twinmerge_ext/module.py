@@ -58,7 +58,7 @@ from twinmerge_ext._merge_pool import BufferSet, MergePool
 from twinmerge_ext.generation import generate as _generate
 from twinmerge_ext.checkpoint import TwinCheckpoint
 from twinmerge_ext.ops import dense_merge_, lowrank_merge_
-from twinmerge_ext.router import Router, pooled_features
+from twinmerge_ext.router import Router
 
 __all__ = ["TwinMergedModule"]
 
@@ -194,8 +194,9 @@ class TwinMergedModule(nn.Module):
         n_groups: groups of mode="group" (the paper: 20); at least one per argmax bin.
         temperature, top_k: of router.weights.
         router_features: (module, args, kwargs) -> [B, d] features for the router; default:
-            `pooled_features` of the module (θs) with the router's layer and pooling, from the
-            input_ids and attention_mask keyword arguments.
+            the router's own (`router.features`: `pooled_features` of the module (θs) with the
+            router's layer and pooling, or an EnergyRouter's subspace energies), from the
+            input_ids and attention_mask arguments.
         head_pad_value: fills the last dimension of a narrower task head's output.
         seed: of KMeans in mode="group".
         buffer_sets: how many materialize/group calls may merge at once (threads); each set is
@@ -553,8 +554,9 @@ class TwinMergedModule(nn.Module):
     def route(self, *args, **kwargs) -> Tensor:
         """The router's mixing weights for a batch: softmax(router(features)/temperature) [B, T].
 
-        Features come from a forward pass of θs (`router_features`, default pooled_features on
-        input_ids/attention_mask). This is the first of the paper's two passes; call it yourself
+        Features come from a forward pass of θs (`router_features`, default the router's own:
+        pooled hidden states, or subspace energies for an EnergyRouter, from input_ids and
+        attention_mask). This is the first of the paper's two passes; call it yourself
         to time it separately, then pass the result as mix_weights.
         """
         fn = "TwinMergedModule.route"
@@ -573,8 +575,7 @@ class TwinMergedModule(nn.Module):
                 mask = kwargs.get("attention_mask")
                 if mask is None:
                     mask = torch.ones_like(ids)
-                feats = pooled_features(self.module, ids, mask, layer=self.router.layer,
-                                        pooling=self.router.pooling)
+                feats = self.router.features(self, ids, mask)
             with torch.no_grad():
                 return self.router.weights(feats, self.temperature, self.top_k)
 

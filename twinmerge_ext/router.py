@@ -162,6 +162,12 @@ class Router(nn.Module):
     def config(self) -> Dict[str, Any]:
         raise NotImplementedError
 
+    def features(self, served: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """This router's input for a batch served by `served` (a TwinMergedModule): the shared
+        expert's hidden states pooled as `layer` and `pooling` say."""
+        return pooled_features(served.module, input_ids, attention_mask, layer=self.layer,
+                               pooling=self.pooling)
+
     def forward(self, features: Tensor) -> Tensor:
         """Semantics: logits[b, t] = router score of task t for input b.
         Shape: features [B, d] -> logits [B, T].
@@ -479,7 +485,7 @@ def _router_data(features_fn_or_model, data, tasks: List[str], layer, pooling,
     return (*(torch.cat(v) for v in (x_tr, y_tr, x_va, y_va)), n_per_task, g)
 
 
-ROUTER_KINDS = ("mlp", "prototype")
+ROUTER_KINDS = ("mlp", "prototype")  # fit_router's; an EnergyRouter is fitted by fit_energy_router
 
 
 def fit_router(features_fn_or_model: Union[nn.Module, Callable[[Any], Tensor]],
@@ -652,7 +658,10 @@ def router_from_config(cfg: Mapping[str, Any],
     if kind == "prototype":
         from twinmerge_ext.prototype_router import PrototypeRouter
         return PrototypeRouter.from_config(cfg, state_dict)
+    if kind == "energy":
+        from twinmerge_ext.energy import EnergyRouter
+        return EnergyRouter.from_config(cfg, state_dict)
     if kind != "mlp":
-        raise ValueError(f"{fn}: cfg['kind'] must be one of {list(ROUTER_KINDS)} (absent: "
-                         f"'mlp'), got {kind!r}")
+        raise ValueError(f"{fn}: cfg['kind'] must be one of {list(ROUTER_KINDS) + ['energy']} "
+                         f"(absent: 'mlp'), got {kind!r}")
     return TwinRouter.from_config({k: v for k, v in cfg.items() if k != "kind"}, state_dict)
