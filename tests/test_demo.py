@@ -48,8 +48,11 @@ def test_quick_demo_runs_and_reports_and_a_rerun_reuses_every_result(tmp_path):
     assert res["timing"]["authors_style_nonzero_seconds_per_1000"] > 0
     # The quick run's router candidate: pooled mean and first token, standardized.
     assert res["router"]["pooling"] == ["mean", "cls"] and res["router"]["standardize"] is True
-    assert [c["features"] for c in res["router"]["candidates"]] == [
-        "-1:mean+cls standardized", "-1:mean+cls standardized prototype×1"]
+    features = [c["features"] for c in res["router"]["candidates"]]
+    assert features[:2] == ["-1:mean+cls standardized", "-1:mean+cls standardized prototype×1"]
+    assert [f.split(" (")[0] for f in features[2:]] == ["subspace energies, every Linear",
+                                                        "subspace energies, layers 0-1"]
+    assert res["router"]["kind"] in ("mlp", "prototype")  # energy routers: reported
     assert all(0 <= c["test_accuracy"] <= 1 for c in res["router"]["candidates"])
     confusion = res["router"]["test_confusion"]
     assert len(confusion) == 2 and sum(map(sum, confusion)) == 2 * 64  # every test item

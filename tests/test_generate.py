@@ -213,6 +213,9 @@ def test_one_weight_vector_and_a_merged_block(lm_twins):
     got = wrapped.generate(ids, attention_mask=mask, mix_weights=w, max_new_tokens=NEW,
                            pad_token_id=0)
     _same_tokens(got, want)
+    got = wrapped.generate(inputs=ids, attention_mask=mask, mix_weights=w, max_new_tokens=NEW,
+                           pad_token_id=0)  # transformers' name for the prompt
+    _same_tokens(got, want)
     with wrapped.merged(w):
         got = wrapped.generate(ids, attention_mask=mask, max_new_tokens=NEW, pad_token_id=0)
         assert wrapped.last_call["merged_block"]
@@ -291,8 +294,9 @@ def test_bad_generate_calls_raise_before_anything_runs(lm_twins):
         wrapped.generate(ids, attention_mask=mask)
     with pytest.raises(TypeError, match=r"unexpected argument 'mode'"):
         wrapped.generate(ids, attention_mask=mask, mix_weights=w, mode="factored")
-    with pytest.raises(ValueError, match=r"return_dict_in_generate=True is not supported in "
-                                         r"mode 'materialize' with rows of different weights"):
+    with pytest.raises(ValueError, match=r"return_dict_in_generate=True needs one generate for "
+                                         r"the whole batch, but mode 'materialize' runs one per "
+                                         r"distinct weight row"):
         wrapped.generate(ids, attention_mask=mask, mix_weights=w, max_new_tokens=NEW,
                          pad_token_id=0, return_dict_in_generate=True)
     assert wrapped._ctx.rows is None and wrapped._ctx.overrides is None
@@ -314,3 +318,74 @@ def test_a_kv_cache_is_never_split_into_sub_batches(lm_twins):
     with torch.no_grad():
         wrapped(input_ids=ids, attention_mask=mask, mix_weights=w, past_key_values=cache)
     assert wrapped.last_call["mode"] == "factored"
+
+
+def _allow_own_tokens(batch_id, ids):
+    """Request b may only produce tokens 10 + b, 20 + b and 30 + b: a per-row constraint."""
+    return [10 + batch_id, 20 + batch_id, 30 + batch_id]
+
+
+@pytest.mark.parametrize("option", ["streamer", "return_dict_in_generate",
+                                    "prefix_allowed_tokens_fn", "cache"])
+def test_options_that_see_the_whole_batch_keep_one_generate(lm_twins, option):
+    """auto serves them factored even where it would merge per row; materialize refuses."""
+    make, twin = lm_twins["gpt2"]
+    ids, mask = _prompts()
+    w = _mixed()
+    wrapped = TwinMergedModule(make(), twin, mode="factored")
+
+    def options():
+        kw = dict(max_new_tokens=24, pad_token_id=0, do_sample=False)  # long: auto would merge
+        if option == "streamer":
+            kw["streamer"] = transformers.generation.BaseStreamer()
+            kw["streamer"].put = kw["streamer"].end = lambda *a: None
+        elif option == "return_dict_in_generate":
+            kw["return_dict_in_generate"] = True
+        elif option == "prefix_allowed_tokens_fn":
+            kw["prefix_allowed_tokens_fn"] = _allow_own_tokens
+        else:  # the prompt's first tokens already in a cache, each row with its weights
+            with torch.no_grad():
+                kw["past_key_values"] = wrapped(input_ids=ids[:, :3], attention_mask=mask[:, :3],
+                                                mix_weights=w, use_cache=True).past_key_values
+        return kw
+
+    kw = options()
+    wrapped.mode = "materialize"
+    with pytest.raises(ValueError, match=r"needs one generate for the whole batch, but mode "
+                                         r"'materialize' runs one per distinct weight row"):
+        wrapped.generate(ids, attention_mask=mask, mix_weights=w, **kw)
+    wrapped.mode = "factored"
+    kw = options()
+    wrapped.mode = "auto"
+    out = wrapped.generate(ids, attention_mask=mask, mix_weights=w, **kw)
+    assert wrapped.last_call["mode"] == "factored" and wrapped.last_call["whole_batch"]
+    if option == "prefix_allowed_tokens_fn":  # each request kept its own constraint
+        new = out[:, ids.shape[1]:]
+        assert all(set(new[b].tolist()) <= {0, 10 + b, 20 + b, 30 + b} for b in range(3)), new
+
+
+def test_a_call_inside_generate_is_its_own_and_leaves_generate_alone(lm_twins):
+    """A logits processor that calls the wrapper (with its own weights, on its own rows) during a
+    factored generate gets what the same call gets outside, and generate's tokens are unchanged."""
+    make, twin = lm_twins["llama"]
+    wrapped = TwinMergedModule(make(), twin, mode="factored")
+    ids, mask = _prompts()
+    w = _mixed()
+    probe_ids = torch.randint(1, VOCAB, (6, 4), generator=torch.Generator().manual_seed(9))
+    probe_w = _mixed(B=6, seed=4)
+    with torch.no_grad():
+        want = wrapped(input_ids=probe_ids, mix_weights=probe_w, use_cache=False).logits
+    seen = []
+
+    class Probe(transformers.LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            with torch.no_grad():
+                seen.append(wrapped(input_ids=probe_ids, mix_weights=probe_w,
+                                    use_cache=False).logits)
+            return scores
+
+    got = wrapped.generate(ids, attention_mask=mask, mix_weights=w, max_new_tokens=NEW,
+                           pad_token_id=0, do_sample=False,
+                           logits_processor=transformers.LogitsProcessorList([Probe()]))
+    assert len(seen) == NEW and all(torch.equal(s, want) for s in seen)
+    _same_tokens(got, _reference(make, twin, w, ids, mask, do_sample=False))

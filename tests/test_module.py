@@ -189,6 +189,18 @@ class _GemmaNorm(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + self.weight)
 
 
+class _AbsGain(nn.Module):
+    """|weight| ⊙ x: weight ⊙ f(x) for positive weights only, so mixed weights of either sign
+    break it."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        return self.weight.abs() * x
+
+
 class _NeedsMask(nn.Module):
     """weight ⊙ x, but its forward needs a second input: the probe cannot run it."""
 
@@ -202,6 +214,7 @@ class _NeedsMask(nn.Module):
 
 @pytest.mark.parametrize("norm, kind", [(lambda d: nn.RMSNorm(d), "_TwinScale"),
                                         (_GemmaNorm, "_TwinFallback"),
+                                        (_AbsGain, "_TwinFallback"),
                                         (_NeedsMask, "_TwinFallback")])
 def test_a_weight_scaled_layer_is_proven_on_a_probe_and_exact_either_way(norm, kind):
     d = 8

@@ -151,3 +151,41 @@ def test_the_example_runs_and_every_request_matches():
     lines = [ln for ln in run.stdout.splitlines() if ln.startswith("request ")]
     assert len(lines) == 5 and all("equal its tokens served alone" in ln for ln in lines)
     assert "batch [0, 1, 2, 3, 4]" in run.stdout  # the requests really shared steps
+
+
+def test_a_failed_step_changes_nothing_and_can_be_retried(lm_twins):
+    make, twin = lm_twins["llama"]
+    served = TwinMergedModule(make(), twin, mode="factored")
+    requests = _requests(3, seed=7)
+    calls = {"n": 0, "fail": {1, 4}}  # the first prefill, and a decode step, fail once
+
+    def flaky(logits):
+        calls["n"] += 1
+        if calls["n"] in calls["fail"]:
+            raise RuntimeError("out of memory (simulated)")
+        return logits.argmax(-1)
+
+    loop = ServeLoop(served, eos_token_id=None, select=flaky)
+    ids = [loop.add(p, n, mix_weights=w) for p, n, w in requests]
+    done, failures = {}, 0
+    while loop.in_flight:
+        try:
+            loop.step()
+        except RuntimeError:
+            failures += 1
+            assert sorted(loop.in_flight + list(done)) == ids  # nobody lost
+        done.update(loop.pop_finished())
+    assert failures == 2
+    for rid, (prompt, new, w) in zip(ids, requests):
+        assert torch.equal(done[rid], _alone(served, prompt, new, w)), rid
+
+
+def test_select_must_return_one_token_per_request(lm_twins):
+    make, twin = lm_twins["gpt2"]
+    served = TwinMergedModule(make(), twin, mode="factored")
+    loop = ServeLoop(served, select=lambda logits: logits.argmax(-1, keepdim=True))
+    loop.add(torch.ones(3, dtype=torch.long), 2, mix_weights=torch.tensor([1.0, 0.0, 0.0]))
+    with pytest.raises(ValueError, match=r"ServeLoop.step: select must return an integer tensor "
+                                         r"\[N=1\] of next tokens, got torch.int64 \[1, 1\]"):
+        loop.step()
+    assert len(loop.in_flight) == 1  # still waiting to join

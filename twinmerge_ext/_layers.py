@@ -59,6 +59,21 @@ class _Routing(threading.local):
     def __reduce__(self):  # a copied wrapper gets fresh state (thread-locals cannot be copied)
         return (_Routing, (self.T,))
 
+    def enter(self) -> tuple:
+        """A call of the wrapper begins on this thread: the state of any call it runs inside (a
+        logits processor calling the wrapper during generate, a router pass) is put aside, and
+        the call starts plain. Returns what `leave` restores."""
+        saved = (self.row_weights, self.head_tasks, self.overrides, self.reentry, self.current,
+                 self.rows, self.energy)
+        self.row_weights = self.head_tasks = self.overrides = self.current = None
+        self.rows = self.energy = None
+        self.reentry = False
+        return saved
+
+    def leave(self, saved: tuple) -> None:
+        (self.row_weights, self.head_tasks, self.overrides, self.reentry, self.current,
+         self.rows, self.energy) = saved
+
 
 class _Rows:
     """A generate() call's weights and head tasks per request, fitted to the rows a layer sees.
@@ -398,7 +413,9 @@ def _scales_by_weight(layer: nn.Module) -> bool:
         return False
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, p.numel(), generator=g).to(device=p.device, dtype=p.dtype)
-    scale = torch.rand(p.numel(), generator=g).to(device=p.device, dtype=p.dtype) + 0.5
+    # Signed, away from 0: a layer that uses |weight| or clamps it must fail the probe.
+    scale = torch.randn(p.numel(), generator=g)
+    scale = (scale + scale.sign() * 0.25).to(device=p.device, dtype=p.dtype)
     try:
         probe = copy.deepcopy(layer)
         with torch.no_grad():
@@ -524,6 +541,17 @@ def _kind(layer: nn.Module, name: str, attrs: Dict[str, str]) -> str:
     if not lowrank and dense == {"weight"} and _scales_by_weight(layer):
         return "scale"
     return "fallback"
+
+
+def _kv_cache(tree) -> Optional[str]:
+    """The type name of a transformers KV cache among the call's inputs, or None. A cache holds
+    every row's keys and values and is written by the call: it cannot be split into sub-batches."""
+    for leaf in pytree.tree_leaves(tree):
+        if not isinstance(leaf, Tensor) and any(
+                c.__name__ == "Cache" and c.__module__.startswith("transformers")
+                for c in type(leaf).__mro__):
+            return type(leaf).__name__
+    return None
 
 
 def _concat_outputs(outs: List[Any], counts: List[int], what: str):

@@ -77,13 +77,13 @@ def subspace_energies(served, inputs: Mapping[str, Tensor], mask: Optional[Tenso
     probe = _EnergyProbe(None if mask is None else mask != 0, frozenset(names))
     ctx = served._ctx
     with served._calls(fn):
-        saved = ctx.energy
+        saved = ctx.enter()
         ctx.energy = probe
         try:
             with torch.no_grad():
                 served.module(**inputs)
         finally:
-            ctx.energy = saved
+            ctx.leave(saved)
     missed = [n for n in names if n not in probe.out]
     if missed:
         raise ValueError(f"{fn}: the forward never called layer {missed[0]!r}"

@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import Tensor
 
-from twinmerge_ext._layers import _Rows
+from twinmerge_ext._layers import _kv_cache, _Rows
 
 FN = "TwinMergedModule.generate"
 
@@ -85,68 +85,108 @@ def generate(wrapped, input_ids: Optional[Tensor] = None, attention_mask: Option
         cls = module.__dict__.get("_twin_class", type(module))  # a patched layer's own class
         raise TypeError(f"{FN}: the wrapped module ({cls.__name__}) has no generate(); "
                         f"it must be a transformers generative model (or have its own generate)")
+    if "inputs" in kwargs:  # transformers' own name for the prompt
+        if input_ids is not None:
+            raise TypeError(f"{FN}: pass the prompt as input_ids or as inputs, not both")
+        input_ids = kwargs.pop("inputs")
     for reserved in ("mode",):
         if reserved in kwargs:
             raise TypeError(f"{FN}: unexpected argument {reserved!r}: the mode is the "
                             f"wrapper's (set wrapped.mode)")
     with wrapped._calls(FN):
-        B = _check_inputs(input_ids, attention_mask, kwargs)
-        block = wrapped._calls.pinned.get()
-        pinned = block is not None and mix_weights is None
-        routed = mix_weights is None and not pinned
-        route_s = None
-        if pinned:
-            mix_weights = block
-        elif routed:
-            if input_ids is None:
-                raise ValueError(f"{FN}: the router reads input_ids; pass them, or mix_weights")
-            t0 = time.perf_counter()
-            mix_weights = wrapped.route(input_ids, attention_mask=attention_mask)
-            route_s = time.perf_counter() - t0
-        one_vector = mix_weights.dim() == 1 if isinstance(mix_weights, Tensor) else False
-        rw = wrapped._check_weights(mix_weights, B, FN, routed, values=not pinned)
-        rw = rw.detach()  # generate records no gradients
-        if head_tasks is not None:
-            head_tasks = wrapped._check_head_tasks(head_tasks, B, rw.device, FN)
-            if head_tasks.dim() != 1:
-                raise ValueError(f"{FN}: head_tasks must be [B={B}] (one head per request), got "
-                                 f"{list(head_tasks.shape)}")
-        elif wrapped._head_layer is not None:
-            head_tasks = rw.argmax(-1)
+        saved = wrapped._ctx.enter()
+        try:
+            return _generate(wrapped, input_ids, attention_mask, mix_weights, head_tasks, kwargs)
+        finally:
+            wrapped._ctx.leave(saved)
 
-        k, config = _expansion(module, kwargs)
-        prompt_len = input_ids.shape[1] if input_ids is not None else \
-            kwargs["inputs_embeds"].shape[1]
-        new = _new_tokens(config, prompt_len)
-        prefill, decode = B * k * prompt_len, B * k * new
-        mode = "materialize" if pinned else wrapped.mode
-        plan: Dict[str, Any] = {"merged_block": True} if pinned else {}
-        if B == 0:
-            mode, plan = "factored", {"empty_batch": True}
-        elif mode == "auto":
-            mode, plan = wrapped._cost_plan(rw, one_vector, prefill + decode, passes=1 + new,
-                                            rows=B * k)
-        elif mode == "group" and one_vector:
-            mode = "materialize"
-        plan.update(prefill_tokens=prefill, decode_tokens=decode, rows_per_request=k)
-        last = {"mode": mode, "weights": rw, "head_tasks": head_tasks, **plan}
-        if route_s is not None:
-            last["route_s"] = route_s
-        wrapped._calls.last.set(last)
-        gen_args = (input_ids,) if input_ids is not None else ()
-        if attention_mask is not None:
-            kwargs["attention_mask"] = attention_mask
+
+# Options that see the batch's rows (a row index, the whole batch, or its state): one generate
+# per weight group would hand each only its group's rows, renumbered from 0.
+_WHOLE_BATCH = ("return_dict_in_generate", "streamer", "prefix_allowed_tokens_fn",
+                "logits_processor")
+
+
+def _whole_batch_option(kwargs, config) -> Optional[str]:
+    """The first option of the call that needs one generate for the whole batch, or None."""
+    cache = _kv_cache(kwargs)
+    if cache is not None:
+        return f"a KV cache ({cache})"
+    for name in _WHOLE_BATCH:
+        v = kwargs.get(name, getattr(config, name, None) if config is not None else None)
+        if v:
+            return f"{name}={v!r}"
+    return None
+
+
+def _generate(wrapped, input_ids, attention_mask, mix_weights, head_tasks, kwargs):
+    module = wrapped.module
+    B = _check_inputs(input_ids, attention_mask, kwargs)
+    block = wrapped._calls.pinned.get()
+    pinned = block is not None and mix_weights is None
+    routed = mix_weights is None and not pinned
+    route_s = None
+    if pinned:
+        mix_weights = block
+    elif routed:
+        if input_ids is None:
+            raise ValueError(f"{FN}: the router reads input_ids; pass them, or mix_weights")
         t0 = time.perf_counter()
-        if mode == "factored":
-            out = _generate_factored(wrapped, gen_args, kwargs, rw, head_tasks)
-        elif one_vector or pinned:
-            out = _generate_merged(wrapped, rw[0] if not pinned else block, pinned, gen_args,
-                                   kwargs, head_tasks)
-        else:
-            out = _generate_groups(wrapped, rw, mode == "group", gen_args, kwargs, head_tasks,
-                                   config)
-        last["generate_s"] = time.perf_counter() - t0
-        return out
+        mix_weights = wrapped.route(input_ids, attention_mask=attention_mask)
+        route_s = time.perf_counter() - t0
+    one_vector = mix_weights.dim() == 1 if isinstance(mix_weights, Tensor) else False
+    rw = wrapped._check_weights(mix_weights, B, FN, routed, values=not pinned)
+    rw = rw.detach()  # generate records no gradients
+    if head_tasks is not None:
+        head_tasks = wrapped._check_head_tasks(head_tasks, B, rw.device, FN)
+        if head_tasks.dim() != 1:
+            raise ValueError(f"{FN}: head_tasks must be [B={B}] (one head per request), got "
+                             f"{list(head_tasks.shape)}")
+    elif wrapped._head_layer is not None:
+        head_tasks = rw.argmax(-1)
+
+    k, config = _expansion(module, kwargs)
+    prompt_len = input_ids.shape[1] if input_ids is not None else \
+        kwargs["inputs_embeds"].shape[1]
+    new = _new_tokens(config, prompt_len)
+    prefill, decode = B * k * prompt_len, B * k * new
+    mode = "materialize" if pinned else wrapped.mode
+    plan: Dict[str, Any] = {"merged_block": True} if pinned else {}
+    if B == 0:
+        mode, plan = "factored", {"empty_batch": True}
+    elif mode == "auto":
+        mode, plan = wrapped._cost_plan(rw, one_vector, prefill + decode, passes=1 + new,
+                                        rows=B * k)
+    elif mode == "group" and one_vector:
+        mode = "materialize"
+    split = mode in ("materialize", "group") and not (one_vector or pinned) and \
+        int(torch.unique(rw, dim=0).shape[0]) > 1
+    whole = _whole_batch_option(kwargs, config) if split else None
+    if whole is not None:
+        if wrapped.mode != "auto":
+            raise ValueError(f"{FN}: {whole} needs one generate for the whole batch, but "
+                             f"mode {mode!r} runs one per distinct weight row; use "
+                             f"mode='factored' or 'auto', or one weight vector per call")
+        mode, plan["whole_batch"] = "factored", whole
+    plan.update(prefill_tokens=prefill, decode_tokens=decode, rows_per_request=k)
+    last = {"mode": mode, "weights": rw, "head_tasks": head_tasks, **plan}
+    if route_s is not None:
+        last["route_s"] = route_s
+    wrapped._calls.last.set(last)
+    gen_args = (input_ids,) if input_ids is not None else ()
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+    t0 = time.perf_counter()
+    if mode == "factored":
+        out = _generate_factored(wrapped, gen_args, kwargs, rw, head_tasks)
+    elif one_vector or pinned:
+        out = _generate_merged(wrapped, rw[0] if not pinned else block, pinned, gen_args,
+                               kwargs, head_tasks)
+    else:
+        out = _generate_groups(wrapped, rw, mode == "group", gen_args, kwargs, head_tasks,
+                               config)
+    last["generate_s"] = time.perf_counter() - t0
+    return out
 
 
 def _generate_factored(wrapped, args, kwargs, rw: Tensor, head_tasks: Optional[Tensor]):
@@ -185,12 +225,6 @@ def _generate_groups(wrapped, rw: Tensor, group: bool, args, kwargs,
     else:
         centers, member = torch.unique(rw, dim=0, return_inverse=True)
     what = f"mode {'group' if group else 'materialize'!r} with rows of different weights"
-    for name in ("return_dict_in_generate", "streamer"):
-        v = kwargs.get(name, getattr(config, name, None) if config is not None else None)
-        if v:
-            raise ValueError(f"{FN}: {name}={v!r} is not supported in {what} (one generate per "
-                             f"distinct row); use mode='factored' or 'auto' (one generate for "
-                             f"the batch)")
     B = rw.shape[0]
     pad = None if config is None else config.pad_token_id
     if pad is None and config is not None and config.eos_token_id is not None:

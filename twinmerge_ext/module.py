@@ -39,12 +39,12 @@ from numbers import Integral, Real
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
-import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from twinmerge_ext._finite import all_finite, nonfinite_rows
 from twinmerge_ext._layers import (
     _concat_outputs,
+    _kv_cache,
     _kind,
     _map_rows,
     _own,
@@ -83,17 +83,6 @@ def _first_batched(args, kwargs) -> Optional[Tensor]:
     for v in list(args) + list(kwargs.values()):
         if isinstance(v, Tensor) and v.dim() >= 1:
             return v
-    return None
-
-
-def _kv_cache(tree) -> Optional[str]:
-    """The type name of a transformers KV cache among the call's inputs, or None. A cache holds
-    every row's keys and values and is written by the call: it cannot be split into sub-batches."""
-    for leaf in pytree.tree_leaves(tree):
-        if not isinstance(leaf, Tensor) and any(
-                c.__name__ == "Cache" and c.__module__.startswith("transformers")
-                for c in type(leaf).__mro__):
-            return type(leaf).__name__
     return None
 
 
@@ -561,23 +550,30 @@ class TwinMergedModule(nn.Module):
         """
         fn = "TwinMergedModule.route"
         with self._calls(fn):
-            if self.router is None:
-                raise ValueError(f"{fn}: no router: pass mix_weights, or give the wrapper a "
-                                 f"router (or a twin with one attached)")
-            if self.router_features is not None:
-                feats = self.router_features(self.module, args, kwargs)
-            else:
-                ids = kwargs.get("input_ids", args[0] if args else None)
-                if not isinstance(ids, Tensor):
-                    raise ValueError(f"{fn}: the default router features need input_ids (a "
-                                     f"[B, L] tensor, first positional or keyword argument); "
-                                     f"pass router_features= for other inputs")
-                mask = kwargs.get("attention_mask")
-                if mask is None:
-                    mask = torch.ones_like(ids)
-                feats = self.router.features(self, ids, mask)
-            with torch.no_grad():
-                return self.router.weights(feats, self.temperature, self.top_k)
+            saved = self._ctx.enter()
+            try:
+                return self._route(args, kwargs, fn)
+            finally:
+                self._ctx.leave(saved)
+
+    def _route(self, args, kwargs, fn: str) -> Tensor:
+        if self.router is None:
+            raise ValueError(f"{fn}: no router: pass mix_weights, or give the wrapper a "
+                             f"router (or a twin with one attached)")
+        if self.router_features is not None:
+            feats = self.router_features(self.module, args, kwargs)
+        else:
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if not isinstance(ids, Tensor):
+                raise ValueError(f"{fn}: the default router features need input_ids (a "
+                                 f"[B, L] tensor, first positional or keyword argument); "
+                                 f"pass router_features= for other inputs")
+            mask = kwargs.get("attention_mask")
+            if mask is None:
+                mask = torch.ones_like(ids)
+            feats = self.router.features(self, ids, mask)
+        with torch.no_grad():
+            return self.router.weights(feats, self.temperature, self.top_k)
 
     def _check_weights(self, w, B: Optional[int], fn: str, routed: bool = False,
                        values: bool = True) -> Tensor:
@@ -628,48 +624,55 @@ class TwinMergedModule(nn.Module):
                 head_tasks: Optional[Tensor] = None, **kwargs):
         fn = "TwinMergedModule"
         with self._calls(fn):
-            first = _first_batched(args, kwargs)
-            B = first.shape[0] if first is not None else None
-            block = self._calls.pinned.get()
-            pinned = block is not None and mix_weights is None
-            routed = mix_weights is None and not pinned
-            if pinned:
-                mix_weights = block
-            elif routed:
-                mix_weights = self.route(*args, **kwargs)
-            one_vector = isinstance(mix_weights, Tensor) and mix_weights.dim() == 1
-            # A block's weights were checked when it began.
-            rw = self._check_weights(mix_weights, B, fn, routed, values=not pinned)
-            B = rw.shape[0]
-            if head_tasks is not None:
-                head_tasks = self._check_head_tasks(head_tasks, B, rw.device, fn)
-            elif self._head_layer is not None:
-                head_tasks = rw.argmax(-1)
+            saved = self._ctx.enter()
+            try:
+                return self._forward(args, kwargs, mix_weights, head_tasks, fn)
+            finally:
+                self._ctx.leave(saved)
 
-            mode = "materialize" if pinned else self.mode
-            plan: Dict[str, Any] = {"merged_block": True} if pinned else {}
-            # Merges run under no_grad: only the factored mode carries gradients to the weights.
-            needs_grad = torch.is_grad_enabled() and rw.requires_grad
-            if B == 0:
-                mode, plan = "factored", {"empty_batch": True}  # one pass, nothing to merge
-            elif mode == "auto":
-                mode, plan = ("factored", {"weights_require_grad": True}) if needs_grad else \
-                    self._plan(rw, one_vector, first)
-                if mode == "materialize" and plan["distinct_rows"] > 1 and \
-                        _kv_cache((args, kwargs)) is not None:
-                    mode, plan["kv_cache"] = "factored", True  # one pass: the cache is whole
-            elif needs_grad and mode != "factored":
-                raise ValueError(f"{fn}: mix_weights requires grad, but mode {mode!r} merges "
-                                 f"without recording gradients, so none would reach the "
-                                 f"weights; use mode='factored' (or 'auto') to train through "
-                                 f"them, or pass mix_weights.detach()")
-            elif mode == "group" and one_vector:
-                mode = "materialize"
-            self._calls.last.set({"mode": mode, "weights": rw, "head_tasks": head_tasks, **plan})
-            if mode == "factored":
-                return self._run(args, kwargs, rw, head_tasks)
-            return self._run_merged(args, kwargs, rw, head_tasks, one_vector,
-                                    group=mode == "group", pinned=pinned)
+    def _forward(self, args, kwargs, mix_weights, head_tasks, fn: str):
+        first = _first_batched(args, kwargs)
+        B = first.shape[0] if first is not None else None
+        block = self._calls.pinned.get()
+        pinned = block is not None and mix_weights is None
+        routed = mix_weights is None and not pinned
+        if pinned:
+            mix_weights = block
+        elif routed:
+            mix_weights = self.route(*args, **kwargs)
+        one_vector = isinstance(mix_weights, Tensor) and mix_weights.dim() == 1
+        # A block's weights were checked when it began.
+        rw = self._check_weights(mix_weights, B, fn, routed, values=not pinned)
+        B = rw.shape[0]
+        if head_tasks is not None:
+            head_tasks = self._check_head_tasks(head_tasks, B, rw.device, fn)
+        elif self._head_layer is not None:
+            head_tasks = rw.argmax(-1)
+
+        mode = "materialize" if pinned else self.mode
+        plan: Dict[str, Any] = {"merged_block": True} if pinned else {}
+        # Merges run under no_grad: only the factored mode carries gradients to the weights.
+        needs_grad = torch.is_grad_enabled() and rw.requires_grad
+        if B == 0:
+            mode, plan = "factored", {"empty_batch": True}  # one pass, nothing to merge
+        elif mode == "auto":
+            mode, plan = ("factored", {"weights_require_grad": True}) if needs_grad else \
+                self._plan(rw, one_vector, first)
+            if mode == "materialize" and plan["distinct_rows"] > 1 and \
+                    _kv_cache((args, kwargs)) is not None:
+                mode, plan["kv_cache"] = "factored", True  # one pass: the cache is whole
+        elif needs_grad and mode != "factored":
+            raise ValueError(f"{fn}: mix_weights requires grad, but mode {mode!r} merges "
+                             f"without recording gradients, so none would reach the "
+                             f"weights; use mode='factored' (or 'auto') to train through "
+                             f"them, or pass mix_weights.detach()")
+        elif mode == "group" and one_vector:
+            mode = "materialize"
+        self._calls.last.set({"mode": mode, "weights": rw, "head_tasks": head_tasks, **plan})
+        if mode == "factored":
+            return self._run(args, kwargs, rw, head_tasks)
+        return self._run_merged(args, kwargs, rw, head_tasks, one_vector,
+                                group=mode == "group", pinned=pinned)
 
     def _run(self, args, kwargs, rw: Tensor, head_tasks: Optional[Tensor]):
         ctx = self._ctx

@@ -27,6 +27,8 @@ from twinmerge_ext.module import TwinMergedModule
 
 __all__ = ["ServeLoop"]
 
+_FROM_CONFIG = object()  # eos_token_id's default: the model's generation config
+
 
 @dataclass
 class _Request:
@@ -53,7 +55,8 @@ class ServeLoop:
         served: the wrapper, in mode "factored" or "auto" (materialize and group split a batch
             into sub-batches, and a shared KV cache cannot be split).
         eos_token_id: int or list of ints that end a request (default: the module's
-            generation_config's; None: requests run to their max_new_tokens).
+            generation_config's; None: requests run to their max_new_tokens, as generate's
+            eos_token_id=None).
         select: logits [N, V] (float32, the last position of every request in the step) ->
             next tokens [N]; default greedy argmax.
 
@@ -66,7 +69,7 @@ class ServeLoop:
     threads of their own, may serve one wrapper at once.
     """
 
-    def __init__(self, served: TwinMergedModule, eos_token_id=None,
+    def __init__(self, served: TwinMergedModule, eos_token_id=_FROM_CONFIG,
                  select: Optional[Callable[[Tensor], Tensor]] = None):
         fn = "ServeLoop"
         if not isinstance(served, TwinMergedModule):
@@ -79,7 +82,7 @@ class ServeLoop:
         if select is not None and not callable(select):
             raise TypeError(f"{fn}: select must be callable (logits [N, V]) -> tokens [N], got "
                             f"{type(select).__name__}")
-        if eos_token_id is None:
+        if eos_token_id is _FROM_CONFIG:
             config = getattr(served.module, "generation_config", None)
             eos_token_id = getattr(config, "eos_token_id", None)
         eos = [] if eos_token_id is None else (
@@ -92,7 +95,6 @@ class ServeLoop:
         self.served = served
         self.eos = frozenset(eos)
         self.select = select or _greedy
-        self.device = next(served.module.parameters()).device
         # Logits of the last position only (a prefill's other positions would cost a vocabulary-
         # wide projection each), where the model's forward offers it.
         params = inspect.signature(served.module.forward).parameters
@@ -106,6 +108,11 @@ class ServeLoop:
         self._cache = None
         self._mask: Optional[Tensor] = None     # [N, S] 1 = a real token of the row
         self._pos: Optional[Tensor] = None      # [N] position of each row's next token
+
+    @property
+    def device(self) -> torch.device:
+        """Where the served model is now (it may have moved since the loop was made)."""
+        return next(self.served.module.parameters()).device
 
     # --- requests ---------------------------------------------------------------------------------
 
@@ -173,19 +180,36 @@ class ServeLoop:
         logits = self.served(input_ids=ids, attention_mask=mask, position_ids=pos,
                              use_cache=True, mix_weights=weights,
                              **{self._cache_arg: cache}, **self._keep).logits
-        return self.select(logits[:, -1].float())
+        nxt = self.select(logits[:, -1].float())
+        n = ids.shape[0]
+        if not isinstance(nxt, Tensor) or nxt.shape != (n,) or nxt.is_floating_point() or \
+                nxt.is_complex() or nxt.dtype == torch.bool:
+            raise ValueError(f"ServeLoop.step: select must return an integer tensor [N={n}] of "
+                             f"next tokens, got {_describe(nxt)}")
+        return nxt
 
     def _decode(self) -> Dict[int, int]:
+        """One step of every joined request. The cache grows by a column in the forward; if the
+        step fails (the forward, select), that column is cropped again and nothing else has
+        changed, so the step can be retried."""
         last = torch.tensor([r.tokens[-1] for r in self._active], device=self.device)
-        ones = self._mask.new_ones(len(self._active), 1)
-        self._mask = torch.cat([self._mask, ones], 1)
-        nxt = self._forward(last[:, None], self._mask, self._pos[:, None], self._weights(),
-                            self._cache)
-        self._pos = self._pos + 1
+        S = self._mask.shape[1]
+        mask = torch.cat([self._mask, self._mask.new_ones(len(self._active), 1)], 1)
+        try:
+            nxt = self._forward(last[:, None], mask, self._pos[:, None], self._weights(),
+                                self._cache)
+        except BaseException:
+            for layer in self._layers(self._cache):
+                if layer.keys is not None and layer.keys.shape[-2] > S:
+                    layer.keys, layer.values = layer.keys[..., :S, :], layer.values[..., :S, :]
+            raise
+        self._mask, self._pos = mask, self._pos + 1
         return self._take(self._active, nxt)
 
     def _prefill(self) -> Dict[int, int]:
-        joining, self._waiting = self._waiting, []
+        """The prefill of the waiting requests, in a cache of their own, joined to the running
+        one only when it succeeded (on failure they are still waiting)."""
+        joining = self._waiting
         L = max(r.prompt.numel() for r in joining)
         ids = torch.zeros(len(joining), L, dtype=torch.long, device=self.device)
         mask = torch.zeros_like(ids)
@@ -196,6 +220,7 @@ class ServeLoop:
         cache = self._new_cache()
         weights = torch.stack([r.weights for r in joining])
         nxt = self._forward(ids, mask, pos, weights, cache)
+        self._waiting = self._waiting[len(joining):]
         self._join(joining, cache, mask)
         return self._take(joining, nxt)
 

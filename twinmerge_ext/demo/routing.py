@@ -2,11 +2,11 @@
 training items, chosen on the validation stream, and scored on the test stream too (reported,
 never used to choose)."""
 
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from twinmerge_ext import fit_router
+from twinmerge_ext import energy_layers, fit_energy_router, fit_router, subspace_energies
 
 
 def candidate_label(features: str, standardize: bool, kind: str, prototypes: int) -> str:
@@ -50,6 +50,45 @@ def select_router(cands: Sequence[Tuple[Any, Any, bool]], kinds: Sequence[Tuple[
                 if best is None or val_acc > best[2]["val_accuracy"]:
                     best = (router, rep, record)
     return (*best, records)
+
+
+def _energies(served, ids: torch.Tensor, mask: torch.Tensor, layers: List[str],
+              size: int = 64) -> torch.Tensor:
+    return torch.cat([subspace_energies(served, {"input_ids": ids[i:i + size],
+                                                 "attention_mask": mask[i:i + size]},
+                                        layers=layers)[0] for i in range(0, len(ids), size)])
+
+
+def energy_candidates(served, train: Dict[str, Tuple[torch.Tensor, torch.Tensor]],
+                      val: Tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                      test: Tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                      layer_sets: Dict[str, Optional[Sequence[str]]], seed: int,
+                      log: Callable[[str], None]) -> List[Dict[str, Any]]:
+    """Records (as select_router's, plus "calibrated" and the uncalibrated validation accuracy)
+    of EnergyRouters on each set of layers: label -> layer-name prefixes (None: every low-rank
+    Linear). train: task -> (ids, mask) of its router items; val/test: (ids, mask, tasks).
+    Reported beside the other kinds; the main job serves the pooled-feature kinds."""
+    records = []
+    names = energy_layers(served)
+    for label, prefixes in layer_sets.items():
+        layers = names if prefixes is None else [n for n in names
+                                                 if any(n.startswith(p) for p in prefixes)]
+        data = {t: [{"input_ids": ids[i:i + 64], "attention_mask": mask[i:i + 64]}
+                    for i in range(0, len(ids), 64)] for t, (ids, mask) in train.items()}
+        router, rep = fit_energy_router(served, data, layers=layers, seed=seed)
+        with torch.no_grad():
+            accs = [float((router(_energies(served, ids, mask, layers)).argmax(-1) == tasks)
+                          .float().mean()) for ids, mask, tasks in (val, test)]
+        record = {"features": f"subspace energies, {label}"
+                              + (" (calibrated)" if rep["calibrated"] else ""),
+                  "kind": "energy", "prototypes": None, "lr": None, "calibrated":
+                  rep["calibrated"], "val_accuracy": accs[0], "test_accuracy": accs[1],
+                  "val_accuracy_uncalibrated": rep["val_accuracy_uncalibrated"]}
+        log(f"router {record['features']}: validation accuracy {accs[0]:.3f} (test "
+            f"{accs[1]:.3f}; uncalibrated on the router's own split "
+            f"{rep['val_accuracy_uncalibrated']:.3f})")
+        records.append(record)
+    return records
 
 
 def confusion(routed: torch.Tensor, tasks: torch.Tensor, T: int) -> List[List[int]]:

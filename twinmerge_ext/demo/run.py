@@ -64,6 +64,10 @@ class Config:
     router_lrs: Tuple[float, ...] = (5e-4,)
     # (kind, prototypes per task) of fit_router, each tried on every feature set.
     router_kinds: Tuple[Tuple[str, int], ...] = (("mlp", 0), ("prototype", 1), ("prototype", 4))
+    # EnergyRouter candidates, reported beside them: label -> layer-name prefixes (None: all).
+    energy_layer_sets: Tuple[Tuple[str, Optional[Tuple[str, ...]]], ...] = (
+        ("every Linear", None),
+        ("layers 0-1", ("bert.encoder.layer.0.", "bert.encoder.layer.1.")))
     eval_batch: int = 32
     n_groups: int = 20
     authors_sample: int = 16    # of the timing sample, for the authors' style
@@ -714,6 +718,11 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> Dict[str, object]:
                                      max_items_per_task=cfg.router_items,
                                      hidden=cfg.router_hidden), log)
     layer, pooling = router.layer, router.pooling
+    candidates += routing.energy_candidates(
+        wrapped, {n: (e.ids, e.mask) for n, e in
+                  ((n, _head(enc[n]["train"], cfg.router_items)) for n in names)},
+        (val.ids, val.mask, val.tasks), (test.ids, test.mask, test.tasks),
+        dict(cfg.energy_layer_sets), cfg.seed, log)
     wrapped.router = router
     router_id = _digest(twin_ids["twin"], tensor_digest(*router.state_dict().values()),
                         router.config())
