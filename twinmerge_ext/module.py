@@ -535,7 +535,8 @@ class TwinMergedModule(nn.Module):
     @property
     def last_call(self) -> Dict[str, Any]:
         """This thread's (or asyncio task's) last call: {"mode", "weights", "head_tasks", ...}
-        (class docstring); {} before the first."""
+        (class docstring); {} before the first. Calls run by torch.compile'd code leave it
+        as it was (Dynamo cannot trace a ContextVar's set)."""
         return self._calls.last.get() or {}
 
     # --- routing --------------------------------------------------------------------------------
@@ -668,7 +669,9 @@ class TwinMergedModule(nn.Module):
                              f"them, or pass mix_weights.detach()")
         elif mode == "group" and one_vector:
             mode = "materialize"
-        self._calls.last.set({"mode": mode, "weights": rw, "head_tasks": head_tasks, **plan})
+        if not torch.compiler.is_compiling():  # Dynamo cannot trace ContextVar.set
+            self._calls.last.set({"mode": mode, "weights": rw, "head_tasks": head_tasks,
+                                  **plan})
         if mode == "factored":
             return self._run(args, kwargs, rw, head_tasks)
         return self._run_merged(args, kwargs, rw, head_tasks, one_vector,
