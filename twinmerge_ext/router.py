@@ -13,6 +13,7 @@
 
 import copy
 import math
+from abc import ABCMeta, abstractmethod
 from numbers import Integral, Real
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -90,7 +91,7 @@ def _task_list(tasks, fn: str) -> List[str]:
     return tasks
 
 
-class Router(nn.Module):
+class Router(nn.Module, metaclass=ABCMeta):
     """What every router kind offers, and all that TwinMergedModule and the twin file use.
 
     A router maps pooled features of the shared expert (made as its `layer` and `pooling` say,
@@ -156,11 +157,13 @@ class Router(nn.Module):
             self.feature_mean.copy_(mean)
             self.feature_std.copy_(torch.where(constant, torch.ones_like(std), std))
 
+    @abstractmethod
     def _logits(self, features: Tensor, fn: str) -> Tensor:
-        raise NotImplementedError
+        """logits [B, T] of features [B, in_features], checked (fn names the caller)."""
 
+    @abstractmethod
     def config(self) -> Dict[str, Any]:
-        raise NotImplementedError
+        """The constructor arguments (and "kind" but for the MLP) as a JSON-serializable dict."""
 
     def features(self, served: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """This router's input for a batch served by `served` (a TwinMergedModule): the shared
