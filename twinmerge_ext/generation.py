@@ -89,10 +89,9 @@ def generate(wrapped, input_ids: Optional[Tensor] = None, attention_mask: Option
         if input_ids is not None:
             raise TypeError(f"{FN}: pass the prompt as input_ids or as inputs, not both")
         input_ids = kwargs.pop("inputs")
-    for reserved in ("mode",):
-        if reserved in kwargs:
-            raise TypeError(f"{FN}: unexpected argument {reserved!r}: the mode is the "
-                            f"wrapper's (set wrapped.mode)")
+    if "mode" in kwargs:
+        raise TypeError(f"{FN}: unexpected argument 'mode': the mode is the wrapper's (set "
+                        f"wrapped.mode)")
     with wrapped._calls(FN):
         saved = wrapped._ctx.enter()
         try:
