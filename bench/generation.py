@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from bench.reliability import _row
 from bench.run import _synthetic_experts, _write, environment
 from bench.timing import measure_all
 from twinmerge_ext import ServeLoop, TwinCheckpoint, TwinMergedModule, TwinRouter
@@ -56,12 +57,6 @@ def llama_case(layers=4, T=6, rank=8, seed=0, **widths):
 def _weights(B, T, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.softmax(2 * torch.randn(B, T, generator=g), -1)
-
-
-def _row(case, times, baseline, **extra):
-    t = {k: v.as_dict() for k, v in times.items()}
-    ratios = {k: times[k].median_ms / times[baseline].median_ms for k in times if k != baseline}
-    return dict(case=case, times=t, baseline=baseline, ratios=ratios, **extra)
 
 
 def run(layers=4, T=6, rank=8, B=32, L=32, new=16, rounds=3, runs=3, **widths):

@@ -202,17 +202,9 @@ def _generate_factored(wrapped, args, kwargs, rw: Tensor, head_tasks: Optional[T
 def _generate_merged(wrapped, w: Tensor, pinned: bool, args, kwargs,
                      head_tasks: Optional[Tensor]):
     """The module's own generate on θ(w), merged once (or by the merged() block)."""
-    ctx = wrapped._ctx
-    with wrapped._pool.take(w if pinned else None) as s:
-        if s.holds is not w:
-            wrapped._merge_into(s, w)
-        saved = ctx.overrides, ctx.head_tasks, ctx.rows
-        ctx.overrides, ctx.head_tasks = s.overrides, head_tasks
-        ctx.rows = _Rows(None, head_tasks) if head_tasks is not None else None
-        try:
-            return wrapped.module.generate(*args, **kwargs)
-        finally:
-            ctx.overrides, ctx.head_tasks, ctx.rows = saved
+    rows = _Rows(None, head_tasks) if head_tasks is not None else None
+    return wrapped._serve_merged(w, pinned, head_tasks,
+                                 lambda: wrapped.module.generate(*args, **kwargs), rows)
 
 
 def _generate_groups(wrapped, rw: Tensor, group: bool, args, kwargs,

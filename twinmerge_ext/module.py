@@ -718,18 +718,20 @@ class TwinMergedModule(nn.Module):
             s.cuda_devices = {t.device for t in s.tensors.values() if t.is_cuda}
         s.holds = w
 
-    def _serve_merged(self, w: Tensor, pinned: bool, args, kwargs, head_tasks):
-        """The module on these rows with θ(w), from a buffer set of this call alone."""
+    def _serve_merged(self, w: Tensor, pinned: bool, head_tasks, run: Callable[[], Any],
+                      rows=None):
+        """run() (the module on some rows, or its generate) with θ(w) served, from a buffer set
+        of this call alone; `rows` fits head tasks to a generate's expanded rows."""
         ctx = self._ctx
         with self._pool.take(w if pinned else None) as s:
             if s.holds is not w:
                 self._merge_into(s, w)
-            saved = ctx.overrides, ctx.head_tasks
-            ctx.overrides, ctx.head_tasks = s.overrides, head_tasks
+            saved = ctx.overrides, ctx.head_tasks, ctx.rows
+            ctx.overrides, ctx.head_tasks, ctx.rows = s.overrides, head_tasks, rows
             try:
-                return self.module(*args, **kwargs)
+                return run()
             finally:
-                ctx.overrides, ctx.head_tasks = saved
+                ctx.overrides, ctx.head_tasks, ctx.rows = saved
 
     @contextmanager
     def merged(self, weights: Tensor):
@@ -797,7 +799,7 @@ class TwinMergedModule(nn.Module):
             else:
                 a, k = _map_rows(lambda v: v[idx.to(v.device)], B, (args, kwargs))
                 h = head_tasks[idx.to(head_tasks.device)] if head_tasks is not None else None
-            outs.append(self._serve_merged(w, pinned, a, k, h))
+            outs.append(self._serve_merged(w, pinned, h, lambda a=a, k=k: self.module(*a, **k)))
             counts.append(B if idx is None else idx.numel())
             order.append(idx)
         if len(outs) == 1:
