@@ -55,6 +55,7 @@ class _Routing(threading.local):
         self.current: Optional[nn.Module] = None    # the layer whose _twin_forward runs
         self.rows: Optional["_Rows"] = None         # a generate() call: rows expand in the model
         self.energy: Optional["_EnergyProbe"] = None  # a subspace_energies() pass of θs
+        self.prefix: Optional[Any] = None  # routing from the first layers (`_prefix.Prefix`)
 
     def __reduce__(self):  # a copied wrapper gets fresh state (thread-locals cannot be copied)
         return (_Routing, (self.T,))
@@ -64,15 +65,15 @@ class _Routing(threading.local):
         logits processor calling the wrapper during generate, a router pass) is put aside, and
         the call starts plain. Returns what `leave` restores."""
         saved = (self.row_weights, self.head_tasks, self.overrides, self.reentry, self.current,
-                 self.rows, self.energy)
+                 self.rows, self.energy, self.prefix)
         self.row_weights = self.head_tasks = self.overrides = self.current = None
-        self.rows = self.energy = None
+        self.rows = self.energy = self.prefix = None
         self.reentry = False
         return saved
 
     def leave(self, saved: tuple) -> None:
         (self.row_weights, self.head_tasks, self.overrides, self.reentry, self.current,
-         self.rows, self.energy) = saved
+         self.rows, self.energy, self.prefix) = saved
 
 
 class _Rows:

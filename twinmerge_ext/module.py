@@ -55,14 +55,19 @@ from twinmerge_ext._layers import (
     _TwinScale,
 )
 from twinmerge_ext._merge_pool import BufferSet, MergePool
+from twinmerge_ext._prefix import Prefix, check_mask, layer_stack, stack_indices
+from twinmerge_ext._prefix import install as install_prefix
+from twinmerge_ext._prefix import uninstall as uninstall_prefix
+from twinmerge_ext._prefix import _Stop
 from twinmerge_ext.generation import generate as _generate
 from twinmerge_ext.checkpoint import TwinCheckpoint
 from twinmerge_ext.ops import dense_merge_, lowrank_merge_
-from twinmerge_ext.router import Router
+from twinmerge_ext.router import Router, _eval_mode, _model_device
 
 __all__ = ["TwinMergedModule"]
 
 MODES = ("auto", "factored", "materialize", "group")
+ROUTINGS = ("two_pass", "self")
 
 # Machine balance used by mode="auto" for CUDA: a materialized merge of an m×n matrix is
 # memory-bound below K ≈ 500 (METHOD.md §3), so it costs about 3·m·n·elsize bytes, counted as
@@ -228,7 +233,7 @@ class TwinMergedModule(nn.Module):
                  n_groups: int = 20, temperature: float = 1.0, top_k: Optional[int] = None,
                  router_features: Optional[Callable[[nn.Module, tuple, dict], Tensor]] = None,
                  head_pad_value: float = float("-inf"), seed: int = 0, buffer_sets: int = 1,
-                 check_finite: bool = True):
+                 check_finite: bool = True, routing: str = "two_pass"):
         super().__init__()
         fn = "TwinMergedModule"
         if not isinstance(module, nn.Module):
@@ -270,6 +275,13 @@ class TwinMergedModule(nn.Module):
             raise TypeError(f"{fn}: seed must be an int, got {seed!r}")
         if not isinstance(check_finite, bool):
             raise TypeError(f"{fn}: check_finite must be a bool, got {check_finite!r}")
+        if routing not in ROUTINGS:
+            raise ValueError(f"{fn}: routing must be one of {list(ROUTINGS)}, got {routing!r}")
+        stack = layer_stack(module)
+        if routing == "self" and stack is None:
+            raise ValueError(f"{fn}: routing='self' needs the module's stack of layers (one "
+                             f"ModuleList of the classes in its _no_split_modules, as a "
+                             f"transformers model has); {type(module).__name__} has none")
         if any(isinstance(m, _TwinParams) for m in module.modules()):
             raise ValueError(f"{fn}: module is already wrapped by a TwinMergedModule; unwrap() it "
                              f"first")
@@ -288,8 +300,10 @@ class TwinMergedModule(nn.Module):
         self.head_pad_value = float(head_pad_value)
         self.seed = int(seed)
         self.check_finite = check_finite
+        self.routing = routing
         self.tasks = twin.tasks
         self._ctx = _Routing(len(self.tasks))
+        self._stack_name = None if stack is None else stack[0]
         self._pool = MergePool(buffer_sets)
         self._calls = _Calls()
         self._patched: List[Tuple[nn.Module, type]] = []
@@ -305,6 +319,8 @@ class TwinMergedModule(nn.Module):
                 own[name].copy_(value)
         self._patch_layers(twin, chosen)
         self._patch_heads(twin, head)
+        if stack is not None:
+            install_prefix(self._ctx, stack[1])
 
     @staticmethod
     def _int_arg(value, arg: str, fn: str) -> int:
@@ -480,6 +496,8 @@ class TwinMergedModule(nn.Module):
                     delattr(layer, attr)
                 layer.__class__ = cls
             self._patched.clear()
+            if self._stack_name is not None:
+                uninstall_prefix(self.module.get_submodule(self._stack_name))
             self._mixed.clear()
             self._served.clear()
             self._pool.clear()
@@ -572,9 +590,57 @@ class TwinMergedModule(nn.Module):
             mask = kwargs.get("attention_mask")
             if mask is None:
                 mask = torch.ones_like(ids)
+            indices = self._prefix_indices(fn, required=False)
+            if indices is not None:
+                return self._prefix_route(ids, mask, indices, fn)
             feats = self.router.features(self, ids, mask)
         with torch.no_grad():
             return self.router.weights(feats, self.temperature, self.top_k)
+
+    def _prefix_indices(self, fn: str, required: bool) -> Optional[List[int]]:
+        """The router's hidden-state indices when it can route from the first layers of the
+        stack (a pooled-states router, default features, every index before the last layer's
+        output); else None, or a ValueError saying why when `required` (routing="self")."""
+        router, why = self.router, None
+        if router is None:
+            why = "there is no router (give the wrapper one, or a twin with one attached)"
+        elif self.router_features is not None:
+            why = "router_features= replaces the router's own features"
+        elif type(router).features is not Router.features:
+            why = (f"a {type(router).__name__} does not read pooled hidden states (TwinRouter "
+                   f"and PrototypeRouter do)")
+        elif self._stack_name is None:
+            why = f"{type(self.module).__name__} has no stack of layers to read them from"
+        else:
+            n = len(self.module.get_submodule(self._stack_name))
+            indices = stack_indices(router.layer, n, fn)
+            if max(indices) < n:
+                return indices
+            why = (f"the router reads hidden state {n} (the last layer's output, "
+                   f"layer={router.layer!r}), so it needs the whole pass; fit it on layers "
+                   f"< {n}")
+        if required:
+            raise ValueError(f"{fn}: routing='self' computes the weights inside the pass, "
+                             f"from the hidden states entering the first layers, but {why}")
+        return None
+
+    def _prefix_route(self, ids: Tensor, mask: Tensor, indices: List[int], fn: str) -> Tensor:
+        """The router pass cut short: θs runs up to the last layer the router reads."""
+        mask = check_mask(ids, mask, fn)
+        p = Prefix(self, indices, mask, stop=True)
+        self._ctx.prefix = p
+        try:
+            with _eval_mode(self.module), torch.no_grad():
+                device = _model_device(self.module)
+                self.module(input_ids=ids.to(device), attention_mask=mask.to(device))
+        except _Stop:
+            pass
+        finally:
+            self._ctx.prefix = None
+        if p.weights is None:
+            raise ValueError(f"{fn}: layer {p.k} of the module's stack "
+                             f"({self._stack_name!r}) never ran in the forward pass")
+        return p.weights
 
     def _check_weights(self, w, B: Optional[int], fn: str, routed: bool = False,
                        values: bool = True) -> Tensor:
@@ -639,6 +705,8 @@ class TwinMergedModule(nn.Module):
         routed = mix_weights is None and not pinned
         if pinned:
             mix_weights = block
+        elif routed and self.routing == "self":
+            return self._self_routed(args, kwargs, head_tasks, B, fn)
         elif routed:
             mix_weights = self.route(*args, **kwargs)
         one_vector = isinstance(mix_weights, Tensor) and mix_weights.dim() == 1
@@ -676,6 +744,39 @@ class TwinMergedModule(nn.Module):
             return self._run(args, kwargs, rw, head_tasks)
         return self._run_merged(args, kwargs, rw, head_tasks, one_vector,
                                 group=mode == "group", pinned=pinned)
+
+    def _self_routed(self, args, kwargs, head_tasks, B: Optional[int], fn: str):
+        """routing="self": one factored pass; the layers before the router's last hidden state
+        run θs, the router runs where that state enters the stack, the rest serve θ(w_b)
+        (`_prefix`)."""
+        if self.mode in ("materialize", "group"):
+            raise ValueError(f"{fn}: routing='self' computes the weights inside a factored pass, "
+                             f"but mode is {self.mode!r} (it merges before the pass); use "
+                             f"mode='factored' or 'auto', or routing='two_pass'")
+        indices = self._prefix_indices(fn, required=True)
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if not isinstance(ids, Tensor) or ids.dim() != 2:
+            raise ValueError(f"{fn}: routing='self' pools the hidden states over input_ids' "
+                             f"tokens: pass input_ids [B, L] (first positional or keyword "
+                             f"argument), got {_describe_tensor(ids)}")
+        mask = check_mask(ids, kwargs.get("attention_mask"), fn)
+        if head_tasks is not None:
+            head_tasks = self._check_head_tasks(head_tasks, ids.shape[0], ids.device, fn)
+        ctx = self._ctx
+        p = Prefix(self, indices, mask, stop=False, head_tasks=head_tasks)
+        ctx.prefix = p
+        try:
+            out = self.module(*args, **kwargs)
+        finally:
+            ctx.prefix = ctx.row_weights = ctx.head_tasks = None
+        if p.weights is None:
+            raise ValueError(f"{fn}: layer {p.k} of the module's stack "
+                             f"({self._stack_name!r}) never ran in the forward pass")
+        if not torch.compiler.is_compiling():
+            self._calls.last.set({"mode": "factored", "weights": p.weights,
+                                  "head_tasks": p.used_heads, "self_routed": True,
+                                  "routed_at_layer": p.k})
+        return out
 
     def _run(self, args, kwargs, rw: Tensor, head_tasks: Optional[Tensor]):
         ctx = self._ctx

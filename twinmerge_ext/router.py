@@ -14,6 +14,7 @@
 import copy
 import math
 from abc import ABCMeta, abstractmethod
+from contextlib import contextmanager
 from numbers import Integral, Real
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -304,6 +305,23 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+@contextmanager
+def _eval_mode(model: nn.Module):
+    """The model in eval mode for the block (its dropout would make features random). A model
+    already in eval mode, as a served one is, is never written to, so threads can run it at
+    once; one in training mode is switched to eval and back."""
+    flags = [(m, m.training) for m in model.modules()]
+    switch = any(training for _, training in flags)
+    if switch:
+        model.eval()
+    try:
+        yield
+    finally:
+        if switch:
+            for m, training in flags:
+                m.training = training
+
+
 def pooled_features(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
                     layer: Union[int, Sequence[int]] = -1,
                     pooling: Union[str, Sequence[str]] = "mean") -> Tensor:
@@ -339,20 +357,9 @@ def pooled_features(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
     _check_rows(mask, fn)
 
     device = _model_device(model)
-    # A model already in eval mode, as a served one is, is never written to, so threads can
-    # pool from it at once; one in training mode is switched to eval and back.
-    flags = [(m, m.training) for m in model.modules()]
-    switch = any(training for _, training in flags)
-    if switch:
-        model.eval()
-    try:
-        with torch.no_grad():
-            out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                        output_hidden_states=True)
-    finally:
-        if switch:
-            for m, training in flags:
-                m.training = training
+    with _eval_mode(model), torch.no_grad():
+        out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                    output_hidden_states=True)
     if isinstance(out, Mapping):
         hidden_states = out.get("hidden_states")
     else:

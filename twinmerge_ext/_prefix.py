@@ -1,0 +1,145 @@
+"""Routing from the first layers of the model: the router's hidden states read as they enter
+the model's layer stack, instead of from a whole forward pass.
+
+A router reading pooled hidden states (`TwinRouter`, `PrototypeRouter`) needs hidden_states[i]
+for the indices in its `layer`. For a transformers model, hidden_states[i] with i < n (n layers)
+is exactly the tensor that enters layer i of the model's stack (index 0: the embeddings' output),
+so once layer k = max(indices) is about to run, everything the router reads is known. Two uses:
+
+- `prefix_weights` (the two-pass scheme's first pass, cut short): a forward of θs that stops
+  at layer k. Same weights as a whole pass (the same tensors are pooled), for k/n of its cost.
+- self-routing (`routing="self"`): one forward whose layers before k run θs, the router
+  computed at layer k, and layers k.. (and the heads) serving θ(w_b) per row. This is not the
+  paper's model: the paper serves every layer with θ(w_b) after a separate pass of θs; here the
+  first k layers (and the embeddings) stay θs, which is what their hidden states were anyway
+  for the router.
+
+Forward pre-hooks on the stack's layers read the calling thread's `_Routing.prefix` (None
+outside these calls: the hooks do nothing), so threads and plain calls are unaffected.
+"""
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from twinmerge_ext._layers import _Routing
+from twinmerge_ext.router import _check_rows, _layer_arg, _pool_layers
+
+
+class _Stop(Exception):
+    """Raised from layer k's pre-hook when only the weights were wanted (a cut-short pass)."""
+
+
+def layer_stack(module: nn.Module) -> Optional[Tuple[str, nn.ModuleList]]:
+    """The model's stack of layers: (qualified name, ModuleList) or None.
+
+    A transformers model names its layer classes in `_no_split_modules`; the ModuleList whose
+    elements are all such layers is its stack (bert.encoder.layer, model.layers, transformer.h).
+    Without that attribute, or with several such lists (an encoder-decoder), there is no unique
+    stack and None is returned.
+    """
+    names = set(getattr(module, "_no_split_modules", None) or ())
+    found = [(name, m) for name, m in module.named_modules()
+             if isinstance(m, nn.ModuleList) and len(m) > 0
+             and all(type(x).__name__ in names for x in m)]
+    return found[0] if len(found) == 1 else None
+
+
+def stack_indices(layer, n: int, fn: str) -> List[int]:
+    """A router's hidden-state indices as non-negative ones into n + 1 hidden states."""
+    layers = _layer_arg(layer, fn)
+    layers = layers if isinstance(layers, tuple) else (layers,)
+    out = []
+    for i in layers:
+        if not -(n + 1) <= i <= n:
+            raise ValueError(f"{fn}: layer must be in [{-(n + 1)}, {n + 1}) for {n + 1} hidden "
+                             f"states, got {i}")
+        out.append(i % (n + 1))
+    return out
+
+
+class Prefix:
+    """One call's capture: the hidden states entering layers `wanted`, pooled and routed when
+    layer k = max(wanted) is about to run."""
+
+    def __init__(self, served, indices: List[int], mask: Tensor, stop: bool,
+                 head_tasks: Optional[Tensor] = None):
+        self.served = served
+        self.wanted = set(indices)
+        self.indices = indices
+        self.k = max(indices)
+        self.mask = mask
+        self.stop = stop
+        self.head_tasks = head_tasks
+        self.states: Dict[int, Tensor] = {}
+        self.weights: Optional[Tensor] = None
+        self.used_heads: Optional[Tensor] = None
+
+    def enter_layer(self, ctx: _Routing, i: int, x: Tensor) -> None:
+        if i in self.wanted:
+            self.states[i] = x
+        if i != self.k:
+            return
+        served = self.served
+        router = served.router
+        states = [self.states.get(j) for j in range(self.k + 1)]
+        mask = self.mask.to(x.device) != 0
+        with torch.no_grad():
+            feats = _pool_layers(states, mask, tuple(self.indices), router.pooling, self.fn)
+            w = router.weights(feats, served.temperature, served.top_k)
+        self.weights = w
+        if self.stop:
+            raise _Stop()
+        served._check_weights(w, x.shape[0], self.fn, routed=True)
+        ctx.row_weights = w
+        ctx.head_tasks = self.used_heads = self.head_tasks if self.head_tasks is not None else (
+            w.argmax(-1) if served._head_layer is not None else None)
+
+    @property
+    def fn(self) -> str:
+        return "TwinMergedModule.route" if self.stop else "TwinMergedModule"
+
+
+class _Hook:
+    """Layer i's pre-hook. An object, not a closure, so that a deep copy of the wrapper gets
+    hooks reading the copy's `_Routing` (deepcopy shares closures but copies objects)."""
+
+    def __init__(self, ctx: _Routing, i: int):
+        self.ctx, self.i = ctx, i
+
+    def __call__(self, module, args, kwargs):
+        ctx = self.ctx
+        p = ctx.prefix
+        if p is None or ctx.reentry:
+            return None
+        x = args[0] if args else kwargs.get("hidden_states")
+        if not isinstance(x, Tensor):
+            raise ValueError(f"{p.fn}: layer {self.i} of the model's stack got no hidden states "
+                             f"tensor (first argument or hidden_states=)")
+        p.enter_layer(ctx, self.i, x)
+        return None
+
+
+def install(ctx: _Routing, stack: nn.ModuleList) -> None:
+    """Pre-hooks on every layer of the stack, reading the thread's `_Routing.prefix`."""
+    for i, layer in enumerate(stack):
+        layer.register_forward_pre_hook(_Hook(ctx, i), with_kwargs=True)
+
+
+def uninstall(stack: nn.ModuleList) -> None:
+    for layer in stack:
+        for key in [k for k, h in layer._forward_pre_hooks.items() if isinstance(h, _Hook)]:
+            del layer._forward_pre_hooks[key]
+            layer._forward_pre_hooks_with_kwargs.pop(key, None)
+
+
+def check_mask(ids: Tensor, mask: Optional[Tensor], fn: str) -> Tensor:
+    if mask is None:
+        return torch.ones_like(ids)
+    if not isinstance(mask, Tensor) or mask.shape != ids.shape:
+        raise ValueError(f"{fn}: attention_mask must be a tensor of input_ids' shape "
+                         f"{list(ids.shape)}, got "
+                         f"{f'{mask.dtype} {list(mask.shape)}' if isinstance(mask, Tensor) else mask!r}")
+    _check_rows(mask != 0, fn)
+    return mask
