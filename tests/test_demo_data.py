@@ -51,7 +51,9 @@ ARCHIVES = {
     "vaderSentiment": _tar({
         "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz": _tar({
             "hutto_ICWSM_2014/tweets_GroundTruth.txt":
-                "1\t2.5\tSo  lucky.\r\n2\t0.2\tmeh\r\n3\t-1.75\tAwful\tday\r\n"}),
+                "1\t2.5\tSo  lucky.\r\n2\t0.2\tmeh\r\n3\t-1.75\tAwful\tday\r\n",
+            "hutto_ICWSM_2014/nytEditorialSnippets_GroundTruth.txt":
+                "7_1\t-0.6\tA grim  budget.\r\n7_2\t0.4\tA plan.\r\n7_3\t1.2\tWell done.\r\n"}),
     }),
     "spam-assassin": _tar({
         "package/data/spam-1/00001.a.json": json.dumps({"group": "spam-1", "text":
@@ -71,7 +73,12 @@ ARCHIVES = {
                           "  1 This software and database is being provided\n"
                           "00005930 03 n 01 dwarf 0 001 @ 00004475 n 0000 | a small plant  \n"
                           "00006024 05 n 01 cat 0 001 @ 00004475 n 0000 | a feline; \"a cat\"  \n"
-                          "00006150 18 n 01 parent 0 000 | a father or mother  \n"}),
+                          "00006150 18 n 01 parent 0 000 | a father or mother  \n",
+                          "./usr/share/wordnet/data.verb":
+                          "  1 This software and database is being provided\n"
+                          "00001740 29 v 04 breathe 0 000 | draw air into the lungs  \n"
+                          "00002325 38 v 01 walk 0 000 | move on foot  \n"
+                          "00002573 30 v 01 melt 0 000 | become liquid  \n"}),
 }
 
 
@@ -106,6 +113,13 @@ def test_parsers(cache):
     texts, labels, _ = data.wordnet_supersense(cache)
     assert texts == ['a feline; "a cat"', "a father or mother"]
     assert [data.TASKS["wordnet_supersense"].label_names[y] for y in labels] == ["animal", "person"]
+    # The tasks to swap in: another VADER corpus, the verb glosses (verb.body is not a class).
+    assert data.editorial_sentiment(cache) == (["A grim budget.", "Well done."], [0, 1], None)
+    texts, labels, _ = data.wordnet_verb_supersense(cache)
+    assert texts == ["move on foot", "become liquid"]
+    assert [data.TASKS["wordnet_verb_supersense"].label_names[y] for y in labels] == [
+        "motion", "change"]
+    assert len(data.DEFAULT_TASKS) == 8 and "editorial_sentiment" not in data.DEFAULT_TASKS
 
 
 def test_era_boundaries():

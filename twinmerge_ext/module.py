@@ -199,11 +199,20 @@ class TwinMergedModule(nn.Module):
             mode, at the cost of one host synchronization per call. Pass False only where a
             call must not synchronize (CUDA-graph capture, torch.compile(fullgraph=True)): NaN
             weights then give NaN outputs in factored mode.
+        routing: how calls without mix_weights get their weights. "two_pass" (the paper): a
+            router pass of θs, then the served pass; the router pass stops at the last hidden
+            state the router reads (a router on early layers costs a fraction of a pass).
+            "self": one factored pass; the embeddings and the layers before the router's last
+            hidden state run θs, the router runs where that state enters the model's stack of
+            layers, and the later layers and the heads serve θ(w_b). Not the paper's model (its
+            first layers are θs, not θ(w_b)); needs a router on pooled hidden states before the
+            last layer (TwinRouter, PrototypeRouter), the default router features, a module
+            with one stack of layers (a transformers model), and mode "factored" or "auto".
 
     Call: wrapped(*args, mix_weights=None, head_tasks=None, **kwargs) -> the module's output.
         mix_weights: [B, T] (row b gets its own model, B = the first dimension of the batched
             inputs), [T] (one model for the call), or None (the router computes [B, T] from a
-            forward pass of θs: two passes, as in the paper).
+            forward pass of θs: two passes, as in the paper; or inside the pass, routing="self").
         head_tasks: [B] task indices choosing each row's head (only for twins with heads), or
             [B, H] for H heads per row (the head's output gains a dimension: [B, H, ...], e.g.
             logits [B, H, width]; one body pass scores several head choices). Passing the true

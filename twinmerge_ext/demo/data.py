@@ -16,6 +16,13 @@ for personal use: they are fetched, never shipped.
 | fortune_topic | Debian fortunes, one label per category file | 12 categories |
 | wordnet_supersense | Debian wordnet-base, data.noun glosses | 8 noun lexicographer files |
 
+Two more tasks from the same packages, for runs that swap tasks (`--tasks`):
+
+| task | source | labels |
+|---|---|---|
+| editorial_sentiment | vaderSentiment sdist, nytEditorialSnippets_GroundTruth.txt, abs(score) >= 0.5 | negative, positive |
+| wordnet_verb_supersense | Debian wordnet-base, data.verb glosses | the 8 largest verb lexicographer files |
+
 Splits per task: seeded, stratified by label, train 2000 / validation 250 / test 500, after
 removing duplicate texts (sotu_era: whole addresses go to one split).
 """
@@ -220,10 +227,11 @@ def langid(cache: str, per_file: int = 1000) -> Examples:
     return texts, labels, None
 
 
-def tweet_sentiment(cache: str) -> Examples:
+def _vader_ground_truth(cache: str, corpus: str) -> Examples:
+    """One of VADER's rated corpora (id, mean rating, text): the clearly rated items."""
     inner = _tar_member(fetch("vaderSentiment", cache),
                         "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz")
-    raw = _tar_member(inner, "hutto_ICWSM_2014/tweets_GroundTruth.txt")
+    raw = _tar_member(inner, f"hutto_ICWSM_2014/{corpus}_GroundTruth.txt")
     texts, labels = [], []
     for line in raw.decode("utf-8", errors="replace").splitlines():
         parts = line.rstrip("\r").split("\t")
@@ -234,6 +242,15 @@ def tweet_sentiment(cache: str) -> Examples:
             texts.append(" ".join("\t".join(parts[2:]).split()))
             labels.append(1 if score > 0 else 0)
     return texts, labels, None
+
+
+def tweet_sentiment(cache: str) -> Examples:
+    return _vader_ground_truth(cache, "tweets")
+
+
+def editorial_sentiment(cache: str) -> Examples:
+    """New York Times editorial snippets (an alternative task, for runs with other tasks)."""
+    return _vader_ground_truth(cache, "nytEditorialSnippets")
 
 
 def _email_text(raw: str) -> str:
@@ -318,16 +335,30 @@ WORDNET_CLASSES = {6: "artifact", 18: "person", 20: "plant", 5: "animal", 4: "ac
                    10: "communication", 26: "state", 15: "location"}
 
 
+# The eight largest verb lexicographer files (an alternative task).
+WORDNET_VERB_CLASSES = {30: "change", 35: "contact", 32: "communication", 38: "motion",
+                        41: "social", 40: "possession", 42: "stative", 36: "creation"}
+
+
 def wordnet_supersense(cache: str) -> Examples:
-    raw = _deb_member(fetch("wordnet-base", cache), "./usr/share/wordnet/data.noun")
-    order = list(WORDNET_CLASSES)
+    return _wordnet_glosses(cache, "data.noun", WORDNET_CLASSES)
+
+
+def wordnet_verb_supersense(cache: str) -> Examples:
+    return _wordnet_glosses(cache, "data.verb", WORDNET_VERB_CLASSES)
+
+
+def _wordnet_glosses(cache: str, member: str, classes: Dict[int, str]) -> Examples:
+    """Synset glosses labelled by their lexicographer file (those in `classes`)."""
+    raw = _deb_member(fetch("wordnet-base", cache), f"./usr/share/wordnet/{member}")
+    order = list(classes)
     texts, labels = [], []
     for line in raw.decode("utf-8", errors="replace").splitlines():
         if line.startswith("  ") or " | " not in line:
             continue  # the license header
         fields, gloss = line.split(" | ", 1)
         lexfile = int(fields.split()[1])
-        if lexfile in WORDNET_CLASSES:
+        if lexfile in classes:
             texts.append(" ".join(gloss.split()))
             labels.append(order.index(lexfile))
     return texts, labels, None
@@ -348,7 +379,12 @@ TASKS: Dict[str, TaskSpec] = {
     "sotu_era": TaskSpec(sotu_era, ("<=1860", "<=1932", "<=1980", "later")),
     "fortune_topic": TaskSpec(fortune_topic, FORTUNE_CATEGORIES),
     "wordnet_supersense": TaskSpec(wordnet_supersense, tuple(WORDNET_CLASSES.values())),
+    # Not in the default eight: for runs that swap tasks (`--tasks`), from the same packages.
+    "editorial_sentiment": TaskSpec(editorial_sentiment, ("negative", "positive")),
+    "wordnet_verb_supersense": TaskSpec(wordnet_verb_supersense,
+                                        tuple(WORDNET_VERB_CLASSES.values())),
 }
+DEFAULT_TASKS = tuple(TASKS)[:8]
 
 
 # --- splits -------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ _LABELS = {"expert": "Fine-tuned experts", "average": "Weight averaging",
            "task_arithmetic": "Task arithmetic", "ties": "TIES", "dare": "DARE",
            "twin": "Twin-Merging (per row, exact)", "twin_group": "Twin-Merging group-wise",
            "twin_rank1": "Twin-Merging rank 1",
+           "twin_self": "Twin-Merging self-routed (one pass)",
            "twin_oracle": "(diagnostic) Twin-Merging, oracle one-hot weights"}
 
 
@@ -41,7 +42,8 @@ def markdown(out: Dict[str, object]) -> str:
     lines += ["The diagnostic row serves each item with one-hot weights on its true task, which no "
               "deployed router knows: the gap between it and the per-row row is routing, the gap "
               "between it and the experts is the rank-0.1 compression (and the shared expert).",
-              ""] + routing.router_markdown(rt, names) + ["## Storage and time", ""]
+              ""] + routing.router_markdown(rt, names) + routing.self_routing_markdown(
+                  rt.get("self_routing"), names) + ["## Storage and time", ""]
     s, tm = out["storage_mb"], out["timing"]
     lines += [f"- storage: twin {s['twin']:.1f} MB ({s['twin_over_one_model']:.2f} single models), "
               f"rank 1 {s['twin_rank1']:.1f} MB, the {len(names)} experts {s['experts']:.1f} MB",
@@ -57,6 +59,9 @@ def markdown(out: Dict[str, object]) -> str:
               f"- Twin per-row / task arithmetic: {tm['twin_over_task_arithmetic']:.2f}× "
               f"(linear-layer FLOP bound {tm['factored_linear_flops_bound']:.2f}×); group-wise "
               f"{tm['group_over_task_arithmetic']:.2f}×",
+              f"- end to end, router included: Twin per-row two-pass (router pass + twin) "
+              f"{tm['two_pass_over_task_arithmetic']:.2f}× task arithmetic; self-routed (one "
+              f"pass, the router inside it) {tm['self_over_task_arithmetic']:.2f}×",
               f"- authors' style (dense deltas merged per sample, batch 1; the first "
               f"{tm['authors_style_items']} items, timed in the same rounds): "
               f"{tm['authors_style_seconds_per_1000']:.1f} s per 1000 items; Twin per-row is "

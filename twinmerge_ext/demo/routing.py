@@ -123,3 +123,80 @@ def router_markdown(rt: Dict[str, Any], names: List[str]) -> List[str]:
                   for n, row in zip(names, rt["test_confusion"])]
         lines.append("")
     return lines
+
+
+def serve_self(wrapped, stream, size: int = 32) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(predictions [N, 2] (true task's head, the router's argmax task's head), weights [N, T])
+    of a wrapper with routing="self": one pass per batch, the weights computed inside it. Every
+    head runs on every row anyway (`_TwinHead`), so each row asks for its true task's and all T
+    heads, and keeps the head of its routed task once the pass has routed it."""
+    T = len(wrapped.tasks)
+    pred = torch.empty(len(stream), 2, dtype=torch.long)
+    weights = torch.empty(len(stream), T)
+    with torch.inference_mode():
+        for idx, ids, mask in stream.batches(size):
+            heads = torch.cat([stream.tasks[idx, None], torch.arange(T).expand(len(idx), T)], 1)
+            logits = wrapped(input_ids=ids, attention_mask=mask, head_tasks=heads).logits
+            w = wrapped.last_call["weights"]
+            rows = torch.arange(len(idx))
+            pred[idx, 0] = logits[:, 0].argmax(-1)
+            pred[idx, 1] = logits[rows, 1 + w.argmax(-1)].argmax(-1)
+            weights[idx] = w
+    return pred, weights
+
+
+def select_self_routing(wrapped, cands: Sequence[Tuple[Any, Any, bool]], lr: float,
+                        feature_name: Callable[[Tuple[Any, Any]], str],
+                        train: Dict[str, Dict[str, torch.Tensor]], val_feats, val_tasks,
+                        test_feats, test_tasks, score_val: Callable[[Any], float],
+                        fit_kwargs: Dict[str, Any], log: Callable[[str], None]):
+    """(router, its record, every record) for self-routing: an MLP router per feature set of
+    early layers, the one whose self-routed twin scores best on the validation stream
+    (`score_val(router)`: mean accuracy; the fewer layers a router reads, the more layers
+    serve θ(w), so the choice trades routing accuracy against mixed layers)."""
+    best, records = None, []
+    for layer, pooling, standardize in cands:
+        name = feature_name((layer, pooling))
+        router, _ = fit_router(lambda f: f, {n: [train[n][name]] for n in train}, layer=layer,
+                               pooling=pooling, standardize=standardize, lr=lr, **fit_kwargs)
+        with torch.no_grad():
+            accs = [float((router(f[name]).argmax(-1) == t).float().mean())
+                    for f, t in ((val_feats, val_tasks), (test_feats, test_tasks))]
+        score = score_val(router)
+        k = max(layer) if isinstance(layer, tuple) else layer
+        record = {"features": candidate_label(name, standardize, "mlp", 0), "kind": "mlp",
+                  "prototypes": None, "lr": lr, "routed_at_layer": k,
+                  "val_accuracy": accs[0], "test_accuracy": accs[1], "val_twin_score": score}
+        records.append(record)
+        log(f"self-routing router {record['features']}: routing accuracy validation "
+            f"{accs[0]:.3f} (test {accs[1]:.3f}); self-routed twin, validation mean accuracy "
+            f"{score:.4f}")
+        if best is None or score > best[1]["val_twin_score"]:
+            best = (router, record)
+    return (*best, records)
+
+
+def self_routing_markdown(sr: Optional[Dict[str, Any]], names: List[str]) -> List[str]:
+    """The report's self-routing section."""
+    if not sr:
+        return []
+    k = sr["routed_at_layer"]
+    lines = ["## Self-routing (one pass)", "",
+             f"The router reads the hidden states entering layers {sr['layer']} inside the "
+             f"served pass: the embeddings and "
+             + ("layer 0" if k == 1 else f"layers 0–{k - 1}")
+             + f" run θs, the router runs where layer {k}'s input is known, and layer {k} on "
+             f"(and the heads) serve θ(w) per row. "
+             f"Chosen by the self-routed twin's mean accuracy on the validation grid items: "
+             f"{sr['features']} (routing accuracy: validation {sr['val_accuracy']:.3f}, "
+             f"test {sr['test_accuracy']:.3f}).", "",
+             "| router features | routed at layer | routing validation | routing test | "
+             "self-routed twin, validation mean accuracy |", "|---|---|---|---|---|"]
+    lines += [f"| {c['features']} | {c['routed_at_layer']} | {c['val_accuracy']:.3f} | "
+              f"{c['test_accuracy']:.3f} | {c['val_twin_score']:.4f} |"
+              for c in sr["candidates"]]
+    lines += ["", "Test routing accuracy per task:", "",
+              "| " + " | ".join(names) + " |", "|" + "---|" * len(names),
+              "| " + " | ".join(f"{sr['test_accuracy_per_task'][n]:.3f}" for n in names) + " |",
+              ""]
+    return lines

@@ -46,7 +46,7 @@ HEAD = r"^classifier\."
 class Config:
     out: str = "demo-results"
     cache: str = field(default_factory=demo_data.default_cache_dir)
-    tasks: Tuple[str, ...] = tuple(demo_data.TASKS)
+    tasks: Tuple[str, ...] = demo_data.DEFAULT_TASKS
     sizes: Tuple[int, int, int] = demo_data.SIZES
     steps: int = 150
     batch: int = 16
@@ -83,6 +83,11 @@ class Config:
         ((0, 3, 6), "mean", False), ((0, 3, 6), ("mean", "cls"), True),
         (tuple(range(7)), ("mean", "cls"), True))
     router_hidden: int = 768    # the authors' 2·d for one layer of MiniLM; caps concatenations
+    # Self-routing (one pass): MLP routers on the hidden states entering the first layers; the
+    # layers before the last one read serve θs. Chosen by the self-routed twin's validation score.
+    self_route_features: Tuple[Tuple[object, object, bool], ...] = (
+        ((0, 1), ("mean", "cls"), True), ((0, 1, 2), ("mean", "cls"), True),
+        ((0, 1, 2, 3), ("mean", "cls"), True))
     grid_val_items: int = 100   # per task, for the static merges' hyper-parameter grids
     timing_items: int = 256     # the first items of the test stream, timed for every method
     timing_rounds: int = 4
@@ -101,6 +106,7 @@ class Config:
                    authors_sample=8,
                    ta_scales=(0.3, 1.0), ties_grid=((0.2, 1.0),), dare_grid=((0.5, 0.3),),
                    router_features=((-1, ("mean", "cls"), True),), grid_val_items=24,
+                   self_route_features=(((0, 1), ("mean", "cls"), True),),
                    timing_items=64,
                    timing_rounds=1, quick=True, **kw)
 
@@ -702,13 +708,15 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> Dict[str, object]:
     wrapped = TwinMergedModule(_new_model(2, cfg.seed).eval(), twins["twin"], mode="factored",
                                n_groups=cfg.n_groups, seed=cfg.seed).eval()
     # The router's features: one forward of θs per item, every candidate pooled from it.
-    cands = [tuple(tuple(x) if isinstance(x, (list, tuple)) else x for x in c)
-             for c in cfg.router_features]
+    def as_cands(spec):
+        return [tuple(tuple(x) if isinstance(x, (list, tuple)) else x for x in c) for c in spec]
+    cands, self_cands = as_cands(cfg.router_features), as_cands(cfg.self_route_features)
+    all_cands = cands + [c for c in self_cands if c not in cands]
 
     def features(e: Encoded, what: str):
         return memo.tensors("features", [twin_ids["twin"], what, tensor_digest(e.ids, e.mask),
-                                         [_feature_name(c) for c in cands]],
-                            lambda: _router_features(wrapped.module, e, cands))
+                                         [_feature_name(c) for c in all_cands]],
+                            lambda: _router_features(wrapped.module, e, all_cands))
     feats = {n: features(_head(enc[n]["train"], cfg.router_items), f"train:{n}") for n in names}
     val_feats = features(Encoded(val.ids, val.mask, val.labels), "val")
     test_feats = features(Encoded(test.ids, test.mask, test.labels), "test")
@@ -726,6 +734,25 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> Dict[str, object]:
     wrapped.router = router
     router_id = _digest(twin_ids["twin"], tensor_digest(*router.state_dict().values()),
                         router.config())
+    # Self-routing: one pass, the router inside it (its own router, on early layers).
+    selfish = TwinMergedModule(_new_model(2, cfg.seed).eval(), twins["twin"], mode="factored",
+                               routing="self", seed=cfg.seed).eval()
+
+    def self_id(r) -> str:
+        return _digest(twin_ids["twin"], tensor_digest(*r.state_dict().values()), r.config())
+
+    def score_self_val(r) -> float:
+        def score():
+            selfish.router = r
+            pred, _ = routing.serve_self(selfish, grid_val)
+            return float(np.mean(_scores(pred[:, 0], grid_val, T)))
+        return memo.json("self-val", [self_id(r), key["grid_val"]], score)
+    self_router, self_record, self_candidates = routing.select_self_routing(
+        selfish, self_cands, cfg.router_lrs[0], _feature_name, feats, val_feats, val.tasks,
+        test_feats, test.tasks, score_self_val,
+        dict(epochs=cfg.router_epochs, seed=cfg.seed, max_items_per_task=cfg.router_items,
+             hidden=cfg.router_hidden), log)
+    selfish.router = self_router
     log("scoring the test stream")
     # The shared expert θs is task arithmetic's body (same merge, same scale): one pass over the
     # test stream scores task arithmetic and gives the router's weights.
@@ -766,6 +793,11 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> Dict[str, object]:
             "twin", [label, twin_ids["twin_rank1" if model is rank1 else "twin"], mode,
                      cfg.n_groups, cfg.seed, tensor_digest(weights), key["test"]],
             lambda: _protocols(serve_twin(model, test, weights, mode), test, T))
+    def self_pass():
+        pred, w = routing.serve_self(selfish, test)
+        return {"pred": pred, "w": w}
+    self_test = memo.tensors("self-pass", [self_id(self_router), key["test"]], self_pass)
+    results["twin_self"] = _protocols(self_test["pred"], test, T)
     log(f"evaluation cache: {memo.hits} results reused, {memo.misses} computed")
 
     # Timing, never cached: every served method on the same first items of the stream, in
@@ -795,6 +827,7 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> Dict[str, object]:
         "twin": (lambda st: serve_twin(wrapped, st, w_s[:len(st)], "factored"), sample),
         "twin_group": (group_job, sample),
         "twin_rank1": (lambda st: serve_twin(rank1, st, w_s[:len(st)], "factored"), sample),
+        "twin_self": (lambda st: routing.serve_self(selfish, st), sample),
         "authors": (authors_style(twins["twin"], w_s), authors_items),
         "authors_nonzero": (authors_style(twins["twin"], w_s, zero_deltas=False), authors_items)},
         cfg.timing_rounds)
@@ -845,7 +878,16 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> Dict[str, object]:
                    "fit_report": {k: router_rep[k] for k in (
                        "best_epoch", "scale", "val_accuracy", "n_items_per_task")
                        if k in router_rep},
-                   "seconds_per_1000": per_1000["router"]},
+                   "seconds_per_1000": per_1000["router"],
+                   "self_routing": {**self_record, "candidates": self_candidates,
+                                    "layer": list(self_router.layer)
+                                    if isinstance(self_router.layer, tuple) else
+                                    self_router.layer,
+                                    "test_accuracy_per_task": dict(zip(names, _scores(
+                                        self_test["w"].argmax(-1), Stream(
+                                            test.ids, test.mask, test.tasks, test.tasks), T))),
+                                    "test_confusion": routing.confusion(
+                                        self_test["w"].argmax(-1), test.tasks, T)}},
         "storage_mb": {"one_model": one_model_mb, "experts": report["experts_bytes"] / 2**20,
                        "twin": report["twin_bytes"] / 2**20,
                        "twin_rank1": twins["twin_rank1"].report()["storage"]["twin_bytes"] / 2**20,
@@ -854,6 +896,9 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> Dict[str, object]:
                    "group_wise_sample_groups": len(merges),
                    "group_wise_merges": n_merges, "merge_seconds": merge_mean,
                    "twin_over_task_arithmetic": per_1000["twin"] / ta_time,
+                   "two_pass_over_task_arithmetic":
+                       (per_1000["router"] + per_1000["twin"]) / ta_time,
+                   "self_over_task_arithmetic": per_1000["twin_self"] / ta_time,
                    "group_over_task_arithmetic": per_1000["twin_group"] / ta_time,
                    "authors_style_items": len(authors_items),
                    "authors_style_seconds_per_1000": 1000 * authors,
@@ -882,7 +927,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--cache", default=demo_data.default_cache_dir(),
                    help="data and expert cache (default: $TWINMERGE_CACHE or ~/.cache/...)")
     p.add_argument("--quick", action="store_true", help="2 tasks, tiny settings (a minute or two)")
-    p.add_argument("--tasks", nargs="+", choices=list(demo_data.TASKS), help="a subset of tasks")
+    p.add_argument("--tasks", nargs="+", choices=list(demo_data.TASKS),
+                   help="the tasks (default: the eight of the table; editorial_sentiment and "
+                        "wordnet_verb_supersense are there to swap in)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--recipe", choices=RECIPES,
                    help="the experts' fine-tuning recipe: standard (warmup, linear decay, "
