@@ -484,6 +484,7 @@ def bench_serving(config, T, rank, batch, seq, dtype, device, env, check_rows=2,
             "plain_forward": lambda: plain(**inputs),
             "router_pass": lambda: wrapped.route(**inputs),
             "self_routed": lambda: selfish(**inputs),
+            "router_pass_cut_short": lambda: selfish.route(**inputs),
             "group": group,
             "a_authors": authors(dense),
             "a_authors_nonzero": authors(dense_nonzero)}, device, rounds=rounds, runs=runs,
@@ -505,6 +506,8 @@ def bench_serving(config, T, rank, batch, seq, dtype, device, env, check_rows=2,
                two_pass_over_plain=(times["router_pass"].median_ms + times["ours"].median_ms)
                / plain_ms,
                self_routed_over_plain=times["self_routed"].median_ms / plain_ms,
+               cut_short_two_pass_over_plain=(times["router_pass_cut_short"].median_ms
+                                              + times["ours"].median_ms) / plain_ms,
                self_routed_at_layer=self_layer,
                flop_bound_over_plain=bound, mixing_effect=effect, check_tolerance=tol,
                patched_linear_calls=sum(1 for name, *_ in calls if f"{name}.weight" in K),
@@ -512,7 +515,8 @@ def bench_serving(config, T, rank, batch, seq, dtype, device, env, check_rows=2,
                router="untrained TwinRouter(hidden, tasks), layer -1 mean pooling: the first "
                       "pass, timed alone; self_routed: one pass, a TwinRouter on the hidden "
                       "state entering layer self_routed_at_layer inside it (the layers before "
-                      "on θs), two_pass: router pass + ours",
+                      "on θs), two_pass: router pass + ours, cut_short_two_pass: that router's "
+                      "pass (stopped at its layer) + ours",
                group=f"mode='group', n_groups={wrapped.n_groups}: KMeans plan on the host, one "
                      f"merge and one sub-batch forward per group (approximate by design)")
     return row
@@ -763,6 +767,7 @@ _EXTRAS = (("error_ratio", "error ratio {:.4f}", 1), ("ours_over_base_gemm", "{:
            ("flop_bound_over_plain", "(bound {:.2f}x)", 1),
            ("two_pass_over_plain", "router pass + ours {:.2f}x", 1),
            ("self_routed_over_plain", "self-routed {:.2f}x", 1),
+           ("cut_short_two_pass_over_plain", "cut-short router + ours {:.2f}x", 1),
            ("ours_over_base_gemm_graph", "graph {:.2f}x base GEMM graph", 1),
            ("peak_extra_bytes", "peak extra {:.1f} MB", 1e-6), ("budget_bytes", "budget {:.1f} MB", 1e-6),
            ("ours_over_budget", "= {:.2f}x budget", 1),

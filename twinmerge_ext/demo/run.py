@@ -86,8 +86,8 @@ class Config:
     # Self-routing (one pass): MLP routers on the hidden states entering the first layers; the
     # layers before the last one read serve θs. Chosen by the self-routed twin's validation score.
     self_route_features: Tuple[Tuple[object, object, bool], ...] = (
-        ((0, 1), ("mean", "cls"), True), ((0, 1, 2), ("mean", "cls"), True),
-        ((0, 1, 2, 3), ("mean", "cls"), True))
+        ((0,), ("mean", "cls"), True), ((0, 1), ("mean", "cls"), True),
+        ((0, 1, 2), ("mean", "cls"), True), ((0, 1, 2, 3), ("mean", "cls"), True))
     grid_val_items: int = 100   # per task, for the static merges' hyper-parameter grids
     timing_items: int = 256     # the first items of the test stream, timed for every method
     timing_rounds: int = 4
@@ -726,11 +726,13 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> Dict[str, object]:
                                      max_items_per_task=cfg.router_items,
                                      hidden=cfg.router_hidden), log)
     layer, pooling = router.layer, router.pooling
-    candidates += routing.energy_candidates(
+    energy = routing.energy_candidates(
         wrapped, {n: (e.ids, e.mask) for n, e in
                   ((n, _head(enc[n]["train"], cfg.router_items)) for n in names)},
         (val.ids, val.mask, val.tasks), (test.ids, test.mask, test.tasks),
         dict(cfg.energy_layer_sets), cfg.seed, log)
+    best_energy = max(energy, key=lambda r: r["val_accuracy"])  # timed below
+    candidates += [{k: v for k, v in r.items() if k not in ("router", "layers")} for r in energy]
     wrapped.router = router
     router_id = _digest(twin_ids["twin"], tensor_digest(*router.state_dict().values()),
                         router.config())
@@ -798,6 +800,12 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> Dict[str, object]:
         return {"pred": pred, "w": w}
     self_test = memo.tensors("self-pass", [self_id(self_router), key["test"]], self_pass)
     results["twin_self"] = _protocols(self_test["pred"], test, T)
+    # The same router's weights (a pass of θs up to its layer gives the same ones) served the
+    # paper's way, θ(w) in every layer, after a router pass: what the first layers on θs cost.
+    results["twin_early_two_pass"] = memo.json(
+        "twin", ["twin_early_two_pass", twin_ids["twin"], tensor_digest(self_test["w"]),
+                 key["test"]],
+        lambda: _protocols(serve_twin(wrapped, test, self_test["w"], "factored"), test, T))
     log(f"evaluation cache: {memo.hits} results reused, {memo.misses} computed")
 
     # Timing, never cached: every served method on the same first items of the stream, in
@@ -828,6 +836,11 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> Dict[str, object]:
         "twin_group": (group_job, sample),
         "twin_rank1": (lambda st: serve_twin(rank1, st, w_s[:len(st)], "factored"), sample),
         "twin_self": (lambda st: routing.serve_self(selfish, st), sample),
+        # The other router kinds' passes: the energy router's (a plain pass reading energies),
+        # and the self-routing router's as the first of two passes, cut short at its layer.
+        "router_energy": (lambda st: routing.energy_pass(
+            wrapped, best_energy["router"], st, best_energy["layers"]), sample),
+        "router_cut_short": (lambda st: route_stream(selfish, st), sample),
         "authors": (authors_style(twins["twin"], w_s), authors_items),
         "authors_nonzero": (authors_style(twins["twin"], w_s, zero_deltas=False), authors_items)},
         cfg.timing_rounds)
@@ -879,6 +892,13 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> Dict[str, object]:
                        "best_epoch", "scale", "val_accuracy", "n_items_per_task")
                        if k in router_rep},
                    "seconds_per_1000": per_1000["router"],
+                   # Router passes per kind (prototype routers read the MLP's features: the
+                   # same pass, and a T·P cosine instead of the MLP).
+                   "pass_seconds_per_1000": {
+                       "mlp or prototype, whole pass": per_1000["router"],
+                       f"energy, {best_energy['features']}": per_1000["router_energy"],
+                       f"self-routing router as a first pass, cut short at layer "
+                       f"{self_record['routed_at_layer']}": per_1000["router_cut_short"]},
                    "self_routing": {**self_record, "candidates": self_candidates,
                                     "layer": list(self_router.layer)
                                     if isinstance(self_router.layer, tuple) else
@@ -899,6 +919,8 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> Dict[str, object]:
                    "two_pass_over_task_arithmetic":
                        (per_1000["router"] + per_1000["twin"]) / ta_time,
                    "self_over_task_arithmetic": per_1000["twin_self"] / ta_time,
+                   "early_two_pass_over_task_arithmetic":
+                       (per_1000["router_cut_short"] + per_1000["twin"]) / ta_time,
                    "group_over_task_arithmetic": per_1000["twin_group"] / ta_time,
                    "authors_style_items": len(authors_items),
                    "authors_style_seconds_per_1000": 1000 * authors,
