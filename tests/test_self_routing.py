@@ -254,6 +254,7 @@ def test_bad_routing_values_are_refused(twins):
     ("materialize", "mode is 'materialize'"),
     ("mask", "attention_mask must be a tensor of input_ids' shape"),
     ("empty_row", r"attention_mask rows \[1\] have no non-padding token"),
+    ("float_ids", r"input_ids must be a 2-D integer tensor \[B, L\], got \[5, 7\] torch.float32"),
 ])
 def test_self_routing_refuses_what_it_cannot_do(twins, case, match):
     twin = twins["llama"]
@@ -271,6 +272,8 @@ def test_self_routing_refuses_what_it_cannot_do(twins, case, match):
         wrapped.mode = "materialize"
     elif case == "mask":
         mask = mask[:, :4]
+    elif case == "float_ids":
+        ids = ids.float()
     elif case == "empty_row":
         mask = mask.clone()
         mask[1] = 0
@@ -298,3 +301,13 @@ def test_prototype_routers_self_route(twins):
         out = wrapped(input_ids=ids, attention_mask=mask).logits
     assert torch.equal(wrapped.last_call["weights"], w)
     _close(out, _reference("llama", twin, ids, mask, w, 1))
+
+
+def test_a_cut_short_route_checks_its_inputs(twins):
+    twin = twins["bert"]
+    wrapped = _wrapped("bert", twin, _router(twin, (0, 1)))
+    ids, mask = _batch()
+    with pytest.raises(ValueError, match=r"TwinMergedModule.route: attention_mask must be"):
+        wrapped.route(input_ids=ids, attention_mask=mask[:, :3])
+    with pytest.raises(ValueError, match=r"TwinMergedModule.route: input_ids must be a 2-D"):
+        wrapped.route(input_ids=ids[0], attention_mask=mask[0])

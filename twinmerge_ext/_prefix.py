@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from twinmerge_ext._layers import _Routing
-from twinmerge_ext.router import _check_rows, _layer_arg, _pool_layers
+from twinmerge_ext.router import _check_rows, _describe, _layer_arg, _pool_layers
 
 
 class _Stop(Exception):
@@ -135,11 +135,16 @@ def uninstall(stack: nn.ModuleList) -> None:
 
 
 def check_mask(ids: Tensor, mask: Optional[Tensor], fn: str) -> Tensor:
+    """The attention mask of input_ids [B, L] (ones if None), checked: its shape, and a real
+    token in every row (there is nothing to pool otherwise)."""
+    if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.is_floating_point() or \
+            ids.is_complex():
+        raise ValueError(f"{fn}: input_ids must be a 2-D integer tensor [B, L], got "
+                         f"{_describe(ids)}")
     if mask is None:
         return torch.ones_like(ids)
     if not isinstance(mask, Tensor) or mask.shape != ids.shape:
         raise ValueError(f"{fn}: attention_mask must be a tensor of input_ids' shape "
-                         f"{list(ids.shape)}, got "
-                         f"{f'{mask.dtype} {list(mask.shape)}' if isinstance(mask, Tensor) else mask!r}")
+                         f"{list(ids.shape)}, got {_describe(mask)}")
     _check_rows(mask != 0, fn)
     return mask

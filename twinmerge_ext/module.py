@@ -764,10 +764,6 @@ class TwinMergedModule(nn.Module):
                              f"mode='factored' or 'auto', or routing='two_pass'")
         indices = self._prefix_indices(fn, required=True)
         ids = kwargs.get("input_ids", args[0] if args else None)
-        if not isinstance(ids, Tensor) or ids.dim() != 2:
-            raise ValueError(f"{fn}: routing='self' pools the hidden states over input_ids' "
-                             f"tokens: pass input_ids [B, L] (first positional or keyword "
-                             f"argument), got {_describe_tensor(ids)}")
         mask = check_mask(ids, kwargs.get("attention_mask"), fn)
         if head_tasks is not None:
             head_tasks = self._check_head_tasks(head_tasks, ids.shape[0], ids.device, fn)
