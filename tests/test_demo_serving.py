@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from twinmerge_ext.demo import cache as demo_cache
 from twinmerge_ext.demo import run as demo
 
 
@@ -63,7 +64,7 @@ def test_stream_batches_cover_each_row_once_trimmed_to_its_micro_batch():
 
 
 def test_eval_cache_reuses_only_identical_keys_and_recovers_from_damage(tmp_path):
-    cache = demo.EvalCache(str(tmp_path))
+    cache = demo_cache.EvalCache(str(tmp_path))
     calls = []
 
     def compute(v):
@@ -80,28 +81,28 @@ def test_eval_cache_reuses_only_identical_keys_and_recovers_from_damage(tmp_path
     assert cache.json("other", ["a", 1], lambda: compute(5)) == {"score": 5}
     assert json.loads(path.read_text()) == {"score": 5}
     # Disabled: computes and overwrites, never reads.
-    off = demo.EvalCache(str(tmp_path), enabled=False)
+    off = demo_cache.EvalCache(str(tmp_path), enabled=False)
     assert off.json("k", ["a", 1], lambda: compute(6)) == {"score": 6}
     assert cache.json("k", ["a", 1], lambda: compute(7)) == {"score": 6}
     t = {"w": torch.arange(6.0).view(2, 3)}
-    got = cache.tensors("t", [demo.tensor_digest(t["w"])], lambda: t)
+    got = cache.tensors("t", [demo_cache.tensor_digest(t["w"])], lambda: t)
     assert torch.equal(got["w"], t["w"])
-    assert torch.equal(cache.tensors("t", [demo.tensor_digest(t["w"])], lambda: {})["w"], t["w"])
+    assert torch.equal(cache.tensors("t", [demo_cache.tensor_digest(t["w"])], lambda: {})["w"], t["w"])
     assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_tensor_digest_sees_values_dtype_and_shape():
     a = torch.arange(12.0)
-    assert demo.tensor_digest(a) == demo.tensor_digest(a.clone())
-    assert demo.tensor_digest(a) != demo.tensor_digest(a.view(3, 4))
-    assert demo.tensor_digest(a) != demo.tensor_digest(a.double())
+    assert demo_cache.tensor_digest(a) == demo_cache.tensor_digest(a.clone())
+    assert demo_cache.tensor_digest(a) != demo_cache.tensor_digest(a.view(3, 4))
+    assert demo_cache.tensor_digest(a) != demo_cache.tensor_digest(a.double())
     b = a.clone()
     b[7] += 1e-6
-    assert demo.tensor_digest(a) != demo.tensor_digest(b)
+    assert demo_cache.tensor_digest(a) != demo_cache.tensor_digest(b)
     big = torch.zeros(5000)
     other = big.clone()
     other[2500] = 1  # where a printed tensor would show "..."
-    assert demo.tensor_digest(big) != demo.tensor_digest(other)
+    assert demo_cache.tensor_digest(big) != demo_cache.tensor_digest(other)
 
 
 def test_time_interleaved_warms_up_then_runs_every_job_each_round_and_keeps_the_fastest():

@@ -15,8 +15,6 @@ the stream, in interleaved rounds.
 import argparse
 import copy
 import functools
-import hashlib
-import json
 import math
 import os
 import platform
@@ -34,6 +32,7 @@ import twinmerge_ext
 from twinmerge_ext import TwinCheckpoint, TwinMergedModule, TwinRouter, merging
 from twinmerge_ext.demo import data as demo_data
 from twinmerge_ext.demo import routing
+from twinmerge_ext.demo.cache import EvalCache, _digest, code_digest, tensor_digest
 from twinmerge_ext.demo.report import markdown, write_report
 from twinmerge_ext._files import write_atomically
 from twinmerge_ext.router import pool_hidden_states
@@ -167,13 +166,6 @@ def _write_atomic(path: str, write: Callable[[str], None]) -> None:
 
 
 # --- experts ------------------------------------------------------------------------------------
-
-def _digest(*parts) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(json.dumps(p, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:16]
-
 
 def expert_key(task: str, train: Encoded, cfg: Config) -> str:
     """What an expert depends on: model, task, training data and hyper-parameters."""
@@ -520,83 +512,6 @@ def time_interleaved(jobs: Dict[str, Tuple[Callable[[Stream], object], Stream]],
             if seconds < best[k][0]:
                 best[k] = (seconds, value)
     return best
-
-
-# --- the evaluation cache -----------------------------------------------------------------------
-
-def tensor_digest(*tensors: torch.Tensor) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        t = t.detach().cpu().contiguous()
-        h.update(f"{t.dtype}{list(t.shape)}".encode())
-        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]
-
-
-@functools.lru_cache(maxsize=1)
-def code_digest() -> str:
-    """twinmerge_ext's code (every file of the package, the compiled extension included), the
-    versions of torch, transformers, numpy and scikit-learn (KMeans), the thread count and the
-    machine: what every cached result also depends on."""
-    import sklearn
-    import transformers
-    h = hashlib.sha256(json.dumps([torch.__version__, transformers.__version__, np.__version__,
-                                   sklearn.__version__, torch.get_num_threads(),
-                                   platform.machine()]).encode())
-    root = os.path.dirname(twinmerge_ext.__file__)
-    for d, _, files in sorted(os.walk(root)):
-        if "__pycache__" in d:
-            continue
-        for f in sorted(files):
-            if f.endswith((".py", ".so", ".pyd")):
-                h.update(f.encode())
-                with open(os.path.join(d, f), "rb") as fh:
-                    h.update(fh.read())
-    return h.hexdigest()[:16]
-
-
-class EvalCache:
-    """The run's deterministic results (scores, router features, weights), stored under
-    `directory` keyed by everything they depend on: the code (`code_digest`), the experts, the
-    data and the hyper-parameters. A rerun recomputes only what changed; timings are never
-    cached. Disabled, it computes everything and overwrites what it stored."""
-
-    def __init__(self, directory: str, enabled: bool = True):
-        self.dir, self.enabled = directory, enabled
-        self.hits = self.misses = 0
-
-    def _path(self, kind: str, parts, ext: str) -> str:
-        return os.path.join(self.dir, f"{kind}-{_digest(code_digest(), kind, parts)}.{ext}")
-
-    def _get(self, path: str, read, compute, write):
-        if self.enabled and os.path.isfile(path):
-            try:
-                value = read(path)
-                self.hits += 1
-                return value
-            except Exception:  # a damaged entry is recomputed and replaced
-                pass
-        self.misses += 1
-        value = compute()
-        os.makedirs(self.dir, exist_ok=True)
-        _write_atomic(path, lambda tmp: write(value, tmp))
-        return value
-
-    def json(self, kind: str, parts, compute: Callable[[], object]):
-        def write(value, tmp):
-            with open(tmp, "w") as f:
-                json.dump(value, f)
-
-        def read(path):
-            with open(path) as f:
-                return json.load(f)
-        return self._get(self._path(kind, parts, "json"), read, compute, write)
-
-    def tensors(self, kind: str, parts,
-                compute: Callable[[], Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
-        return self._get(self._path(kind, parts, "safetensors"), load_file, compute,
-                         lambda value, tmp: save_file(
-                             {k: v.contiguous() for k, v in value.items()}, tmp))
 
 
 # --- the run ------------------------------------------------------------------------------------
