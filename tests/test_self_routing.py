@@ -139,6 +139,9 @@ def test_route_cut_short_stops_at_the_last_layer_read(twins):
     ran = []
     for i, layer in enumerate(wrapped.module.bert.encoder.layer):
         layer.register_forward_hook(lambda *a, i=i: ran.append(i))
+    wrapped.route(*_batch())  # the first call checks the stack once, in a whole pass of one row
+    assert ran == list(range(LAYERS)) + [0]
+    ran.clear()
     wrapped.route(*_batch())
     assert ran == [0]  # layer 1's input is hidden state 1: layer 1 itself never runs
     ran.clear()
@@ -311,3 +314,58 @@ def test_a_cut_short_route_checks_its_inputs(twins):
         wrapped.route(input_ids=ids, attention_mask=mask[:, :3])
     with pytest.raises(ValueError, match=r"TwinMergedModule.route: input_ids must be a 2-D"):
         wrapped.route(input_ids=ids[0], attention_mask=mask[0])
+
+
+def _mamba():
+    cfg = transformers.MambaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=LAYERS,
+                                   state_size=4, expand=2, conv_kernel=3, pad_token_id=0)
+    return transformers.MambaModel(cfg).eval()
+
+
+def test_a_model_whose_hidden_states_are_layer_outputs_gets_the_whole_pass():
+    # Mamba records each layer's output as hidden_states[i] (no embeddings entry): the inputs of
+    # its layers are not what a router on hidden states was fitted on.
+    _, base_sd, experts = _experts(_mamba, 3, 30)
+    twin = TwinCheckpoint.build(base_sd, experts, rank_ratio=1.0)
+    router = TwinRouter(32 * 2, twin.tasks, layer=(0, 1), pooling="mean").eval()
+    torch.manual_seed(0)
+    wrapped = TwinMergedModule(_mamba(), twin, router=router, mode="factored", routing="self")
+    ids = torch.randint(1, VOCAB, (3, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    whole = router.weights(pooled_features(wrapped.module, ids, mask, layer=(0, 1)))
+    assert torch.equal(wrapped.route(input_ids=ids, attention_mask=mask), whole)
+    with pytest.raises(ValueError, match="hidden_states are not those inputs"):
+        wrapped(input_ids=ids, attention_mask=mask)
+
+
+def test_a_positional_mask_is_the_mask_the_router_pools_with(twins):
+    twin = twins["bert"]
+    wrapped = _wrapped("bert", twin, _router(twin, (0, 1)), routing="self")
+    ids, mask = _batch()
+    w = wrapped.route(input_ids=ids, attention_mask=mask)
+    assert torch.equal(wrapped.route(ids, mask), w)
+    with torch.no_grad():
+        wrapped(ids, mask)
+    assert torch.equal(wrapped.last_call["weights"], w)
+
+
+def test_self_routing_refuses_a_module_in_training_mode(twins):
+    twin = twins["bert"]
+    wrapped = _wrapped("bert", twin, _router(twin, (0, 1)), routing="self").train()
+    with pytest.raises(ValueError, match="in training mode"):
+        wrapped(*_batch())
+    with torch.no_grad():  # given weights still serve in training mode
+        wrapped(*_batch(), mix_weights=torch.full((5, 3), 1 / 3))
+
+
+def test_gradient_checkpointing_is_refused_where_backward_would_recompute(twins):
+    twin = twins["bert"]
+    wrapped = _wrapped("bert", twin, None).train()
+    module = wrapped.module
+    (getattr(module, "activation_checkpointing_enable", None)
+     or module.gradient_checkpointing_enable)()
+    w = torch.full((5, 3), 1 / 3, requires_grad=True)
+    with pytest.raises(ValueError, match="activation \\(gradient\\) checkpointing on"):
+        wrapped(*_batch(), mix_weights=w)
+    with torch.no_grad():  # nothing is recomputed without a backward
+        wrapped(*_batch(), mix_weights=w)

@@ -18,7 +18,8 @@ Forward pre-hooks on the stack's layers read the calling thread's `_Routing.pref
 outside these calls: the hooks do nothing), so threads and plain calls are unaffected.
 """
 
-from typing import Dict, List, Optional, Tuple
+import inspect
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -59,12 +60,47 @@ def stack_indices(layer, n: int, fn: str) -> List[int]:
     return out
 
 
+def call_inputs(module: nn.Module, args, kwargs) -> Tuple[Any, Any]:
+    """(input_ids, attention_mask) of a call of `module`, positional or keyword, bound to its
+    forward's signature (a mask passed positionally is still the mask)."""
+    try:
+        bound = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+    except (TypeError, ValueError):
+        bound = kwargs
+    ids = bound.get("input_ids", args[0] if args else None)
+    return ids, bound.get("attention_mask")
+
+
+def stack_reads_hidden_states(served, ids: Tensor, mask: Tensor) -> bool:
+    """Whether hidden_states[i] of the module's output is the input of its stack's layer i, for
+    every i < n: true of transformers' encoders and decoders, not of models that record each
+    layer's output (Mamba, RWKV). Checked on one row, in a pass of θs with every input captured
+    (per thread, through the same hooks)."""
+    stack = served.module.get_submodule(served._stack_name)
+    n = len(stack)
+    p = Prefix(served, list(range(n)), mask[:1], stop=False, check_only=True)
+    ctx = served._ctx
+    ctx.prefix = p
+    try:
+        with torch.no_grad():
+            out = served.module(input_ids=ids[:1], attention_mask=mask[:1],
+                                output_hidden_states=True)
+    except Exception:
+        return False
+    finally:
+        ctx.prefix = None
+    hs = out.get("hidden_states") if isinstance(out, dict) else getattr(out, "hidden_states", None)
+    return hs is not None and len(hs) == n + 1 and all(
+        i in p.states and p.states[i].shape == hs[i].shape and torch.equal(p.states[i], hs[i])
+        for i in range(n))
+
+
 class Prefix:
     """One call's capture: the hidden states entering layers `wanted`, pooled and routed when
-    layer k = max(wanted) is about to run."""
+    layer k = max(wanted) is about to run (`check_only`: captured, never routed)."""
 
     def __init__(self, served, indices: List[int], mask: Tensor, stop: bool,
-                 head_tasks: Optional[Tensor] = None):
+                 head_tasks: Optional[Tensor] = None, check_only: bool = False):
         self.served = served
         self.wanted = set(indices)
         self.indices = indices
@@ -75,11 +111,12 @@ class Prefix:
         self.states: Dict[int, Tensor] = {}
         self.weights: Optional[Tensor] = None
         self.used_heads: Optional[Tensor] = None
+        self.check_only = check_only
 
     def enter_layer(self, ctx: _Routing, i: int, x: Tensor) -> None:
         if i in self.wanted:
             self.states[i] = x
-        if i != self.k:
+        if i != self.k or self.check_only:
             return
         served = self.served
         router = served.router

@@ -55,7 +55,14 @@ from twinmerge_ext._layers import (
     _TwinScale,
 )
 from twinmerge_ext._merge_pool import BufferSet, MergePool
-from twinmerge_ext._prefix import Prefix, check_mask, layer_stack, stack_indices
+from twinmerge_ext._prefix import (
+    Prefix,
+    call_inputs,
+    check_mask,
+    layer_stack,
+    stack_indices,
+    stack_reads_hidden_states,
+)
 from twinmerge_ext._prefix import install as install_prefix
 from twinmerge_ext._prefix import uninstall as uninstall_prefix
 from twinmerge_ext._prefix import _Stop
@@ -208,6 +215,10 @@ class TwinMergedModule(nn.Module):
             first layers are θs, not θ(w_b)); needs a router on pooled hidden states before the
             last layer (TwinRouter, PrototypeRouter), the default router features, a module
             with one stack of layers (a transformers model), and mode "factored" or "auto".
+            The router pools the states of the call as made (token_type_ids and any other
+            input included), where a router pass reads input_ids and attention_mask only.
+            generate() routes each request once on its prompt in two passes whatever this
+            says (a decode step's single token is nothing to route on).
 
     Call: wrapped(*args, mix_weights=None, head_tasks=None, **kwargs) -> the module's output.
         mix_weights: [B, T] (row b gets its own model, B = the first dimension of the batched
@@ -591,16 +602,15 @@ class TwinMergedModule(nn.Module):
         if self.router_features is not None:
             feats = self.router_features(self.module, args, kwargs)
         else:
-            ids = kwargs.get("input_ids", args[0] if args else None)
+            ids, mask = call_inputs(self.module, args, kwargs)
             if not isinstance(ids, Tensor):
                 raise ValueError(f"{fn}: the default router features need input_ids (a "
                                  f"[B, L] tensor, first positional or keyword argument); "
                                  f"pass router_features= for other inputs")
-            mask = kwargs.get("attention_mask")
             if mask is None:
                 mask = torch.ones_like(ids)
             indices = self._prefix_indices(fn, required=False)
-            if indices is not None:
+            if indices is not None and self._stack_checked(ids, mask, fn):
                 return self._prefix_route(ids, mask, indices, fn)
             feats = self.router.features(self, ids, mask)
         with torch.no_grad():
@@ -632,6 +642,17 @@ class TwinMergedModule(nn.Module):
             raise ValueError(f"{fn}: routing='self' computes the weights inside the pass, "
                              f"from the hidden states entering the first layers, but {why}")
         return None
+
+    def _stack_checked(self, ids: Tensor, mask: Tensor, fn: str) -> bool:
+        """Whether the stack's layer inputs are the module's hidden states (checked once, on
+        the first call that routes from them; `_prefix.stack_reads_hidden_states`)."""
+        ok = self.__dict__.get("_stack_ok")
+        if ok is None:
+            mask = check_mask(ids, mask, fn)
+            with _eval_mode(self.module):
+                ok = stack_reads_hidden_states(self, ids, mask)
+            self.__dict__["_stack_ok"] = ok
+        return ok
 
     def _prefix_route(self, ids: Tensor, mask: Tensor, indices: List[int], fn: str) -> Tensor:
         """The router pass cut short: θs runs up to the last layer the router reads."""
@@ -763,8 +784,17 @@ class TwinMergedModule(nn.Module):
                              f"but mode is {self.mode!r} (it merges before the pass); use "
                              f"mode='factored' or 'auto', or routing='two_pass'")
         indices = self._prefix_indices(fn, required=True)
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        mask = check_mask(ids, kwargs.get("attention_mask"), fn)
+        ids, mask = call_inputs(self.module, args, kwargs)
+        mask = check_mask(ids, mask, fn)
+        if any(m.training for m in self.module.modules()):
+            raise ValueError(f"{fn}: routing='self' routes on this pass's hidden states, but the "
+                             f"module is in training mode (dropout would make the weights "
+                             f"random); call eval() first, or pass mix_weights")
+        if not self._stack_checked(ids, mask, fn):
+            raise ValueError(f"{fn}: routing='self' reads the hidden states as they enter the "
+                             f"layers of {self._stack_name!r}, but this model's hidden_states "
+                             f"are not those inputs (a model that records each layer's output, "
+                             f"as Mamba does); use routing='two_pass'")
         if head_tasks is not None:
             head_tasks = self._check_head_tasks(head_tasks, ids.shape[0], ids.device, fn)
         ctx = self._ctx
@@ -783,7 +813,20 @@ class TwinMergedModule(nn.Module):
                                   "routed_at_layer": p.k})
         return out
 
+    def _check_no_checkpointing(self, fn: str) -> None:
+        """Activation checkpointing recomputes layers in backward, after the call has cleared
+        its weights: the recomputation would serve θs and the gradients would be wrong."""
+        if torch.is_grad_enabled() and self.module.training and any(
+                getattr(m, "gradient_checkpointing", False) is True and m.training
+                for m in self.module.modules()):
+            raise ValueError(f"{fn}: the module has activation (gradient) checkpointing on, "
+                             f"whose backward recomputes layers after this call has cleared its "
+                             f"per-row weights (the gradients would be those of θs); turn it "
+                             f"off (activation_checkpointing_disable()), or serve under "
+                             f"torch.no_grad()")
+
     def _run(self, args, kwargs, rw: Tensor, head_tasks: Optional[Tensor]):
+        self._check_no_checkpointing("TwinMergedModule")
         ctx = self._ctx
         ctx.row_weights, ctx.head_tasks = rw, head_tasks
         try:
