@@ -18,6 +18,7 @@ Forward pre-hooks on the stack's layers read the calling thread's `_Routing.pref
 outside these calls: the hooks do nothing), so threads and plain calls are unaffected.
 """
 
+import functools
 import inspect
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -60,11 +61,19 @@ def stack_indices(layer, n: int, fn: str) -> List[int]:
     return out
 
 
+@functools.lru_cache(maxsize=64)
+def _signature(func) -> inspect.Signature:
+    return inspect.signature(func)
+
+
 def call_inputs(module: nn.Module, args, kwargs) -> Tuple[Any, Any]:
     """(input_ids, attention_mask) of a call of `module`, positional or keyword, bound to its
     forward's signature (a mask passed positionally is still the mask)."""
+    forward = module.forward
     try:
-        bound = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+        func = getattr(forward, "__func__", None)  # a method: its signature, cached
+        bound = (_signature(func).bind_partial(module, *args, **kwargs) if func is not None
+                 else inspect.signature(forward).bind_partial(*args, **kwargs)).arguments
     except (TypeError, ValueError):
         bound = kwargs
     ids = bound.get("input_ids", args[0] if args else None)
@@ -75,7 +84,8 @@ def stack_reads_hidden_states(served, ids: Tensor, mask: Tensor) -> bool:
     """Whether hidden_states[i] of the module's output is the input of its stack's layer i, for
     every i < n: true of transformers' encoders and decoders, not of models that record each
     layer's output (Mamba, RWKV). Checked on one row, in a pass of θs with every input captured
-    (per thread, through the same hooks)."""
+    (per thread, through the same hooks). An error of that pass propagates: nothing is
+    concluded from a call that failed."""
     stack = served.module.get_submodule(served._stack_name)
     n = len(stack)
     p = Prefix(served, list(range(n)), mask[:1], stop=False, check_only=True)
@@ -85,8 +95,6 @@ def stack_reads_hidden_states(served, ids: Tensor, mask: Tensor) -> bool:
         with torch.no_grad():
             out = served.module(input_ids=ids[:1], attention_mask=mask[:1],
                                 output_hidden_states=True)
-    except Exception:
-        return False
     finally:
         ctx.prefix = None
     hs = out.get("hidden_states") if isinstance(out, dict) else getattr(out, "hidden_states", None)

@@ -167,7 +167,7 @@ def serve_self(wrapped, stream, size: int = 32) -> Tuple[torch.Tensor, torch.Ten
     return pred, weights
 
 
-def select_self_routing(wrapped, cands: Sequence[Tuple[Any, Any, bool]], lr: float,
+def select_self_routing(cands: Sequence[Tuple[Any, Any, bool]], lr: float,
                         feature_name: Callable[[Tuple[Any, Any]], str],
                         train: Dict[str, Dict[str, torch.Tensor]], val_feats, val_tasks,
                         test_feats, test_tasks, score_val: Callable[[Any], float],

@@ -665,7 +665,7 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> Dict[str, object]:
             return float(np.mean(_scores(pred[:, 0], grid_val, T)))
         return memo.json("self-val", [self_id(r), key["grid_val"]], score)
     self_router, self_record, self_candidates = routing.select_self_routing(
-        selfish, self_cands, cfg.router_lrs[0], _feature_name, feats, val_feats, val.tasks,
+        self_cands, cfg.router_lrs[0], _feature_name, feats, val_feats, val.tasks,
         test_feats, test.tasks, score_self_val,
         dict(epochs=cfg.router_epochs, seed=cfg.seed, max_items_per_task=cfg.router_items,
              hidden=cfg.router_hidden), log)
