@@ -3,7 +3,7 @@ atomically."""
 
 import json
 import os
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
 
@@ -88,18 +88,24 @@ def markdown(out: Dict[str, object]) -> str:
     return "\n".join(lines)
 
 
-def plot(out: Dict[str, object], path: str) -> None:
+def plot(out: Dict[str, object], path: str, protocol: Optional[str] = "routed",
+         labels: Optional[Dict[str, str]] = None,
+         ylabel: str = "normalized score (routed heads)") -> None:
+    """Bars of each method's normalized score per task (`protocol`: which of a method's
+    protocols, None for a method row without protocols)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    labels = _LABELS if labels is None else labels
     names, methods = out["tasks"], list(out["methods"])
     fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(names)) + 3, 4))
     width = 0.8 / len(methods)
     for i, m in enumerate(methods):
-        vals = [out["methods"][m]["routed"]["normalized"][n] for n in names]
-        ax.bar(np.arange(len(names)) + i * width, vals, width, label=_LABELS[m])
+        row = out["methods"][m] if protocol is None else out["methods"][m][protocol]
+        vals = [row["normalized"][n] for n in names]
+        ax.bar(np.arange(len(names)) + i * width, vals, width, label=labels[m])
     ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, rotation=30, ha="right")
-    ax.set_ylabel("normalized score (routed heads)")
+    ax.set_ylabel(ylabel)
     ax.axhline(100, color="k", lw=0.5)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars
     fig.tight_layout()

@@ -860,13 +860,18 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> Dict[str, object]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="twinmerge-demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="demo-results", help="directory for results.{json,md,png}")
+    p.add_argument("--out", help="directory for results.{json,md,png} (default: demo-results, "
+                   "demo-results/generative with --generative)")
+    p.add_argument("--generative", action="store_true",
+                   help="the generative job: LoRA experts of SmolLM2-135M-Instruct on six "
+                        "generative tasks, served with generate()")
     p.add_argument("--cache", default=demo_data.default_cache_dir(),
                    help="data and expert cache (default: $TWINMERGE_CACHE or ~/.cache/...)")
     p.add_argument("--quick", action="store_true", help="2 tasks, tiny settings (a minute or two)")
-    p.add_argument("--tasks", nargs="+", choices=list(demo_data.TASKS),
-                   help="the tasks (default: the eight of the table; editorial_sentiment and "
-                        "wordnet_verb_supersense are there to swap in)")
+    p.add_argument("--tasks", nargs="+",
+                   help=f"the tasks (default: the eight of the table; editorial_sentiment and "
+                        f"wordnet_verb_supersense are there to swap in; {list(demo_data.TASKS)}; "
+                        f"with --generative, some of the six generative tasks)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--recipe", choices=RECIPES,
                    help="the experts' fine-tuning recipe: standard (warmup, linear decay, "
@@ -876,11 +881,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="recompute every score, feature and twin instead of reusing the "
                         "evaluation cache (experts stay cached; timings are always measured)")
     args = p.parse_args(argv)
-    kw = {"out": args.out, "cache": args.cache, "seed": args.seed, "recompute": args.recompute,
+    if args.generative:
+        return _main_generative(args, p)
+    unknown = [t for t in args.tasks or () if t not in demo_data.TASKS]
+    if unknown:
+        p.error(f"--tasks: unknown task(s) {unknown}; known: {list(demo_data.TASKS)}")
+    kw = {"out": args.out or "demo-results", "cache": args.cache, "seed": args.seed, "recompute": args.recompute,
           **({"recipe": args.recipe} if args.recipe else {})}
     cfg = Config.quick_config(**kw) if args.quick else Config(**kw)
     if args.tasks:
         cfg.tasks = tuple(args.tasks)
     out = run(cfg)
     print(markdown(out))
+    return 0
+
+
+def _main_generative(args, parser) -> int:
+    from twinmerge_ext.demo.gen_data import GEN_TASKS
+    from twinmerge_ext.demo.gen_report import gen_markdown
+    from twinmerge_ext.demo.generative import GenConfig, run_generative
+    if args.recipe:
+        parser.error("--recipe is the classification job's; the generative job's LoRA recipe "
+                     "is fixed (GenConfig.recipe)")
+    if args.tasks:
+        unknown = [t for t in args.tasks if t not in GEN_TASKS]
+        if unknown:
+            parser.error(f"--tasks with --generative: unknown generative task(s) {unknown}; "
+                         f"known: {list(GEN_TASKS)}")
+    kw = {"out": args.out or os.path.join("demo-results", "generative"), "cache": args.cache,
+          "seed": args.seed, "recompute": args.recompute}
+    cfg = GenConfig.quick_config(**kw) if args.quick else GenConfig(**kw)
+    if args.tasks:
+        cfg.tasks = tuple(args.tasks)
+    print(gen_markdown(run_generative(cfg)))
     return 0

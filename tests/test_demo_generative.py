@@ -1,0 +1,174 @@
+"""The generative job: its pieces on a tiny Llama built from a config (the answer-only loss, the
+cached LoRA experts, left padding, scoring, decode timing), and its quick path end to end on the
+real model and data (fetched into the demo cache), so `twinmerge-demo --generative` cannot rot."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("peft", reason="the generative job's experts are PEFT LoRA adapters")
+transformers = pytest.importorskip("transformers")
+
+from twinmerge_ext import LoraExpert  # noqa: E402
+from twinmerge_ext.demo import gen_data, gen_model as gm  # noqa: E402
+from twinmerge_ext.demo import generative  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A 2-layer Llama with a 64-token vocabulary, saved as a model folder."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, pad_token_id=2, eos_token_id=2,
+                                      bos_token_id=1, tie_word_embeddings=True)
+    path = str(tmp_path_factory.mktemp("tiny"))
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def _rows(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows, starts = [], []
+    for i in range(n):
+        p, a = 3 + i % 3, 2 + i % 2
+        rows.append(torch.randint(3, 64, (p + a,), generator=g).tolist())
+        starts.append(p)
+    return rows, starts
+
+
+def test_answer_loss_is_the_causal_lm_loss_with_the_prompt_masked(tiny_dir):
+    model = gm.load_model(tiny_dir)
+    rows, starts = _rows(5)
+    width = max(map(len, rows))
+    ids = torch.full((5, width), 2)
+    mask, labels = torch.zeros_like(ids), torch.full_like(ids, -100)
+    for i, (r, s) in enumerate(zip(rows, starts)):
+        ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
+        labels[i, s:len(r)] = torch.tensor(r[s:])
+    want = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    got = gm.answer_loss(model, rows, starts, pad=2)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_left_pad_puts_each_prompt_at_the_right_edge():
+    ids, mask = gm.left_pad([[5, 6, 7], [8]], pad=2)
+    assert ids.tolist() == [[5, 6, 7], [2, 2, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    r = gm.LoraRecipe(steps=100, warmup_ratio=0.06)
+    f = [gm.lr_factor(s, r) for s in range(100)]
+    assert f[0] == pytest.approx(1 / 6) and f[5] == 1.0 and f[6] == 1.0
+    assert f[99] == pytest.approx(1 / 94) and all(a >= b for a, b in zip(f[5:], f[6:]))
+
+
+def test_train_lora_trains_caches_and_gives_a_lora_expert(tiny_dir, tmp_path):
+    rows, starts = _rows(12)
+    data = gm.TrainSet(rows, starts)
+    recipe = gm.LoraRecipe(steps=3, batch=4, lr=1e-2)
+    seconds, logs = {}, []
+    path = gm.train_lora("t", data, recipe, tiny_dir, str(tmp_path), logs.append, seconds)
+    assert seconds["t"] > 0 and os.path.isfile(os.path.join(path, "adapter_config.json"))
+    lora = LoraExpert(path)
+    assert {k.rsplit(".", 2)[-2] for k in lora.targets} == set(gm.LORA_TARGETS)
+    assert any(float(lora.delta(k).abs().max()) > 0 for k in lora.targets)  # B moved from 0
+    # No temporary directory left beside it; a second call reads the cache, trains nothing.
+    assert os.listdir(os.path.dirname(path)) == [os.path.basename(path)]
+    again = gm.train_lora("t", data, recipe, tiny_dir, str(tmp_path), logs.append, seconds)
+    assert again == path and seconds["t"] is None and "cached" in logs[-1]
+    # Other data, other expert.
+    other = gm.train_lora("t", gm.TrainSet(rows[:8], starts[:8]), recipe, tiny_dir,
+                          str(tmp_path), logs.append, {})
+    assert other != path
+
+
+def test_publish_dir_is_all_or_nothing(tmp_path):
+    target = tmp_path / "d"
+
+    def fail(tmp):
+        open(os.path.join(tmp, "half"), "w").close()
+        raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError, match="disk full"):
+        gm.publish_dir(str(target), fail)
+    assert os.listdir(tmp_path) == []  # nothing under the name, no temporary left
+    gm.publish_dir(str(target), lambda tmp: open(os.path.join(tmp, "a"), "w").close())
+    # Another writer publishing later keeps the first copy, and leaves no temporary.
+    gm.publish_dir(str(target), lambda tmp: open(os.path.join(tmp, "b"), "w").close())
+    assert os.listdir(target) == ["a"] and os.listdir(tmp_path) == ["d"]
+
+
+def test_task_scores_and_normalization():
+    items = [gen_data.GenItem("go", "went", ("went",)), gen_data.GenItem("be", "was",
+                                                                        ("was", "were")),
+             gen_data.GenItem("Lleida", "Spain", ("Spain", "Kingdom of Spain"))]
+    stream = generative.Stream([[1], [2], [3]], [0, 0, 1], items)
+    names = ["past_tense", "province_country"]
+    assert generative.task_scores(["Went.", "is", "kingdom of  spain"], stream, names) == [
+        0.5, 1.0]
+    assert generative.normalized([0.5, 1.0], [1.0, 0.8]) == [50.0, 125.0]
+    assert generative.normalized([0.5], [0.0])[0] != generative.normalized([0.5], [0.0])[0]
+
+
+def test_decode_speed_subtracts_the_prefill():
+    import time
+    calls = []
+
+    def job(ids, mask, n, pad):  # 10 ms of prefill, 1 ms per further token
+        calls.append(n)
+        time.sleep(0.010 + 0.001 * (n - 1))
+    ids = torch.zeros(4, 3, dtype=torch.long)
+    r = generative.decode_speed({"m": job}, ids, torch.ones_like(ids), 2, new=21, rounds=2)
+    assert calls == [1, 21, 1, 21]
+    # 4 rows × 20 decode tokens in 20 ms: ~4000 tokens/s (sleep only overshoots).
+    assert 2000 < r["m"]["decode_tokens_per_s"] <= 4000 * 1.01
+
+
+def test_the_generative_flag_checks_its_arguments():
+    from twinmerge_ext.demo.run import main
+    with pytest.raises(SystemExit):
+        main(["--generative", "--tasks", "movie_polarity"])
+    with pytest.raises(SystemExit):
+        main(["--generative", "--recipe", "constant"])
+    with pytest.raises(SystemExit):
+        main(["--tasks", "past_tense"])
+
+
+pytest.importorskip("gguf", reason="the generative job reads its model's GGUF file once: "
+                    "pip install gguf==0.19.0 (make test installs it)")
+
+
+def test_quick_generative_job_runs_reports_and_a_rerun_reuses_every_result(tmp_path):
+    out = tmp_path / "results"
+
+    def job(*flags):
+        run = subprocess.run([sys.executable, "-m", "twinmerge_ext.demo", "--generative",
+                              "--quick", "--out", str(out), *flags], capture_output=True,
+                             text=True, timeout=1200, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert run.returncode == 0, run.stderr[-3000:]
+        return run, json.loads((out / "results.json").read_text())
+    run, res = job("--recompute")
+    assert (out / "results.png").stat().st_size > 1000
+    md = (out / "results.md").read_text()
+    assert md in run.stdout and "Twin-Merging (per row, router on the prompt)" in md
+    tasks = res["tasks"]
+    assert tasks == ["past_tense", "province_country"]
+    assert set(res["methods"]) == {"expert", "base", "task_arithmetic", "ties", "twin",
+                                   "twin_oracle"}
+    assert res["methods"]["expert"]["scores"]["past_tense"] > 0.2  # learnt in a few steps
+    for m, row in res["methods"].items():
+        assert set(row["normalized"]) == set(tasks) and 0 <= row["normalized_mean"] <= 300
+    # The prompts name their task: the router tells them apart.
+    assert res["router"]["val_accuracy"] > 0.9 and res["router"]["test_accuracy"] > 0.9
+    tm = res["timing"]
+    assert tm["batch"] == res["config"]["eval_batch"] == 32
+    for m in ("base", "task_arithmetic", "twin"):
+        assert tm["methods"][m]["decode_tokens_per_s"] > 0
+    assert res["evaluation_cache"]["computed"] > 0
+    _, again = job()
+    assert again["evaluation_cache"]["computed"] == 0
+    assert again["methods"] == res["methods"]

@@ -1,0 +1,89 @@
+"""The generative job's report: results.json, results.md and results.png, each written
+atomically (the same files as the classification job's)."""
+
+import json
+import os
+from typing import Dict
+
+from twinmerge_ext._files import write_atomically
+from twinmerge_ext.demo.report import plot
+
+LABELS = {"base": "Base model, zero-shot", "expert": "LoRA experts (each on its own task)",
+          "task_arithmetic": "Task arithmetic", "ties": "TIES",
+          "twin": "Twin-Merging (per row, router on the prompt)",
+          "twin_oracle": "(diagnostic) Twin-Merging, oracle one-hot weights"}
+
+
+def gen_markdown(out: Dict[str, object]) -> str:
+    names, c, m = out["tasks"], out["config"], out["methods"]
+    r = c["recipe"]
+    metric = {"exact": "exact match", "rouge_l": "ROUGE-L"}
+    lines = [f"# Twin-Merging, generative: {len(names)} tasks, {c['model']}", "",
+             f"LoRA experts: rank {r['rank']} (alpha {r['alpha']}) on "
+             f"{', '.join(c['lora_targets'])}; {r['steps']} steps at batch {r['batch']}, lr "
+             f"{r['lr']}, linear warmup over {r['warmup_ratio']:.0%} of the steps, linear decay, "
+             f"gradient norm clipped at {r['max_grad_norm']}. Greedy decoding, up to "
+             f"{c['max_new_tokens']} new tokens, mixed batches of {c['eval_batch']}.", "",
+             "## Normalized score (100 × method / expert)", "",
+             "| method | " + " | ".join(names) + " | mean |",
+             "|---|" + "---|" * (len(names) + 1)]
+    for label, row in m.items():
+        cells = [f"{row['normalized'][n]:.1f}" for n in names]
+        lines.append(f"| {LABELS[label]} | " + " | ".join(cells)
+                     + f" | **{row['normalized_mean']:.2f}** |")
+    lines += ["", "## Raw scores", "",
+              "| method | " + " | ".join(f"{n} ({metric[out['metrics'][n]]})" for n in names)
+              + " |", "|---|" + "---|" * len(names)]
+    for label, row in m.items():
+        lines.append(f"| {LABELS[label]} | " + " | ".join(
+            f"{row['scores'][n]:.3f}" for n in names) + " |")
+    hp = {k: v["hyperparameters"] for k, v in m.items()
+          if "hyperparameters" in v and k != "twin_oracle"}
+    rt, tw, tm = out["router"], out["twin"], out["timing"]
+    lines += ["", "Chosen on validation: " + "; ".join(f"{LABELS[k]} {v}" for k, v in hp.items())
+              + f". The twin: shared expert = task arithmetic at its scale, each exclusive delta "
+              f"at rank {tw['rank']} ({tw['storage_ratio']:.2f} single models of storage).", "",
+              "## Router", "",
+              f"An MLP on θs's hidden states entering layer {rt['layer']}, mean-pooled over the "
+              f"prompt and standardized (its pass stops at that layer). Routing accuracy: "
+              f"validation {rt.get('val_accuracy', float('nan')):.3f}, test "
+              f"{rt['test_accuracy']:.3f}; per task on test: " + ", ".join(
+                  f"{n} {a:.3f}" for n, a in rt["test_accuracy_per_task"].items()) + ".", "",
+              "## Decode speed", "",
+              f"Batch {tm['batch']} ({tm['prompt_tokens']} prompt tokens), {tm['new_tokens']} new "
+              f"tokens forced, fastest of {tm['rounds']} interleaved rounds; decode tokens/s = "
+              f"B·(new − 1) / (generate of new − generate of 1).", "",
+              "| model | decode tokens/s | generate tokens/s (prefill included) |",
+              "|---|---|---|"]
+    for k, v in tm["methods"].items():
+        label = "Base model" if k == "base" else LABELS[k]
+        lines.append(f"| {label} | {v['decode_tokens_per_s']:.0f} | "
+                     f"{v['generate_tokens_per_s']:.0f} |")
+    lines += ["", f"- Twin per row / task arithmetic, decode: "
+              f"{tm['twin_over_task_arithmetic_decode']:.2f}×",
+              f"- the router's pass over the batch's prompts: {tm['router_s'] * 1000:.0f} ms; "
+              f"Twin's generate with it: {tm['twin_with_router_generate_tokens_per_s']:.0f} "
+              f"tokens/s, {tm['twin_with_router_over_task_arithmetic_generate']:.2f}× task "
+              f"arithmetic's generate", ""]
+    env, ec = out["environment"], out["evaluation_cache"]
+    trained = {k: v for k, v in out["fine_tune_seconds"].items() if v is not None}
+    lines += [f"torch {env['torch']}, {env['threads']} threads, {env['machine']}, {env['date']}; "
+              f"wall time {out['wall_seconds']:.0f} s ("
+              + (f"{len(trained)} experts trained in {sum(trained.values()):.0f} s"
+                 if trained else "experts cached")
+              + f"; evaluation cache: {ec['reused']} results reused, {ec['computed']} computed)",
+              ""]
+    return "\n".join(lines)
+
+
+def write_gen_report(out: Dict[str, object], directory: str) -> None:
+    os.makedirs(directory, exist_ok=True)
+    for name, text in (("results.json", json.dumps(out, indent=2)),
+                       ("results.md", gen_markdown(out))):
+        def write(tmp, text=text):
+            with open(tmp, "w") as f:
+                f.write(text)
+        write_atomically(os.path.join(directory, name), write, "twinmerge-demo")
+    write_atomically(os.path.join(directory, "results.png"),
+                     lambda tmp: plot(out, tmp, protocol=None, labels=LABELS,
+                                      ylabel="normalized score"), "twinmerge-demo")
