@@ -14,6 +14,7 @@ pytest.importorskip("peft", reason="the generative job's experts are PEFT LoRA a
 transformers = pytest.importorskip("transformers")
 
 from twinmerge_ext import LoraExpert  # noqa: E402
+from twinmerge_ext._files import publish_directory  # noqa: E402
 from twinmerge_ext.demo import gen_data, gen_model as gm  # noqa: E402
 from twinmerge_ext.demo import generative  # noqa: E402
 
@@ -87,19 +88,36 @@ def test_train_lora_trains_caches_and_gives_a_lora_expert(tiny_dir, tmp_path):
     assert other != path
 
 
-def test_publish_dir_is_all_or_nothing(tmp_path):
-    target = tmp_path / "d"
+def test_publish_directory_is_all_or_nothing(tmp_path):
+    target, fn = str(tmp_path / "d"), "twinmerge-demo"
+
+    def fill(name):
+        return lambda tmp: open(os.path.join(tmp, name), "w").close()
 
     def fail(tmp):
-        open(os.path.join(tmp, "half"), "w").close()
+        os.makedirs(os.path.join(tmp, "sub"))
+        open(os.path.join(tmp, "sub", "half"), "w").close()
         raise RuntimeError("disk full")
     with pytest.raises(RuntimeError, match="disk full"):
-        gm.publish_dir(str(target), fail)
+        publish_directory(target, fail, "done", fn)
     assert os.listdir(tmp_path) == []  # nothing under the name, no temporary left
-    gm.publish_dir(str(target), lambda tmp: open(os.path.join(tmp, "a"), "w").close())
-    # Another writer publishing later keeps the first copy, and leaves no temporary.
-    gm.publish_dir(str(target), lambda tmp: open(os.path.join(tmp, "b"), "w").close())
-    assert os.listdir(target) == ["a"] and os.listdir(tmp_path) == ["d"]
+    # A dead writer's temporary (no lock held) is removed by the next publish.
+    stale = tmp_path / ".d.0123456789abcdef.tmpdir" / "d"
+    stale.mkdir(parents=True)
+    (stale / "part").write_bytes(b"x")
+    umask = os.umask(0o022)
+    try:
+        assert publish_directory(target, fill("done"), "done", fn) is True
+    finally:
+        os.umask(umask)
+    assert os.listdir(tmp_path) == ["d"] and os.stat(target).st_mode & 0o777 == 0o755
+    # A whole directory there is kept; a later writer's copy is dropped.
+    assert publish_directory(target, fill("other"), "done", fn) is False
+    assert os.listdir(target) == ["done"] and os.listdir(tmp_path) == ["d"]
+    # A directory without the marker (an unsynced writer's) is replaced.
+    os.remove(os.path.join(target, "done"))
+    assert publish_directory(target, fill("done"), "done", fn) is True
+    assert os.listdir(target) == ["done"] and os.listdir(tmp_path) == ["d"]
 
 
 def test_task_scores_and_normalization():
@@ -123,9 +141,9 @@ def test_decode_speed_subtracts_the_prefill():
         time.sleep(0.010 + 0.001 * (n - 1))
     ids = torch.zeros(4, 3, dtype=torch.long)
     r = generative.decode_speed({"m": job}, ids, torch.ones_like(ids), 2, new=21, rounds=2)
-    assert calls == [1, 21, 1, 21]
+    assert calls == [2, 1, 21, 1, 21]  # an untimed warm-up first
     # 4 rows × 20 decode tokens in 20 ms: ~4000 tokens/s (sleep only overshoots).
-    assert 2000 < r["m"]["decode_tokens_per_s"] <= 4000 * 1.01
+    assert 1000 < r["m"]["decode_tokens_per_s"] <= 4000 * 1.01
 
 
 def test_the_generative_flag_checks_its_arguments():
@@ -136,6 +154,17 @@ def test_the_generative_flag_checks_its_arguments():
         main(["--generative", "--recipe", "constant"])
     with pytest.raises(SystemExit):
         main(["--tasks", "past_tense"])
+    with pytest.raises(SystemExit):  # one task: nothing to route between
+        main(["--generative", "--tasks", "past_tense", "past_tense"])
+    with pytest.raises(ValueError, match=r"GenConfig: timing_new_tokens must be an int >= 2, "
+                                         r"got 1"):
+        generative.GenConfig(timing_new_tokens=1).check()
+    with pytest.raises(ValueError, match=r"GenConfig: tasks must be at least 2 distinct"):
+        generative.GenConfig(tasks=("foldoc",)).check()
+    with pytest.raises(ValueError, match=r"GenConfig: twin_ranks must be ints >= 1"):
+        generative.GenConfig(twin_ranks=()).check()
+    generative.GenConfig().check()
+    generative.GenConfig.quick_config().check()
 
 
 pytest.importorskip("gguf", reason="the generative job reads its model's GGUF file once: "

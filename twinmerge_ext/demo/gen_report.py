@@ -1,12 +1,9 @@
 """The generative job's report: results.json, results.md and results.png, each written
 atomically (the same files as the classification job's)."""
 
-import json
-import os
 from typing import Dict
 
-from twinmerge_ext._files import write_atomically
-from twinmerge_ext.demo.report import plot
+from twinmerge_ext.demo.report import write_report
 
 LABELS = {"base": "Base model, zero-shot", "expert": "LoRA experts (each on its own task)",
           "task_arithmetic": "Task arithmetic", "ties": "TIES",
@@ -42,11 +39,13 @@ def gen_markdown(out: Dict[str, object]) -> str:
     rt, tw, tm = out["router"], out["twin"], out["timing"]
     lines += ["", "Chosen on validation: " + "; ".join(f"{LABELS[k]} {v}" for k, v in hp.items())
               + f". The twin: shared expert = task arithmetic at its scale, each exclusive delta "
-              f"at rank {tw['rank']} ({tw['storage_ratio']:.2f} single models of storage).", "",
+              f"at rank {tw['rank']} ({tw['storage_ratio']:.2f} single models of storage), chosen "
+              f"by the validation means (normalized) " + ", ".join(
+                  f"rank {r}: {a:.2f}" for r, a in rt["validation_by_rank"].items()) + ".", "",
               "## Router", "",
               f"An MLP on θs's hidden states entering layer {rt['layer']}, mean-pooled over the "
               f"prompt and standardized (its pass stops at that layer). Routing accuracy: "
-              f"validation {rt.get('val_accuracy', float('nan')):.3f}, test "
+              f"validation {rt['val_accuracy']:.3f}, test "
               f"{rt['test_accuracy']:.3f}; per task on test: " + ", ".join(
                   f"{n} {a:.3f}" for n, a in rt["test_accuracy_per_task"].items()) + ".", "",
               "## Decode speed", "",
@@ -77,13 +76,5 @@ def gen_markdown(out: Dict[str, object]) -> str:
 
 
 def write_gen_report(out: Dict[str, object], directory: str) -> None:
-    os.makedirs(directory, exist_ok=True)
-    for name, text in (("results.json", json.dumps(out, indent=2)),
-                       ("results.md", gen_markdown(out))):
-        def write(tmp, text=text):
-            with open(tmp, "w") as f:
-                f.write(text)
-        write_atomically(os.path.join(directory, name), write, "twinmerge-demo")
-    write_atomically(os.path.join(directory, "results.png"),
-                     lambda tmp: plot(out, tmp, protocol=None, labels=LABELS,
-                                      ylabel="normalized score"), "twinmerge-demo")
+    write_report(out, directory, gen_markdown, protocol=None, labels=LABELS,
+                 ylabel="normalized score")

@@ -10,11 +10,13 @@ adapter's product scale·B A, never A and B merged apart), `TwinCheckpoint.build
 and every row decodes with its own model θ(w_b).
 
 Every method serves the six test splits as one shuffled stream in mixed batches of 32 (prompts
-left-padded), greedy, up to `max_new_tokens`; a prediction is the text before the first newline.
+left-padded), greedy, up to `max_new_tokens`; a prediction is the text before the first newline
+(leading white space dropped).
 Scores are cached like the classification job's (`EvalCache`); decode speed is measured by every
 run, never cached.
 """
 
+import dataclasses
 import os
 import platform
 import random
@@ -29,7 +31,7 @@ import twinmerge_ext
 from twinmerge_ext import LoraExpert, TwinCheckpoint, TwinMergedModule, fit_router, merging
 from twinmerge_ext.demo import gen_data
 from twinmerge_ext.demo import gen_model as gm
-from twinmerge_ext.demo.cache import EvalCache, _digest, code_digest
+from twinmerge_ext.demo.cache import EvalCache, _digest, code_digest, tensor_digest
 from twinmerge_ext.demo.data import default_cache_dir
 from twinmerge_ext.demo.gen_report import write_gen_report
 
@@ -42,7 +44,7 @@ class GenConfig:
     sizes: Tuple[int, int, int] = gen_data.GEN_SIZES
     recipe: gm.LoraRecipe = field(default_factory=gm.LoraRecipe)
     eval_batch: int = 32
-    max_new_tokens: int = 24
+    max_new_tokens: int = 32    # the longest reference answer (a FOLDOC definition) is 33
     ta_scales: Tuple[float, ...] = (0.3, 0.5, 1.0)
     ties_grid: Tuple[Tuple[float, float], ...] = ((0.2, 1.0), (0.5, 1.0))  # (density, scale)
     twin_ranks: Tuple[int, ...] = (8, 16)
@@ -56,6 +58,22 @@ class GenConfig:
     recompute: bool = False
     seed: int = 0
     quick: bool = False
+
+    def check(self) -> None:
+        """Raises ValueError naming a field whose value the job cannot run with."""
+        fn = "GenConfig"
+        unknown = [t for t in self.tasks if t not in gen_data.GEN_TASKS]
+        if unknown or len(set(self.tasks)) != len(self.tasks) or len(self.tasks) < 2:
+            raise ValueError(f"{fn}: tasks must be at least 2 distinct tasks of "
+                             f"{list(gen_data.GEN_TASKS)}, got {self.tasks!r}")
+        for name, least in (("eval_batch", 1), ("max_new_tokens", 1), ("timing_rounds", 1),
+                            ("timing_new_tokens", 2), ("router_items", 2),
+                            ("router_epochs", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < least:
+                raise ValueError(f"{fn}: {name} must be an int >= {least}, got {v!r}")
+        if not self.twin_ranks or any(not isinstance(r, int) or r < 1 for r in self.twin_ranks):
+            raise ValueError(f"{fn}: twin_ranks must be ints >= 1, got {self.twin_ranks!r}")
 
     @classmethod
     def quick_config(cls, **kw) -> "GenConfig":
@@ -99,7 +117,7 @@ def serve(generate: Callable, stream: Stream, tok, cfg: GenConfig,
         out, used = generate(ids, mask, w, max_new_tokens=cfg.max_new_tokens, do_sample=False,
                              pad_token_id=pad, eos_token_id=pad)
         new = out[:, ids.shape[1]:]
-        preds += [tok.decode(row, skip_special_tokens=True).split("\n")[0].strip()
+        preds += [tok.decode(row, skip_special_tokens=True).lstrip().split("\n")[0].strip()
                   for row in new]
         if used is not None:
             ws += used.tolist()
@@ -148,9 +166,12 @@ class Models:
 def decode_speed(jobs: Dict[str, Callable], ids, mask, pad: int, new: int, rounds: int
                  ) -> Dict[str, Dict[str, float]]:
     """Decode tokens/s of each job at batch ids.shape[0]: generate of 1 and of `new` tokens
-    (both forced to that length), fastest of `rounds` interleaved rounds each; decode rate =
+    (both forced to that length), fastest of `rounds` interleaved rounds each after an untimed
+    warm-up call of each job; decode rate =
     B·(new − 1) / (t_new − t_1). Also the whole generate's tokens/s, B·new / t_new."""
     best = {k: [float("inf"), float("inf")] for k in jobs}
+    for gen in jobs.values():  # warm-up, untimed: first calls pay one-off costs
+        gen(ids, mask, 2, pad)
     for _ in range(rounds):
         for k, gen in jobs.items():
             for i, n in enumerate((1, new)):
@@ -164,10 +185,10 @@ def decode_speed(jobs: Dict[str, Callable], ids, mask, pad: int, new: int, round
 
 
 def run_generative(cfg: GenConfig, log: Callable[[str], None] = print) -> Dict[str, object]:
+    from twinmerge_ext.demo.run import _stamped
+    cfg.check()
     t_start = time.perf_counter()
-
-    def stamp(msg: str) -> None:
-        log(f"[{time.perf_counter() - t_start:6.0f} s] {msg}")
+    stamp = _stamped(log, t_start)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -180,7 +201,8 @@ def run_generative(cfg: GenConfig, log: Callable[[str], None] = print) -> Dict[s
     T = len(names)
     trains = {n: gm.train_set(tok, n, data[n].train) for n in names}
     seconds: Dict[str, Optional[float]] = {}
-    dirs = {n: gm.train_lora(n, trains[n], cfg.recipe, mdir, cfg.cache, stamp, seconds)
+    recipe = dataclasses.replace(cfg.recipe, seed=cfg.seed)
+    dirs = {n: gm.train_lora(n, trains[n], recipe, mdir, cfg.cache, stamp, seconds)
             for n in names}
     expert_ids = [os.path.basename(dirs[n]) for n in names]
     adapters = {n: LoraExpert(dirs[n]) for n in names}
@@ -195,7 +217,8 @@ def run_generative(cfg: GenConfig, log: Callable[[str], None] = print) -> Dict[s
     def scored(label, parts, make_generate, stream, which, weights=None):
         """The predictions of a method on a stream (cached); make_generate() is called, and the
         model merged, only when they are not cached."""
-        return memo.json("gen-" + label, [parts, expert_ids, key[which], gen_kw],
+        w_key = None if weights is None else tensor_digest(weights)
+        return memo.json("gen-" + label, [parts, expert_ids, key[which], gen_kw, w_key],
                          lambda: serve(make_generate(), stream, tok, cfg, weights))
 
     def expert_state(n: str):
@@ -214,8 +237,17 @@ def run_generative(cfg: GenConfig, log: Callable[[str], None] = print) -> Dict[s
     stamp("experts on their own tasks")
     expert_val, expert_test = own_task(val, "val"), own_task(test, "test")
 
+    scored_tasks = [t for t, e in enumerate(expert_val) if e > 0]
+    if not scored_tasks:
+        raise RuntimeError("twinmerge-demo --generative: every expert scores 0 on its "
+                           "validation split; nothing to choose hyper-parameters by")
+    if len(scored_tasks) < T:
+        stamp("validation choices leave out the tasks whose expert scores 0 there: "
+              + ", ".join(names[t] for t in range(T) if t not in scored_tasks))
+
     def val_mean(preds) -> float:
-        return float(np.mean(normalized(task_scores(preds, val, names), expert_val)))
+        nz = normalized(task_scores(preds, val, names), expert_val)
+        return float(np.mean([nz[t] for t in scored_tasks]))
 
     bound = {n: adapters[n].bind(base) for n in names}
     chosen = {}
@@ -255,7 +287,9 @@ def run_generative(cfg: GenConfig, log: Callable[[str], None] = print) -> Dict[s
               f"validation accuracy {rep['val_accuracy']:.3f})")
         return twins[rank]
 
-    val_runs = {rank: scored("twin", [rank, scale, cfg.router_layer, cfg.router_items],
+    # Everything the router's weights depend on besides the twin (fit_router's arguments).
+    router_key = [cfg.router_layer, "mean", True, cfg.router_items, cfg.router_epochs, cfg.seed]
+    val_runs = {rank: scored("twin", [rank, scale, router_key],
                              lambda: twin_generate(twin_at(rank)[0]), val, "val")
                 for rank in cfg.twin_ranks}
     accs = {rank: val_mean(r["pred"]) for rank, r in val_runs.items()}
@@ -282,7 +316,7 @@ def run_generative(cfg: GenConfig, log: Callable[[str], None] = print) -> Dict[s
         kw = chosen[label]
         record(label, scored(label, kw, lambda: plain_generate(
             models.with_state(method(base, bound, **kw))), test, "test")["pred"], kw)
-    twin_parts = [rank, scale, cfg.router_layer, cfg.router_items]
+    twin_parts = [rank, scale, router_key]
     tw = scored("twin", twin_parts, lambda: twin_generate(twin_at(rank)[0]), test, "test")
     record("twin", tw["pred"], {"rank": rank, "shared_scale": scale})
     routed = torch.tensor(tw["w"]).argmax(-1)

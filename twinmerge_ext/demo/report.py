@@ -3,7 +3,7 @@ atomically."""
 
 import json
 import os
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import numpy as np
 
@@ -113,13 +113,17 @@ def plot(out: Dict[str, object], path: str, protocol: Optional[str] = "routed",
     plt.close(fig)
 
 
-def write_report(out: Dict[str, object], directory: str) -> None:
+def write_report(out: Dict[str, object], directory: str,
+                 markdown_fn: Callable[[Dict[str, object]], str] = markdown,
+                 **plot_kw) -> None:
+    """results.json, results.md (markdown_fn's tables) and results.png (`plot` with plot_kw)
+    in `directory`, each written atomically."""
     os.makedirs(directory, exist_ok=True)
-    files = {"results.json": json.dumps(out, indent=2), "results.md": markdown(out)}
+    files = {"results.json": json.dumps(out, indent=2), "results.md": markdown_fn(out)}
     for name, text in files.items():
         def write(tmp, text=text):
             with open(tmp, "w") as f:
                 f.write(text)
         write_atomically(os.path.join(directory, name), write, "twinmerge-demo")
-    write_atomically(os.path.join(directory, "results.png"), lambda tmp: plot(out, tmp),
-                     "twinmerge-demo")
+    write_atomically(os.path.join(directory, "results.png"),
+                     lambda tmp: plot(out, tmp, **plot_kw), "twinmerge-demo")

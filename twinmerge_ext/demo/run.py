@@ -185,10 +185,16 @@ def lr_factor(step: int, cfg: Config) -> float:
     end (transformers' get_linear_schedule_with_warmup); 1 for the constant recipe."""
     if cfg.recipe == "constant":
         return 1.0
-    warmup = math.ceil(cfg.warmup_ratio * cfg.steps)
+    return linear_warmup_decay(step, cfg.steps, cfg.warmup_ratio)
+
+
+def linear_warmup_decay(step: int, steps: int, warmup_ratio: float) -> float:
+    """transformers' get_linear_schedule_with_warmup as a factor: (step + 1) / warmup over the
+    first warmup = ceil(warmup_ratio·steps) steps, then linear decay to 0 at `steps`."""
+    warmup = math.ceil(warmup_ratio * steps)
     if step < warmup:
         return (step + 1) / warmup
-    return max(0.0, (cfg.steps - step) / max(1, cfg.steps - warmup))
+    return max(0.0, (steps - step) / max(1, steps - warmup))
 
 
 def fine_tune(task: str, train: Encoded, num_labels: int, cfg: Config, cache_dir: str,
@@ -870,8 +876,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--quick", action="store_true", help="2 tasks, tiny settings (a minute or two)")
     p.add_argument("--tasks", nargs="+",
                    help=f"the tasks (default: the eight of the table; editorial_sentiment and "
-                        f"wordnet_verb_supersense are there to swap in; {list(demo_data.TASKS)}; "
-                        f"with --generative, some of the six generative tasks)")
+                        f"wordnet_verb_supersense are there to swap in; "
+                        f"{list(demo_data.TASKS)}; with --generative, some of the six "
+                        f"generative tasks)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--recipe", choices=RECIPES,
                    help="the experts' fine-tuning recipe: standard (warmup, linear decay, "
@@ -886,6 +893,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     unknown = [t for t in args.tasks or () if t not in demo_data.TASKS]
     if unknown:
         p.error(f"--tasks: unknown task(s) {unknown}; known: {list(demo_data.TASKS)}")
+    if args.tasks and (len(set(args.tasks)) != len(args.tasks) or len(args.tasks) < 2):
+        p.error(f"--tasks: at least 2 distinct tasks to route between, got {args.tasks}")
     kw = {"out": args.out or "demo-results", "cache": args.cache, "seed": args.seed, "recompute": args.recompute,
           **({"recipe": args.recipe} if args.recipe else {})}
     cfg = Config.quick_config(**kw) if args.quick else Config(**kw)
@@ -908,10 +917,14 @@ def _main_generative(args, parser) -> int:
         if unknown:
             parser.error(f"--tasks with --generative: unknown generative task(s) {unknown}; "
                          f"known: {list(GEN_TASKS)}")
+        if len(set(args.tasks)) != len(args.tasks) or len(args.tasks) < 2:
+            parser.error(f"--tasks with --generative: at least 2 distinct tasks to route "
+                         f"between, got {args.tasks}")
     kw = {"out": args.out or os.path.join("demo-results", "generative"), "cache": args.cache,
           "seed": args.seed, "recompute": args.recompute}
     cfg = GenConfig.quick_config(**kw) if args.quick else GenConfig(**kw)
     if args.tasks:
         cfg.tasks = tuple(args.tasks)
+    cfg.check()
     print(gen_markdown(run_generative(cfg)))
     return 0
