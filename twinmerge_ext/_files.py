@@ -244,6 +244,16 @@ def _existing_mode(path: str) -> Optional[int]:
     return stat.S_IMODE(st.st_mode) if stat.S_ISREG(st.st_mode) else None
 
 
+def _temp_dir_for(directory: str, name: str, fn: str, path: str) -> Tuple[str, Optional[int]]:
+    """A save's locked temporary directory beside `path`, dead saves' temporaries removed
+    first; a failure is reported as "<fn>: <path>: ..." (`_directory_error`)."""
+    remove_stale_temps(directory, name)
+    try:
+        return _make_temp_dir(directory, name)
+    except OSError as e:
+        raise _directory_error(e, directory, fn, path) from e
+
+
 def write_atomically(path: str, write: Callable[[str], None], fn: str) -> None:
     """Makes `path` the file that write(tmp) writes at `tmp`, atomically (protocol above). It
     keeps the permission bits of the regular file it replaces (a private file stays private),
@@ -256,11 +266,7 @@ def write_atomically(path: str, write: Callable[[str], None], fn: str) -> None:
     raises passes through. Either way the temporary directory is removed.
     """
     directory, name = os.path.split(os.path.abspath(path))
-    remove_stale_temps(directory, name)
-    try:
-        tmp, fd = _make_temp_dir(directory, name)
-    except OSError as e:
-        raise _directory_error(e, directory, fn, path) from e
+    tmp, fd = _temp_dir_for(directory, name, fn, path)
     try:
         try:
             target = os.path.join(tmp, name)
@@ -300,11 +306,7 @@ def publish_directory(path: str, write: Callable[[str], None], complete: str, fn
     """
     directory, name = os.path.split(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    remove_stale_temps(directory, name)
-    try:
-        tmp, fd = _make_temp_dir(directory, name)
-    except OSError as e:
-        raise _directory_error(e, directory, fn, path) from e
+    tmp, fd = _temp_dir_for(directory, name, fn, path)
     try:
         target = os.path.join(tmp, name)
         os.mkdir(target)  # 0o777 less the umask, as any new directory

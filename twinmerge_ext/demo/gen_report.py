@@ -3,7 +3,7 @@ atomically (the same files as the classification job's)."""
 
 from typing import Dict
 
-from twinmerge_ext.demo.report import write_report
+from twinmerge_ext.demo.report import footer, write_report
 
 LABELS = {"base": "Base model, zero-shot", "expert": "LoRA experts (each on its own task)",
           "task_arithmetic": "Task arithmetic", "ties": "TIES",
@@ -63,15 +63,7 @@ def gen_markdown(out: Dict[str, object]) -> str:
               f"- the router's pass over the batch's prompts: {tm['router_s'] * 1000:.0f} ms; "
               f"Twin's generate with it: {tm['twin_with_router_generate_tokens_per_s']:.0f} "
               f"tokens/s, {tm['twin_with_router_over_task_arithmetic_generate']:.2f}× task "
-              f"arithmetic's generate", ""]
-    env, ec = out["environment"], out["evaluation_cache"]
-    trained = {k: v for k, v in out["fine_tune_seconds"].items() if v is not None}
-    lines += [f"torch {env['torch']}, {env['threads']} threads, {env['machine']}, {env['date']}; "
-              f"wall time {out['wall_seconds']:.0f} s ("
-              + (f"{len(trained)} experts trained in {sum(trained.values()):.0f} s"
-                 if trained else "experts cached")
-              + f"; evaluation cache: {ec['reused']} results reused, {ec['computed']} computed)",
-              ""]
+              f"arithmetic's generate", "", footer(out, "trained"), ""]
     return "\n".join(lines)
 
 

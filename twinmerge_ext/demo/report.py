@@ -76,16 +76,18 @@ def markdown(out: Dict[str, object]) -> str:
               f"{tm['group_speedup_over_authors_nonzero']:.1f}×)",
               "- every batch of 32 is run as length-bucketed micro-batches (`length_buckets`), "
               "for every method alike", ""]
-    env = out["environment"]
-    ec = out["evaluation_cache"]
+    return "\n".join(lines + [footer(out, "fine-tuned"), ""])
+
+
+def footer(out: Dict[str, object], trained_word: str) -> str:
+    """The run's environment, wall time, experts trained and evaluation-cache counts."""
+    env, ec = out["environment"], out["evaluation_cache"]
     trained = {k: v for k, v in out["fine_tune_seconds"].items() if v is not None}
-    lines += [f"torch {env['torch']}, {env['threads']} threads, {env['machine']}, {env['date']}; "
-              f"wall time {out['wall_seconds']:.0f} s ("
-              + (f"{len(trained)} experts fine-tuned in {sum(trained.values()):.0f} s"
-                 if trained else "experts cached")
-              + f"; evaluation cache: {ec['reused']} results reused, {ec['computed']} computed)",
-              ""]
-    return "\n".join(lines)
+    return (f"torch {env['torch']}, {env['threads']} threads, {env['machine']}, {env['date']}; "
+            f"wall time {out['wall_seconds']:.0f} s ("
+            + (f"{len(trained)} experts {trained_word} in {sum(trained.values()):.0f} s"
+               if trained else "experts cached")
+            + f"; evaluation cache: {ec['reused']} results reused, {ec['computed']} computed)")
 
 
 def plot(out: Dict[str, object], path: str, protocol: Optional[str] = "routed",

@@ -527,13 +527,18 @@ def _stamped(log: Callable[[str], None], t0: float) -> Callable[[str], None]:
     return lambda msg: log(f"[{time.perf_counter() - t0:5.0f} s] {msg}")
 
 
+def _start(seed: int) -> None:
+    """What a job sets first: no model hub access, every random generator seeded."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def run(cfg: Config, log: Callable[[str], None] = print) -> Dict[str, object]:
     t_start = time.perf_counter()
     log = _stamped(log, t_start)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    _start(cfg.seed)
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(model_path())
 
