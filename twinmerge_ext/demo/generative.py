@@ -220,8 +220,10 @@ def run_generative(cfg: GenConfig, log: Callable[[str], None] = print) -> Dict[s
         return memo.json("gen-" + label, [parts, expert_ids, key[which], gen_kw, w_key],
                          lambda: serve(make_generate(), stream, tok, cfg, weights))
 
+    bound = {n: adapters[n].bind(base) for n in names}  # θ0 + scale·B A, lazily per tensor
+
     def expert_state(n: str):
-        return merging.task_arithmetic(base, {n: adapters[n].bind(base)}, scale=1.0)
+        return merging.task_arithmetic(base, {n: bound[n]}, scale=1.0)
 
     def own_task(stream: Stream, which: str) -> List[float]:
         out = []
@@ -248,7 +250,6 @@ def run_generative(cfg: GenConfig, log: Callable[[str], None] = print) -> Dict[s
         nz = normalized(task_scores(preds, val, names), expert_val)
         return float(np.mean([nz[t] for t in scored_tasks]))
 
-    bound = {n: adapters[n].bind(base) for n in names}
     chosen = {}
     for label, method, grid in (
             ("task_arithmetic", merging.task_arithmetic, [{"scale": s} for s in cfg.ta_scales]),
