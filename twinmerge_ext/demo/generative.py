@@ -212,13 +212,24 @@ def run_generative(cfg: GenConfig, log: Callable[[str], None] = print) -> Dict[s
     key = {"val": _digest(val.prompts, val.tasks), "test": _digest(test.prompts, test.tasks)}
     gen_kw = [cfg.eval_batch, cfg.max_new_tokens]
     memo = EvalCache(os.path.join(cfg.cache, "gen-evals"), enabled=not cfg.recompute)
+    eval_seconds: Dict[str, float] = {}  # the evaluations this run computed (not cached)
+
+    def timed(name: str, compute: Callable[[], object]) -> Callable[[], object]:
+        def run():
+            t0 = time.perf_counter()
+            value = compute()
+            eval_seconds[name] = time.perf_counter() - t0
+            stamp(f"{name}: computed in {eval_seconds[name]:.0f} s")
+            return value
+        return run
 
     def scored(label, parts, make_generate, stream, which, weights=None):
         """The predictions of a method on a stream (cached); make_generate() is called, and the
         model merged, only when they are not cached."""
         w_key = None if weights is None else tensor_digest(weights)
         return memo.json("gen-" + label, [parts, expert_ids, key[which], gen_kw, w_key],
-                         lambda: serve(make_generate(), stream, tok, cfg, weights))
+                         timed(f"{label} {parts} on {which}",
+                               lambda: serve(make_generate(), stream, tok, cfg, weights)))
 
     bound = {n: adapters[n].bind(base) for n in names}  # θ0 + scale·B A, lazily per tensor
 
@@ -231,8 +242,9 @@ def run_generative(cfg: GenConfig, log: Callable[[str], None] = print) -> Dict[s
             rows = [i for i, tt in enumerate(stream.tasks) if tt == t]
             sub = stream.subset(rows)
             r = memo.json("gen-expert", [expert_ids[t], key[which], rows, gen_kw],
-                          lambda: serve(plain_generate(models.with_state(expert_state(n))),
-                                        sub, tok, cfg))
+                          timed(f"expert {n} on {which}", lambda: serve(
+                              plain_generate(models.with_state(expert_state(n))), sub, tok,
+                              cfg)))
             out.append(task_scores(r["pred"], sub, names)[t])
         return out
     stamp("experts on their own tasks")
@@ -348,7 +360,8 @@ def run_generative(cfg: GenConfig, log: Callable[[str], None] = print) -> Dict[s
         "twin": info,
         "timing": timing,
         "fine_tune_seconds": seconds,
-        "evaluation_cache": {"reused": memo.hits, "computed": memo.misses},
+        "evaluation_cache": {"reused": memo.hits, "computed": memo.misses,
+                             "computed_seconds": eval_seconds},
         "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
                         "machine": platform.machine(), "code": code_digest(),
                         "twinmerge_ext": twinmerge_ext.__version__,
