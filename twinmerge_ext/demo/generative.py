@@ -11,7 +11,8 @@ and every row decodes with its own model θ(w_b).
 
 Every method serves the six test splits as one shuffled stream in mixed batches of 32 (prompts
 left-padded), greedy, up to `max_new_tokens`; a prediction is the text before the first newline
-(leading white space dropped).
+(leading white space dropped), and a row stops generating once its prediction is complete
+(`LineDone`).
 Scores are cached like the classification job's (`EvalCache`); decode speed is measured by every
 run, never cached.
 """
@@ -25,6 +26,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 import twinmerge_ext
 from twinmerge_ext import LoraExpert, TwinCheckpoint, TwinMergedModule, fit_router, merging
@@ -107,6 +109,25 @@ def make_stream(tok, names: Sequence[str], splits: Dict[str, List[gen_data.GenIt
     return Stream(prompts, [t for t, _ in rows], [it for _, it in rows])
 
 
+def prediction(text: str) -> str:
+    """A row's prediction: its text before the first newline, leading white space dropped."""
+    return text.lstrip().split("\n")[0].strip()
+
+
+class LineDone(StoppingCriteria):
+    """Marks a row done once its new text holds a newline after something other than white
+    space: its `prediction` cannot change any more. Greedy rows are computed independently, so
+    the other rows' tokens are those they would have had anyway; a batch stops when every row
+    is done (or at EOS, or max_new_tokens) instead of running the longest row's ramble out."""
+
+    def __init__(self, tok, prompt_len: int):
+        self.tok, self.prompt_len = tok, prompt_len
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        texts = self.tok.batch_decode(input_ids[:, self.prompt_len:], skip_special_tokens=True)
+        return torch.tensor(["\n" in t.lstrip() for t in texts], device=input_ids.device)
+
+
 def serve(generate: Callable, stream: Stream, tok, cfg: GenConfig,
           weights: Optional[torch.Tensor] = None) -> Dict[str, object]:
     """Predictions for the stream in batches of cfg.eval_batch: {"pred": [...], "w": [[...]]}
@@ -116,11 +137,11 @@ def serve(generate: Callable, stream: Stream, tok, cfg: GenConfig,
     for s in range(0, len(stream.prompts), cfg.eval_batch):
         ids, mask = gm.left_pad(stream.prompts[s:s + cfg.eval_batch], pad)
         w = None if weights is None else weights[s:s + cfg.eval_batch]
+        done = StoppingCriteriaList([LineDone(tok, ids.shape[1])])
         out, used = generate(ids, mask, w, max_new_tokens=cfg.max_new_tokens, do_sample=False,
-                             pad_token_id=pad, eos_token_id=pad)
+                             pad_token_id=pad, eos_token_id=pad, stopping_criteria=done)
         new = out[:, ids.shape[1]:]
-        preds += [tok.decode(row, skip_special_tokens=True).lstrip().split("\n")[0].strip()
-                  for row in new]
+        preds += [prediction(tok.decode(row, skip_special_tokens=True)) for row in new]
         if used is not None:
             ws += used.tolist()
     return {"pred": preds, "w": ws}
