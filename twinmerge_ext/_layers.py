@@ -31,6 +31,7 @@ import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
+from twinmerge_ext import _tp
 from twinmerge_ext.ops import _per_column, _per_expert, lowrank_mix_linear
 
 # {module: {attribute: tensor}}: what a call serves instead of a module's own tensors.
@@ -130,6 +131,12 @@ class _EnergyProbe:
                 self.names is not None and layer._twin_name not in self.names):
             return
         _, _, S, V = layer._twin_as_linear()
+        if layer._twin_tp:
+            if _tp.shard_dim(_own(layer, "weight"), layer._twin_name) == 1:
+                raise _error(layer, "subspace energies of a row-parallel layer would be partial "
+                                    "sums on each rank; read energies from column-parallel or "
+                                    "replicated layers (e.g. the attention's q/k/v projections)")
+            x = _tp.local(x)
         h = (x.float() @ V.float()) * S.float()                           # [B, ..., K]
         e = _per_expert(h * h, layer._twin_ranks["weight"])               # [B, ..., T]
         e = e.reshape(e.shape[0], -1, e.shape[-1])                         # [B, L, T]
@@ -270,14 +277,17 @@ class _TwinLayer(_TwinParams):
     def _twin_merged(self, attr: str, w: Tensor) -> Tensor:
         """θs + Σt w[t]·v̂t for one tensor and one weight vector [T], differentiable in w,
         accumulated in fp32 (fp64 for fp64)."""
-        p = _own(self, attr)
+        dp = _own(self, attr)
+        p = _tp.local(dp)  # a tensor-parallel layer: its shard, merged with its factors' slices
         f = _opmath(p.dtype)
         if attr in self._twin_lowrank:
             U, S, V = self._twin_factors(attr)
             s = _per_column(w.to(f), self._twin_ranks[attr]) * S.to(f)
-            return (p.to(f) + (U.to(f) * s) @ V.to(f).T).to(p.dtype)
-        d = self._twin_dense(attr)
-        return (p.to(f) + torch.tensordot(w.to(f), d.to(f), 1)).to(p.dtype)
+            out = (p.to(f) + (U.to(f) * s) @ V.to(f).T).to(p.dtype)
+        else:
+            d = self._twin_dense(attr)
+            out = (p.to(f) + torch.tensordot(w.to(f), d.to(f), 1)).to(p.dtype)
+        return _tp.like(out, dp)
 
 
 class _TwinLinear(_TwinLayer):
@@ -287,15 +297,26 @@ class _TwinLinear(_TwinLayer):
 
     def _twin_forward(self, ctx, x):
         rw = ctx.row_weights
+        _check_batch(self, x, rw.shape[0])
+        if self._twin_tp:  # tensor-parallel: the same computation on this rank's shards
+            return _tp.linear(self, x, lambda xl, W, bias, add_bias: self._twin_local(
+                xl, W, bias, rw, lambda v: F.linear(v, W, bias if add_bias else None),
+                add_bias))
+        return self._twin_local(x, self._twin_as_linear()[0], _own(self, "bias"), rw,
+                                self._twin_plain)
+
+    def _twin_local(self, x, W, bias, rw, plain, add_bias: bool = True):
+        """x Wᵀ + bias + ((x V_cat) ⊙ s(w_b)) U_catᵀ + Σt w_b,t Δb_t on the given tensors
+        (add_bias False: without the bias and its per-row deltas: a row-parallel rank but the
+        first). plain(x) is the layer's computation without the mix (with the bias if any)."""
         B = rw.shape[0]
-        _check_batch(self, x, B)
-        db = self._twin_dense("bias")
-        bias = _own(self, "bias")
+        db = self._twin_dense("bias") if add_bias else None
+        bias = bias if add_bias else None
         lowrank = "weight" in self._twin_lowrank
         if not lowrank:
-            y = self._twin_plain(x)
+            y = plain(x)
         else:
-            W, U, S, V = self._twin_as_linear()
+            _, U, S, V = self._twin_as_linear()
             # With a mixed bias, the shared bias joins the per-row one ([B, m], small) below:
             # one pass over y adds both, where the op's bias (copied into y first) and then the
             # per-row delta took two.
@@ -327,13 +348,16 @@ class _TwinEmbedding(_TwinLayer):
         B = rw.shape[0]
         # Position ids are often [1, L], broadcast over the batch later: the output becomes [B, ...].
         _check_batch(self, ids, B, allow_one=True)
-        y = self._twin_plain(ids)
         U, S, V = self._twin_factors("weight")
         f = _opmath(U.dtype)
         s = _per_column(rw.to(f), self._twin_ranks["weight"]) * S.to(f)              # [B, K]
-        h = F.embedding(ids, U).to(f)                                                 # [b, ..., K]
-        delta = (h * _row_view(s, B, h.dim(), s.shape[1:])) @ V.to(f).T
-        return (y + delta).to(y.dtype)
+
+        def mixed(i: Tensor, y: Tensor) -> Tensor:
+            h = F.embedding(i, U).to(f)                                               # [b, ..., K]
+            return (y + (h * _row_view(s, B, h.dim(), s.shape[1:])) @ V.to(f).T).to(y.dtype)
+        if self._twin_tp:  # tensor-parallel: this rank's rows or columns
+            return _tp.embedding(self, ids, lambda i, W: mixed(i, F.embedding(i, W)))
+        return mixed(ids, self._twin_plain(ids))
 
 
 def _same_rows(rw: Tensor) -> bool:

@@ -4,11 +4,13 @@ writes them atomically; `read_twin` validates a file against its metadata and ch
 """
 
 import errno
+import hashlib
 import json
+import math
 import os
 import re
 from contextlib import ExitStack
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -69,12 +71,51 @@ def write_twin(path: str, tensors: Dict[str, Tensor], metadata: Dict[str, Any], 
     write_atomically(path, write, fn)
 
 
-def read_twin(path: str, device, verify: bool, fn: str):
+# (dimension, start, length): the part of a tensor a rank reads (`read_twin`'s slices).
+Slice = Tuple[int, int, int]
+_STREAM_BYTES = 64 << 20  # a sliced tensor's checksum is computed over blocks of this size
+
+
+def _read_part(f, key: str, shape: List[int], part: Optional[Slice], verify: bool, bad):
+    """The tensor `key` (its part along one dimension, read alone: safetensors' get_slice),
+    and with verify its whole bytes' sha256, streamed in row blocks of at most _STREAM_BYTES
+    (each block checked finite too), never the whole tensor in memory."""
+    if part is None:
+        t = f.get_tensor(key)
+        return t, (tensor_digest(t) if verify else None)
+    dim, start, n = part
+    if not 0 <= dim < len(shape) or start < 0 or start + n > shape[dim]:
+        raise bad(f"tensor {key!r} of shape {shape}: cannot read rows {start}..{start + n} "
+                  f"of dimension {dim}")
+    sl = f.get_slice(key)
+    t = sl[(slice(None),) * dim + (slice(start, start + n),)]
+    digest = None
+    if verify:
+        h = hashlib.sha256()
+        row = max(1, t.element_size() * math.prod(shape[1:]))
+        step = max(1, _STREAM_BYTES // row)
+        for i in range(0, shape[0], step):
+            block = sl[i:i + step]
+            problem = non_finite(block)
+            if problem is not None:
+                raise bad(f"tensor {key!r} has a non-finite value in rows {i}.. ({problem}); a "
+                          f"twin's tensors must be finite")
+            h.update(block.reshape(-1).view(torch.uint8).numpy())
+        digest = h.hexdigest()
+    return t, digest
+
+
+def read_twin(path: str, device, verify: bool, fn: str,
+              slices: Optional[Callable[[str, List[int]], Optional[Slice]]] = None):
     """(info, tasks, specs, tensors, router, digests) of the file at path, every tensor checked
     against the metadata (names, shapes, dtypes, ranks), finite, and with verify against its
     checksum; digests is None for a file written before checksums existed. The router is built
     from its config, its tensors not yet loaded. Errors name the path (`TwinCheckpoint.load`
-    lists them)."""
+    lists them).
+
+    slices(key, shape) -> (dim, start, length) or None: read only that part of the tensor (a
+    rank's shard); with verify, its checksum is still of the whole tensor, hashed from the file
+    in blocks."""
 
     def bad(msg: str) -> ValueError:
         return ValueError(f"{fn}: {path!r}: {msg}")
@@ -136,15 +177,15 @@ def read_twin(path: str, device, verify: bool, fn: str):
                               f"{factor} has K = {shape[axis]} (shape {shape})")
         tensors = {}
         for key, (shape, dtype) in expected.items():
-            t = f.get_tensor(key)
-            if list(t.shape) != shape:
-                raise bad(f"tensor {key!r} has shape {list(t.shape)}, the metadata says "
-                          f"{shape}")
+            stored = list(f.get_slice(key).get_shape())
+            if stored != shape:
+                raise bad(f"tensor {key!r} has shape {stored}, the metadata says {shape}")
+            part = slices(key, shape) if slices is not None else None
+            t, actual = _read_part(f, key, shape, part, verify and digests is not None, bad)
             if dtype_name(t.dtype) != dtype:
                 raise bad(f"tensor {key!r} has dtype {dtype_name(t.dtype)}, the metadata "
                           f"says {dtype}")
-            if verify and digests is not None:
-                actual = tensor_digest(t)
+            if actual is not None:
                 if actual != digests[key]:
                     raise bad(f"tensor {key!r} does not match its checksum ({DIGEST_ALGORITHM} "
                               f"{actual}, the file says {digests[key]}): the file is damaged")

@@ -79,7 +79,7 @@ import torch
 from torch import Tensor
 
 import twinmerge_ext
-from twinmerge_ext import merging
+from twinmerge_ext import _tp, merging
 from twinmerge_ext._finite import all_finite, non_finite
 from twinmerge_ext._twin_file import (FORMAT_VERSION, SHARED_METHODS, dtype_name, read_twin,
                                       write_twin)
@@ -604,25 +604,46 @@ class TwinCheckpoint:
             raise ValueError(f"{fn}: head={head!r} given, but the twin has no task heads")
         on_device: Dict[torch.device, Tensor] = {}
         out: Dict[str, Tensor] = {}
+        loc = _tp.local  # a sharded twin (load(like=)): each rank merges its own slices
         for name, s in self._shared.items():
             if name not in self._lowrank and name not in self._dense:
                 out[name] = s.clone()
                 continue
             # The ops write into `out` and reject a non-contiguous one.
-            buf = torch.empty_like(s, memory_format=torch.contiguous_format)
+            buf = torch.empty_like(loc(s), memory_format=torch.contiguous_format)
             wd = on_device.setdefault(s.device, w.to(s.device))
             if name in self._lowrank:
                 lr = self._lowrank[name]
-                out[name] = lowrank_merge_(buf, s, lr.U_cat, lr.S_cat, lr.V_cat, lr.ranks, wd)
+                merged = lowrank_merge_(buf, loc(s), loc(lr.U_cat), loc(lr.S_cat),
+                                        loc(lr.V_cat), lr.ranks, wd)
             else:
-                out[name] = dense_merge_(buf, s, self._dense[name], wd)
+                merged = dense_merge_(buf, loc(s), loc(self._dense[name]), wd)
+            out[name] = _tp.like(merged, s)
         if self._heads:
             t = self.task_index(head, fn) if head is not None else int(w.argmax())
             out.update((name, h.clone()) for name, h in self._heads[self._tasks[t]].items())
         return out
 
+    @property
+    def sharded(self) -> bool:
+        """Whether the twin holds one rank's shards (`load(like=)` on a tensor-parallel module):
+        its sharded tensors are DTensors; it serves and merges, but is neither saved nor moved."""
+        return any(_tp.is_dtensor(t) for _, t in self._tensors())
+
+    def _tensors(self):
+        yield from self._shared.items()
+        for name, lr in self._lowrank.items():
+            yield from ((name, t) for t in (lr.U_cat, lr.S_cat, lr.V_cat))
+        yield from self._dense.items()
+
+    def _refuse_sharded(self, fn: str) -> None:
+        if self.sharded:
+            raise ValueError(f"{fn}: the twin holds this rank's shards (loaded with like= a "
+                             f"tensor-parallel module); load it whole to save or move it")
+
     def to(self, device: Union[str, torch.device]) -> "TwinCheckpoint":
         """A copy of the twin with every tensor on `device` (tensors already there are shared)."""
+        self._refuse_sharded("TwinCheckpoint.to")
         lowrank = {name: LowRankDelta(lr.U_cat.to(device), lr.S_cat.to(device),
                                       lr.V_cat.to(device), lr.ranks)
                    for name, lr in self._lowrank.items()}
@@ -726,13 +747,14 @@ class TwinCheckpoint:
         fn = "TwinCheckpoint.save"
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"{fn}: path must be a str or os.PathLike, got {type(path).__name__}")
+        self._refuse_sharded(fn)
         path = os.fspath(path)
         write_twin(path, self._file_tensors(), self.metadata, fn)
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike],
              device: Optional[Union[str, torch.device]] = None,
-             verify: bool = True) -> "TwinCheckpoint":
+             verify: bool = True, like: Optional[torch.nn.Module] = None) -> "TwinCheckpoint":
         """Reads a twin saved by `save`, validating it against its metadata and checksums.
 
         The metadata's own checksum is always checked (it costs microseconds). With verify=True
@@ -749,10 +771,20 @@ class TwinCheckpoint:
         refuse NaN/Inf, so a file holding one was not written by them): one min/max pass at
         memory speed (~20 GB/s here), most of what a load without verification costs.
 
+        Tensor parallelism: with like= a module parallelized by torch (`parallelize_module`,
+        ColwiseParallel / RowwiseParallel), each rank reads only its slices of the tensors that
+        mix into the module's sharded tensors (safetensors' get_slice): θs as the module's
+        tensor is sharded, U_cat's rows where it is sharded along its rows (column-parallel),
+        V_cat's rows where along its columns (row-parallel), dense deltas likewise; the rest
+        whole. Those tensors are DTensors on the module's mesh (`sharded` is True); wrap the
+        same module with TwinMergedModule. verify still checks every whole tensor's checksum,
+        streaming a sliced one from the file in 64 MiB blocks (memory: the slice and a block).
+
         Args:
             path: the .safetensors file.
             device: where to put every tensor (default: CPU).
             verify: hash every tensor and compare with its checksum (default True).
+            like: a tensor-parallel module: read this rank's slices only (above).
 
         Raises:
             TypeError: path not a str or os.PathLike; verify not a bool.
@@ -775,7 +807,21 @@ class TwinCheckpoint:
 
         if not isinstance(verify, bool):
             raise TypeError(f"{fn}: verify must be a bool, got {verify!r}")
-        info, tasks, specs, tensors, router, digests = read_twin(path, device, verify, fn)
+        if like is not None and not isinstance(like, torch.nn.Module):
+            raise TypeError(f"{fn}: like must be an nn.Module (tensor-parallel) or None, got "
+                            f"{type(like).__name__}")
+        parts = _tp.file_parts(like) if like is not None else {}
+        whole: Dict[str, List[int]] = {}  # the global shapes of the tensors read in part
+
+        def slices(key: str, shape: List[int]):
+            if key not in parts:
+                return None
+            whole[key] = shape
+            return _tp.read_part(*parts[key], key, shape)
+        info, tasks, specs, tensors, router, digests = read_twin(path, device, verify, fn,
+                                                                 slices if parts else None)
+        for key, shape in whole.items():
+            tensors[key] = _tp.sharded(tensors[key], *parts[key], shape)
         shared = {name: tensors[f"shared/{name}"] for name in specs["shared"]}
         lowrank = {name: LowRankDelta(tensors[f"lowrank/{name}/U_cat"],
                                       tensors[f"lowrank/{name}/S_cat"],

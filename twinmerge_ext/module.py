@@ -41,6 +41,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from twinmerge_ext import _tp
 from twinmerge_ext._finite import all_finite, nonfinite_rows
 from twinmerge_ext._layers import (
     _concat_outputs,
@@ -309,6 +310,15 @@ class TwinMergedModule(nn.Module):
         self._check_shared(module, twin, fn)
         head = self._head_plan(module, twin, fn)
         chosen = self._choose_layers(module, twin, filter_fn)  # runs filter_fn, which may raise
+        kinds = {path: _kind(layer, path, attrs) for path, (layer, attrs) in chosen.items()}
+        # Tensor-parallel layers (DTensor tensors, `_tp`): checked here, before any change.
+        tp_layers = {path: _tp.check_layer(layer, kinds[path], list(attrs), path)
+                     for path, (layer, attrs) in chosen.items()}
+        _tp.check_twin(module, twin)
+        if any(tp_layers.values()) and routing == "self":
+            raise ValueError(f"{fn}: routing='self' is not served on a tensor-parallel module "
+                             f"(its router reads hidden states inside the stack); use "
+                             f"routing='two_pass'")
 
         self.module = module
         self.router = router
@@ -336,8 +346,8 @@ class TwinMergedModule(nn.Module):
         with torch.no_grad():  # θs into the module: from here on nothing can fail
             own = module.state_dict(keep_vars=True)
             for name, value in twin.shared.items():
-                own[name].copy_(value)
-        self._patch_layers(twin, chosen)
+                _tp.local(own[name]).copy_(_tp.local_part(value, own[name], name))
+        self._patch_layers(twin, chosen, kinds, tp_layers)
         self._patch_heads(twin, head)
         if stack is not None:
             install_prefix(self._ctx, stack[1])
@@ -395,6 +405,7 @@ class TwinMergedModule(nn.Module):
         layer._twin_name = name
         layer._twin_is_head = kind == "head"
         layer._twin_mixed_attrs = frozenset(mixed_attrs)
+        layer._twin_tp = False  # tensor-parallel (DTensor tensors): set by _patch_layers
 
     @staticmethod
     def _choose_layers(module: nn.Module, twin: TwinCheckpoint,
@@ -409,11 +420,13 @@ class TwinMergedModule(nn.Module):
                 if filter_fn is None or filter_fn(layer, path)}
 
     def _patch_layers(self, twin: TwinCheckpoint,
-                      layers: Dict[str, Tuple[nn.Module, Dict[str, str]]]) -> None:
+                      layers: Dict[str, Tuple[nn.Module, Dict[str, str]]],
+                      kinds: Dict[str, str], tp_layers: Dict[str, bool]) -> None:
         chosen: Dict[str, nn.Module] = {}
         for path, (layer, attrs) in layers.items():
             chosen[path] = layer
-            self._patch(layer, _kind(layer, path, attrs), path, attrs)
+            self._patch(layer, kinds[path], path, attrs)
+            layer._twin_tp = tp_layers[path]
             layer._twin_lowrank = {a for a, k in attrs.items() if k == "lowrank"}
             layer._twin_attrs = list(attrs)
             layer._twin_ranks = {}
@@ -422,14 +435,17 @@ class TwinMergedModule(nn.Module):
             for attr, k in attrs.items():
                 p = _own(layer, attr)
                 full = f"{path}.{attr}" if path else attr
+                # A tensor-parallel layer keeps the slices of its rank's shard (`_tp`).
                 if k == "lowrank":
                     lr = twin.lowrank[full]
                     for f, t in zip("USV", (lr.U_cat, lr.S_cat, lr.V_cat)):
+                        t = _tp.shard_twin_tensor(t, p, f, full)
                         _register(layer, f"_twin_{attr}_{f}", t.to(device=p.device, dtype=p.dtype))
                     layer._twin_ranks[attr] = list(lr.ranks)
                 else:
-                    _register(layer, f"_twin_{attr}_deltas",
-                              twin.dense[full].to(device=p.device, dtype=p.dtype))
+                    t = twin.dense[full]
+                    t = _tp.shard_twin_tensor(t, p, "dense", full)
+                    _register(layer, f"_twin_{attr}_deltas", t.to(device=p.device, dtype=p.dtype))
         mixing = {id(layer) for layer in chosen.values()}
         for layer in chosen.values():
             # The mixing layers inside it (itself first): a fallback serves them per row too.
@@ -846,19 +862,21 @@ class TwinMergedModule(nn.Module):
                 p, buf = _own(layer, attr), s.tensors.get(i)
                 if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or \
                         buf.device != p.device:
-                    with torch.inference_mode(False):
-                        buf = torch.empty_like(p, memory_format=torch.contiguous_format)
+                    with torch.inference_mode(False):  # tensor-parallel: a shard, placed as p
+                        buf = _tp.like(torch.empty_like(
+                            _tp.local(p), memory_format=torch.contiguous_format), p)
                     s.tensors[i] = buf
                     s.overrides = None  # until rebuilt below: never serve a dropped buffer
                     fresh = True
                 wd = on_device.get(p.device)
                 if wd is None:
                     wd = on_device[p.device] = w.to(p.device)
+                bl, pl = _tp.local(buf), _tp.local(p)  # each rank merges its own slices
                 if kind == "lowrank":
                     U, S, V = layer._twin_factors(attr)
-                    lowrank_merge_(buf, p, U, S, V, layer._twin_ranks[attr], wd)
+                    lowrank_merge_(bl, pl, U, S, V, layer._twin_ranks[attr], wd)
                 else:
-                    dense_merge_(buf, p, layer._twin_dense(attr), wd)
+                    dense_merge_(bl, pl, layer._twin_dense(attr), wd)
         if fresh:
             over: Dict[nn.Module, Dict[str, Tensor]] = {}
             for layer, attr, i in self._served:
