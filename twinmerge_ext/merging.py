@@ -307,6 +307,30 @@ def _trim(tau: Tensor, density: float) -> Tensor:
     return torch.where(keep.view(tau.shape), tau, 0)
 
 
+def _trim_stack(taus: Tensor, density: float) -> Tensor:
+    """`_trim` of each task vector of a stack [T, ...], the same entries kept: the thresholds of
+    the experts that change the tensor in one batched kthvalue (parallel over the experts), the
+    all-zero ones (an expert that leaves the tensor alone) skipped."""
+    T, n = taus.shape[0], taus[0].numel()
+    k = _kept_count(n, density)
+    if k >= n:
+        return taus
+    mag = taus.abs().reshape(T, n)
+    rows = mag.any(1).nonzero().flatten()
+    out = torch.zeros_like(taus)
+    if rows.numel() == 0:
+        return out
+    m = mag[rows]
+    thresholds = m.kthvalue(n - k + 1, dim=1).values   # each row's k-th largest magnitude
+    keep = m > thresholds[:, None]
+    short = (keep.sum(1) < k) & (thresholds > 0)   # ties at the threshold: lowest indices win
+    for i in short.nonzero().flatten().tolist():
+        tied = (m[i] == thresholds[i]).nonzero().squeeze(1)
+        keep[i, tied[: k - int(keep[i].sum())]] = True
+    out[rows] = torch.where(keep.view((-1,) + tuple(taus.shape[1:])), taus[rows], 0)
+    return out
+
+
 def _ties_merge(trimmed: Tensor) -> Tensor:
     """Sign election by summed mass and disjoint mean over a stack [T, ...] of trimmed vectors."""
     elected = torch.sign(trimmed.sum(0))
@@ -346,7 +370,7 @@ def _sum_combine(scale: float) -> Combine:
 
 
 def _ties_combine(density: float, scale: float) -> Combine:
-    return lambda taus, b: scale * _ties_merge(torch.stack([_trim(tau, density) for tau in taus]))
+    return lambda taus, b: scale * _ties_merge(_trim_stack(torch.stack(list(taus)), density))
 
 
 def _merge_task_vectors(fn: str, base: StateSource, experts: Experts, include: Patterns,

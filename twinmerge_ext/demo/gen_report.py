@@ -39,9 +39,10 @@ def gen_markdown(out: Dict[str, object]) -> str:
     rt, tw, tm = out["router"], out["twin"], out["timing"]
     lines += ["", "Chosen on validation: " + "; ".join(f"{LABELS[k]} {v}" for k, v in hp.items())
               + f". The twin: shared expert = task arithmetic at its scale, each exclusive delta "
-              f"at rank {tw['rank']} ({tw['storage_ratio']:.2f} single models of storage), chosen "
-              f"by the validation means (normalized) " + ", ".join(
-                  f"rank {r}: {a:.2f}" for r, a in rt["validation_by_rank"].items()) + ".", "",
+              f"at rank {tw['rank']} ({tw['storage_ratio']:.2f} single models of storage)"
+              + (", chosen by the validation means (normalized) " + ", ".join(
+                  f"rank {r}: {a:.2f}" for r, a in rt["validation_by_rank"].items())
+                 if rt["validation_by_rank"] else "") + ".", "",
               "## Router", "",
               f"An MLP on θs's hidden states entering layer {rt['layer']}, mean-pooled over the "
               f"prompt and standardized (its pass stops at that layer). Routing accuracy: "

@@ -889,12 +889,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="the experts' fine-tuning recipe: standard (warmup, linear decay, "
                         "gradient clipping; the default) or constant (constant lr, no "
                         "clipping; --quick's default)")
+    p.add_argument("--oracle", action="store_true",
+                   help="with --generative: also score the twin with one-hot weights on the "
+                        "true task (a diagnostic; another pass of the test stream)")
     p.add_argument("--recompute", action="store_true",
                    help="recompute every score, feature and twin instead of reusing the "
                         "evaluation cache (experts stay cached; timings are always measured)")
     args = p.parse_args(argv)
     if args.generative:
         return _main_generative(args, p)
+    if args.oracle:
+        p.error("--oracle is the generative job's; the classification job always scores its "
+                "one-hot diagnostic")
     unknown = [t for t in args.tasks or () if t not in demo_data.TASKS]
     if unknown:
         p.error(f"--tasks: unknown task(s) {unknown}; known: {list(demo_data.TASKS)}")
@@ -926,7 +932,8 @@ def _main_generative(args, parser) -> int:
             parser.error(f"--tasks with --generative: at least 2 distinct tasks to route "
                          f"between, got {args.tasks}")
     kw = {"out": args.out or os.path.join("demo-results", "generative"), "cache": args.cache,
-          "seed": args.seed, "recompute": args.recompute}
+          "seed": args.seed, "recompute": args.recompute,
+          **({"oracle": True} if args.oracle else {})}
     cfg = GenConfig.quick_config(**kw) if args.quick else GenConfig(**kw)
     if args.tasks:
         cfg.tasks = tuple(args.tasks)
