@@ -25,7 +25,11 @@ WORKER = os.path.join(os.path.dirname(__file__), "tp_worker.py")
 def _launch(case: str, world: int, out) -> list:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={world}", WORKER, case, str(out)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # The ranks import this checkout's twinmerge_ext, whatever an installed copy says.
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")]
+                                                    if p]))
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     return [json.load(open(os.path.join(out, f"rank{i}.json"))) for i in range(world)]

@@ -21,11 +21,18 @@ as Partial and summed by the style's one all-reduce with the base layer's (the b
 the first rank of the mesh only). Vocab-parallel embedding: each rank gathers the rows of its
 vocabulary range (θs and U_cat alike), zero elsewhere, summed by the style's all-reduce.
 
-Why local shards rather than DTensor sharding rules (`register_sharding`) for the ops: the
-parallel style already fixes the layer's input and output placements, and within them there is one
-local computation (above); a sharding rule would let DTensor choose others (e.g. gather U_cat)
-that the style then undoes. Only `lowrank_mix_linear` sees shards; `lowrank_merge_` and
-`dense_merge_` merge each rank's local slices (materialize mode), with no communication.
+Why local shards rather than DTensor sharding rules (`register_sharding`) for the ops. Our ops
+have no DTensor strategy, so a DTensor cannot enter them as is; one could be registered, but the
+parallel style already fixes the layer's input and output placements, and within them there is
+one local computation (above). A registered rule would have to encode exactly that (one
+strategy per op and layout) and still leave the row-parallel bias and the vocabulary mask to
+the layer. So the layers unwrap the style's DTensor input, run the single-process code on local
+tensors (`lowrank_mix_linear`, `F.linear`, `F.embedding`, the per-row bias mix) and wrap the
+result with the placement and global shape the plain layer's DTensor op would give
+(`DTensor.from_local(..., run_check=False)`); `lowrank_merge_` and `dense_merge_` merge each
+rank's local slices (materialize mode), with no communication. What this gives up: only 1-D
+meshes and torch's Colwise/Rowwise styles (no SequenceParallel, no 2-D meshes), and the global
+shapes are computed here (`compute_local_shape_and_global_offset`, torch's own offsets).
 """
 
 from typing import Callable, Optional, Sequence, Tuple
@@ -57,12 +64,12 @@ def local(t: Optional[Tensor]) -> Optional[Tensor]:
     return t.to_local() if is_dtensor(t) else t
 
 
-def shard_dim(p: Tensor, what: str) -> Optional[int]:
+def shard_dim(p: Tensor, what: str, fn: str = "TwinMergedModule") -> Optional[int]:
     """The dimension a DTensor on a 1-D mesh is sharded along (None: replicated). `what` names
-    the tensor in errors."""
+    the tensor, `fn` the function, in errors."""
     mesh, placements = p.device_mesh, p.placements
     if mesh.ndim != 1 or len(placements) != 1:
-        raise ValueError(f"TwinMergedModule: {what} is a DTensor on a {mesh.ndim}-D device mesh "
+        raise ValueError(f"{fn}: {what} is a DTensor on a {mesh.ndim}-D device mesh "
                          f"{tuple(mesh.shape)} with placements {placements}; tensor-parallel "
                          f"serving takes a 1-D mesh (the tensor-parallel one)")
     pl = placements[0]
@@ -70,8 +77,8 @@ def shard_dim(p: Tensor, what: str) -> Optional[int]:
         return None
     if isinstance(pl, Shard):
         return pl.dim % p.dim()
-    raise ValueError(f"TwinMergedModule: {what} is a DTensor with placement {pl}; served "
-                     f"tensors must be sharded (Shard) or replicated")
+    raise ValueError(f"{fn}: {what} is a DTensor with placement {pl}; served tensors must "
+                     f"be sharded (Shard) or replicated")
 
 
 def offset(p: Tensor, dim: int) -> Tuple[int, int]:
@@ -87,11 +94,11 @@ def slice_like(full: Tensor, p: Tensor, p_dim: int, dim: int) -> Tensor:
     return full.narrow(dim, start, n)
 
 
-def _twin_dim(p: Tensor, kind: str, what: str) -> Optional[int]:
+def _twin_dim(p: Tensor, kind: str, what: str, fn: str = "TwinMergedModule") -> Optional[int]:
     """The dimension along which a twin tensor of kind "shared" (θs), "U" / "V" (factors of a
     low-rank matrix), "S" or "dense" ([T, *p.shape]) is sharded when it mixes into DTensor p;
     None: every rank holds it whole."""
-    d = shard_dim(p, what)
+    d = shard_dim(p, what, fn)
     if d is None or kind == "S":
         return None
     if kind == "shared":
@@ -99,12 +106,12 @@ def _twin_dim(p: Tensor, kind: str, what: str) -> Optional[int]:
     if kind == "dense":
         return d + 1
     if p.dim() != 2:
-        raise ValueError(f"TwinMergedModule: {what} is a sharded {p.dim()}-D DTensor; low-rank "
+        raise ValueError(f"{fn}: {what} is a sharded {p.dim()}-D DTensor; low-rank "
                          f"tensors are served sharded only as matrices")
     return 0 if (kind == "U") == (d == 0) else None
 
 
-def shard_twin_tensor(t: Tensor, p: Tensor, kind: str, what: str) -> Tensor:
+def shard_twin_tensor(t: Tensor, p: Tensor, kind: str, what: str, copy: bool = True) -> Tensor:
     """This rank's part of a twin tensor of `kind` (`_twin_dim`) mixing into p: sliced from a
     whole tensor, or the local shard of one loaded sharded (`TwinCheckpoint.load(like=)`),
     which must be placed as p's sharding implies. A plain p keeps a plain t whole."""
@@ -124,7 +131,9 @@ def shard_twin_tensor(t: Tensor, p: Tensor, kind: str, what: str) -> Tensor:
         return t.to_local()
     if dim is None:
         return t
-    return slice_like(t, p, _twin_dim(p, "shared", what), dim)
+    part = slice_like(t, p, _twin_dim(p, "shared", what), dim)
+    # A copy: a view would keep the whole tensor alive on every rank.
+    return part.clone(memory_format=torch.contiguous_format) if copy else part
 
 
 def check_twin(module: nn.Module, twin) -> None:
@@ -145,31 +154,36 @@ def check_twin(module: nn.Module, twin) -> None:
                              f"tensor-parallel plan")
 
 
-def file_parts(module: nn.Module) -> dict:
+def file_parts(module: nn.Module, fn: str) -> dict:
     """{key of the twin file: (the module's DTensor p, kind)} for the tensors a rank of this
-    tensor-parallel module holds in part (`_twin_dim`)."""
+    tensor-parallel module holds in part (`_twin_dim`). Raises ValueError if it has none."""
     tensors = dict(module.named_parameters(remove_duplicate=False))
     tensors.update(module.named_buffers(remove_duplicate=False))
     out = {}
     for name, p in tensors.items():
-        if not is_dtensor(p) or shard_dim(p, f"module tensor {name!r}") is None:
+        if not is_dtensor(p) or shard_dim(p, f"module tensor {name!r}", fn) is None:
             continue
         out[f"shared/{name}"] = (p, "shared")
         out[f"dense/{name}/deltas"] = (p, "dense")
         if p.dim() == 2:
             for factor in "UV":
-                if _twin_dim(p, factor, name) is not None:
+                if _twin_dim(p, factor, name, fn) is not None:
                     out[f"lowrank/{name}/{factor}_cat"] = (p, factor)
+    if not out:
+        raise ValueError(f"{fn}: like= {type(module).__name__} has no sharded DTensor tensor: "
+                         f"pass the module parallelized by parallelize_module (the module itself, "
+                         f"before wrapping: a TwinMergedModule's names carry a 'module.' prefix)")
     return out
 
 
 def read_part(p: Tensor, kind: str, key: str, shape: Sequence[int]) -> Tuple[int, int, int]:
-    """(dimension, start, length) of a twin file tensor of this shape that this rank reads."""
+    """(dimension, start, length) of a twin file tensor of this shape that this rank reads;
+    ValueError (its message without the function) if the shape does not fit p."""
     dim = _twin_dim(p, kind, key)
     want = p.shape[_twin_dim(p, "shared", key)]
     if len(shape) <= dim or shape[dim] != want:
-        raise ValueError(f"TwinCheckpoint.load: twin tensor {key!r} has shape {list(shape)}, "
-                         f"which does not fit the module's tensor of shape {list(p.shape)}")
+        raise ValueError(f"twin tensor {key!r} has shape {list(shape)}, which does not fit the "
+                         f"module's tensor of shape {list(p.shape)}")
     start, n = offset(p, _twin_dim(p, "shared", key))
     return dim, start, n
 
@@ -182,7 +196,7 @@ def sharded(t: Tensor, p: Tensor, kind: str, shape: Sequence[int]) -> Tensor:
 
 def local_part(full: Tensor, p: Tensor, what: str) -> Tensor:
     """The part of `full` (θs's tensor shaped like p) that this rank's shard of p holds."""
-    return shard_twin_tensor(full, p, "shared", what)
+    return shard_twin_tensor(full, p, "shared", what, copy=False)
 
 
 def like(t: Tensor, p: Tensor) -> Tensor:
@@ -256,6 +270,10 @@ def embedding(layer, ids: Tensor, compute: Callable[[Tensor, Tensor], Tensor]) -
     il = _input(ids, mesh, Replicate(), what)
     if d == 0:   # vocabulary-parallel: the rows of this rank's range, zero elsewhere
         start, n = offset(W, 0)
+        if n == 0:   # more ranks than rows: this rank holds none
+            Wl = W.to_local()
+            y = Wl.new_zeros(tuple(il.shape) + (W.shape[1],))
+            return _out(y, mesh, Partial(), W.shape[1])
         outside = (il < start) | (il >= start + n)
         y = compute((il - start).masked_fill(outside, 0), W.to_local())
         y = y.masked_fill(outside.unsqueeze(-1), 0)

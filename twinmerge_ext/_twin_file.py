@@ -43,32 +43,81 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+INDEX_NAME = "twin.safetensors.index.json"  # a sharded twin: this index in a directory
+
+
+def _check_finite_tensors(tensors: Dict[str, Tensor], fn: str) -> None:
+    for key, t in tensors.items():
+        problem = non_finite(t)
+        if problem is not None:
+            raise ValueError(f"{fn}: tensor {key!r} must be finite, got {problem}; nothing "
+                             f"was written")
+
+
+def _save(tensors: Dict[str, Tensor], tmp: str, header: Optional[Dict[str, str]]) -> None:
+    try:
+        save_file(tensors, tmp, metadata=header)
+    except SafetensorError as e:  # an I/O error, its errno only in the message
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from e
+
+
+def _header(metadata: Dict[str, Any], digests: Dict[str, str]) -> Dict[str, str]:
+    meta = json.dumps(metadata)
+    checksums = {"algorithm": DIGEST_ALGORITHM, "metadata": text_digest(meta),
+                 "tensors": digests}
+    return {METADATA_KEY: meta, CHECKSUMS_KEY: json.dumps(checksums)}
+
+
+def write_shard(path: str, tensors: Dict[str, Tensor], fn: str) -> Dict[str, str]:
+    """One shard file of a sharded twin (its part of the tensors, no twin metadata), written
+    atomically; returns the tensors' digests, for the index."""
+    _check_finite_tensors(tensors, fn)
+    write_atomically(path, lambda tmp: _save(tensors, tmp, None), fn)
+    return {key: tensor_digest(t) for key, t in tensors.items()}
+
+
+def write_index(directory: str, weight_map: Dict[str, str], digests: Dict[str, str],
+                metadata: Dict[str, Any], fn: str) -> List[str]:
+    """Publishes a sharded twin: the index (the metadata and checksums a single file's header
+    holds, and which file holds each tensor) written atomically over any previous one, whose
+    shard files no longer named are then removed. Returns the removed files' names.
+    Readers see the previous twin or this one, never a mix: shard files have names of their own
+    build, and the index is renamed into place last."""
+    index_path = os.path.join(directory, INDEX_NAME)
+    old = set()
+    try:
+        with open(index_path) as f:
+            old = set(json.load(f).get("weight_map", {}).values())
+    except (OSError, ValueError, AttributeError):
+        pass  # no previous twin here (or a damaged index): nothing of it to remove
+    body = json.dumps({"metadata": _header(metadata, digests), "weight_map": weight_map},
+                      indent=1)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(body)
+    write_atomically(index_path, write, fn)
+    gone = sorted(old - set(weight_map.values()))
+    for name in gone:
+        try:
+            os.remove(os.path.join(directory, name))
+        except OSError:
+            pass  # already gone (another build removed it)
+    return gone
+
+
 def write_twin(path: str, tensors: Dict[str, Tensor], metadata: Dict[str, Any], fn: str) -> None:
     """The file tensors (name -> CPU tensor) with the metadata and their checksums, written
     atomically at path (`TwinCheckpoint.save` states the guarantees); a non-finite tensor is
     refused before anything is written."""
     if os.path.isdir(path):
         raise os_error(errno.EISDIR, f"{fn}: {path!r}: is a directory")
-    for key, t in tensors.items():
-        problem = non_finite(t)
-        if problem is not None:
-            raise ValueError(f"{fn}: tensor {key!r} must be finite, got {problem}; nothing "
-                             f"was written")
-    meta = json.dumps(metadata)
-    checksums = {"algorithm": DIGEST_ALGORITHM, "metadata": text_digest(meta),
-                 "tensors": {key: tensor_digest(t) for key, t in tensors.items()}}
-    header = {METADATA_KEY: meta, CHECKSUMS_KEY: json.dumps(checksums)}
-
-    def write(tmp: str) -> None:
-        try:
-            save_file(tensors, tmp, metadata=header)
-        except SafetensorError as e:  # an I/O error, its errno only in the message
-            code = re.search(r"\(os error (\d+)\)", str(e))
-            if code is None:
-                raise
-            raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from e
-
-    write_atomically(path, write, fn)
+    _check_finite_tensors(tensors, fn)
+    header = _header(metadata, {key: tensor_digest(t) for key, t in tensors.items()})
+    write_atomically(path, lambda tmp: _save(tensors, tmp, header), fn)
 
 
 # (dimension, start, length): the part of a tensor a rank reads (`read_twin`'s slices).
@@ -88,7 +137,10 @@ def _read_part(f, key: str, shape: List[int], part: Optional[Slice], verify: boo
         raise bad(f"tensor {key!r} of shape {shape}: cannot read rows {start}..{start + n} "
                   f"of dimension {dim}")
     sl = f.get_slice(key)
-    t = sl[(slice(None),) * dim + (slice(start, start + n),)]
+    # safetensors hands back a view of the whole tensor, mapped from the file: only the slice's
+    # pages are read, and the copy lets the mapping go (it is not kept alive by the slice).
+    t = sl[(slice(None),) * dim + (slice(start, start + n),)].clone(
+        memory_format=torch.contiguous_format)
     digest = None
     if verify:
         h = hashlib.sha256()
@@ -120,13 +172,8 @@ def read_twin(path: str, device, verify: bool, fn: str,
     def bad(msg: str) -> ValueError:
         return ValueError(f"{fn}: {path!r}: {msg}")
 
-    check_readable(path, fn)
     with ExitStack() as stack:
-        try:
-            f = stack.enter_context(safe_open(path, framework="pt", device="cpu"))
-        except Exception as e:  # SafetensorError: bad header, or data cut short
-            raise bad(f"not a valid safetensors file (truncated or corrupt?): "
-                      f"{type(e).__name__}: {e}") from e
+        f = _open_twin(path, stack, fn, bad)
         header = f.metadata() or {}
         raw = header.get(METADATA_KEY)
         if raw is None:
@@ -195,6 +242,70 @@ def read_twin(path: str, device, verify: bool, fn: str,
                           f"tensors must be finite")
             tensors[key] = t if device is None else t.to(device)
     return info, tasks, specs, tensors, router, digests
+
+
+def _open_safetensors(path: str, stack: ExitStack, fn: str, bad):
+    check_readable(path, fn)
+    try:
+        return stack.enter_context(safe_open(path, framework="pt", device="cpu"))
+    except Exception as e:  # SafetensorError: bad header, or data cut short
+        raise bad(f"not a valid safetensors file (truncated or corrupt?): "
+                  f"{type(e).__name__}: {e}") from e
+
+
+class _Sharded:
+    """A sharded twin read through its index: metadata() from the index, each tensor from the
+    shard file the index names (opened when first read), as one safetensors file reads."""
+
+    def __init__(self, index_path: str, stack: ExitStack, fn: str, bad):
+        self.dir = os.path.dirname(index_path)
+        self.stack, self.fn, self.bad = stack, fn, bad
+        check_readable(index_path, fn)
+        try:
+            with open(index_path) as fh:
+                index = json.load(fh)
+            header, self.map = index["metadata"], index["weight_map"]
+            if not (isinstance(header, dict) and isinstance(self.map, dict) and all(
+                    isinstance(k, str) and isinstance(v, str) and os.path.basename(v) == v
+                    for k, v in self.map.items())):
+                raise ValueError("metadata must be an object and weight_map map tensor names "
+                                 "to file names in the index's directory")
+        except (ValueError, KeyError, TypeError) as e:
+            raise bad(f"not a valid twin index ({type(e).__name__}: {e})") from e
+        self.header = header
+        self.files: Dict[str, Any] = {}
+
+    def metadata(self) -> Dict[str, str]:
+        return self.header
+
+    def keys(self) -> List[str]:
+        return list(self.map)
+
+    def _file(self, key: str):
+        name = self.map[key]
+        if name not in self.files:
+            path = os.path.join(self.dir, name)
+            f = _open_safetensors(path, self.stack, self.fn, self.bad)
+            if key not in set(f.keys()):
+                raise self.bad(f"shard file {name!r} does not hold tensor {key!r}, which the "
+                               f"index places there")
+            self.files[name] = f
+        return self.files[name]
+
+    def get_slice(self, key: str):
+        return self._file(key).get_slice(key)
+
+    def get_tensor(self, key: str) -> Tensor:
+        return self._file(key).get_tensor(key)
+
+
+def _open_twin(path: str, stack: ExitStack, fn: str, bad):
+    """A twin file, or a sharded twin: a directory holding INDEX_NAME, or that index's path."""
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, INDEX_NAME)):
+        return _Sharded(os.path.join(path, INDEX_NAME), stack, fn, bad)
+    if path.endswith(".index.json"):
+        return _Sharded(path, stack, fn, bad)
+    return _open_safetensors(path, stack, fn, bad)
 
 
 def _checked_checksums(raw: Optional[str], meta: str, bad) -> Optional[Dict[str, str]]:

@@ -73,7 +73,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from numbers import Integral, Real
 from types import MappingProxyType
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -255,6 +255,181 @@ def _extract_heads(experts: Mapping[str, StateSource], is_head, patterns: Patter
 
 def _nbytes(t: Tensor) -> int:
     return t.numel() * t.element_size()
+
+
+def _read_sharded(path: str, device, verify: bool, like: torch.nn.Module, fn: str):
+    """read_twin's result for one tensor-parallel rank of `like`: the tensors that mix into its
+    sharded tensors read in part and returned as DTensors on its mesh, the rest whole, all on
+    the mesh's device unless `device` says otherwise. Every rank of the mesh reads at once, and
+    a failure on any (a damaged slice, NaN in one) stops all of them with its error."""
+    parts = _tp.file_parts(like, fn)
+    mesh = next(iter(parts.values()))[0].device_mesh
+    local_device = next(iter(parts.values()))[0].to_local().device
+    if device is not None and torch.device(device).type != local_device.type:
+        raise ValueError(f"{fn}: device={device!r}, but like='s tensors live on "
+                         f"{local_device.type} (its mesh); leave device out")
+    whole: Dict[str, List[int]] = {}  # the global shapes of the tensors read in part
+
+    def slices(key: str, shape: List[int]):
+        if key not in parts:
+            return None
+        whole[key] = shape
+        try:
+            return _tp.read_part(*parts[key], key, shape)
+        except ValueError as e:
+            raise ValueError(f"{fn}: {path!r}: {e}") from e
+
+    def read():
+        out = read_twin(path, device or local_device, verify, fn, slices)
+        for key, shape in whole.items():
+            out[3][key] = _tp.sharded(out[3][key], *parts[key], shape)
+        return out
+    from twinmerge_ext._distributed_build import _Ranks
+    return _Ranks(fn, mesh.get_group()).step("reading its slices", read)
+
+
+class _BuildPlan:
+    """`TwinCheckpoint.build`'s arguments, checked, and its work on any subset of the parameters
+    (`part`): the whole model in one process, or one rank's share (`build_distributed`). A
+    parameter's results do not depend on which others are built with it (each SVD is seeded
+    alone, DARE's generators per parameter): the parts of a partition are the whole's."""
+
+    def __init__(self, base, experts, shared="task_arithmetic", shared_kwargs=None, rank=None,
+                 rank_ratio=None, include=None, exclude=None, device=None, oversample=10,
+                 n_iter=2, seed=0, heads=None, fn="TwinCheckpoint.build"):
+        self.fn = fn
+        self.tasks = _task_names(experts, fn)
+        self.shared, (self.method, self.effective_kwargs) = shared, _shared_config(
+            shared, shared_kwargs, fn)
+        self.shared_kwargs = shared_kwargs
+        if rank is not None:
+            rank = _int_arg(rank, "rank", fn, 1)
+        self.rank = rank
+        self.loras = [e if isinstance(e, LoraExpert) else None for e in experts.values()]
+        self.lora_exact = (rank is None and rank_ratio is None and all(self.loras)
+                           and shared in ("task_arithmetic", "average"))
+        rank_ratio = merging._real(0.1 if rank_ratio is None else rank_ratio, "rank_ratio", fn)
+        if not 0.0 < rank_ratio <= 1.0:
+            raise ValueError(f"{fn}: rank_ratio must be in (0, 1], got {rank_ratio!r}")
+        self.rank_ratio = rank_ratio
+        experts = {task: e.bind(base) if isinstance(e, LoraExpert) else e
+                   for task, e in experts.items()}
+        self.oversample = _int_arg(oversample, "oversample", fn, 0)
+        self.n_iter = _int_arg(n_iter, "n_iter", fn, 0)
+        self.seed = _int_arg(seed, "seed", fn, 0)
+        self.work_device = torch.device(device) if device is not None else None
+        self.include, self.exclude, self.heads = include, exclude, heads
+        self.selected = merging._selector(include, exclude, fn)
+        head_patterns = merging._patterns(heads, "heads", fn)
+        self.task_heads: Dict[str, Dict[str, Tensor]] = {}
+        if head_patterns:
+            def is_head(name: str) -> bool:
+                return any(p.search(name) for p in head_patterns)
+
+            self.task_heads = _extract_heads(experts, is_head, heads, fn)
+            base = merging._Subset(base, is_head)
+            experts = {task: merging._Subset(src, is_head) for task, src in experts.items()}
+        self.base, self.experts = base, experts
+
+    def sizes(self) -> List[Tuple[str, int]]:
+        """(name, number of elements) of the base's tensors (less task heads), in its order,
+        from the files' headers (nothing is read)."""
+        with ExitStack() as stack:
+            src = merging._Source(self.base, "base", self.fn, stack)
+            return [(name, math.prod(src.meta(name)[0])) for name in src.keys()]
+
+    def part(self, keep: Optional[Callable[[str], bool]], progress: bool, tracker=None):
+        """(θs, lowrank, dense, errors, unchanged) of the parameters `keep` accepts (None: all),
+        in the base's order. tracker.where is set to each parameter as its compression starts
+        (for errors)."""
+        fn, T = self.fn, len(self.tasks)
+        base, experts = self.base, self.experts
+        if keep is not None:
+            base = merging._Subset(base, lambda n: not keep(n))
+            experts = {task: merging._Subset(src, lambda n: not keep(n))
+                       for task, src in experts.items()}
+        shared_sd = self.method(base=base, experts=experts, include=self.include,
+                                exclude=self.exclude, progress=progress,
+                                **(self.shared_kwargs or {}))
+        lowrank: Dict[str, LowRankDelta] = {}
+        dense: Dict[str, Tensor] = {}
+        errors: Dict[str, List[float]] = {}
+        unchanged: List[str] = []
+        tasks, shared, loras = self.tasks, self.shared, self.loras
+        with ExitStack() as stack:
+            # The shared merge already checked every expert against the base.
+            named = merging._open_experts(experts, fn, stack)
+            for name in merging._progress(list(shared_sd), progress, fn):
+                if tracker is not None:
+                    tracker.where = name
+                s = shared_sd[name]
+                if not (s.is_floating_point() and self.selected(name)):
+                    continue
+                dev = self.work_device or s.device
+                s_c = s.to(device=dev, dtype=merging._compute_dtype(s.dtype))
+                deltas = torch.empty((T,) + tuple(s.shape), dtype=s_c.dtype, device=dev)
+                for t, (_, _, src) in enumerate(named):
+                    torch.sub(src.get(name).to(device=dev, dtype=s_c.dtype), s_c, out=deltas[t])
+                # The merge refused NaN/Inf inputs, but θs and θt − θs can still overflow the
+                # dtype; checked here to name the parameter and the tasks. A min/max per task
+                # (NaN propagates into both) reads each delta once, where isfinite writes a
+                # mask; the flags reach the host together (one sync).
+                if s.numel():
+                    lo, hi = torch.aminmax(deltas.reshape(T, -1), dim=1)
+                    s_lo, s_hi = torch.aminmax(s_c.reshape(1, -1), dim=1)
+                    ok = torch.isfinite(torch.cat([s_lo, lo])) & \
+                        torch.isfinite(torch.cat([s_hi, hi]))
+                else:
+                    ok = torch.ones(T + 1, dtype=torch.bool, device=dev)
+                shared_ok, *finite, changed = torch.cat([ok, deltas.any().view(1)]).tolist()
+                del s_c
+                if not shared_ok:
+                    raise ValueError(f"{fn}: parameter {name!r}: the shared expert has NaN/Inf "
+                                     f"entries (a NaN/Inf in the base or an expert propagates "
+                                     f"into the {shared} merge)")
+                if not all(finite):
+                    bad = [task for task, ok in zip(tasks, finite) if not ok]
+                    raise ValueError(f"{fn}: parameter {name!r}: the deltas of tasks {bad} have "
+                                     f"NaN/Inf entries")
+                if s.numel() > 0 and not changed:
+                    # No expert changes it (e.g. frozen word embeddings): θs serves it exactly,
+                    # with no factors to store and nothing to mix per row.
+                    unchanged.append(name)
+                    continue
+                if s.dim() == 2 and s.numel() > 0:
+                    m, n = s.shape
+                    lora_ranks = [lora.rank(name) for lora in loras] if self.lora_exact else [None]
+                    if None in lora_ranks:
+                        r = _rank_for(m, n, self.rank, self.rank_ratio)
+                    else:  # the span of the adapters' products: exact at rank Σ rt
+                        r = _rank_for(m, n, sum(lora_ranks), self.rank_ratio)
+                    U, S, V = truncated_svd(deltas, r, self.oversample, self.n_iter, self.seed)
+                    U, S, V = U.to(s.dtype), S.to(s.dtype), V.to(s.dtype)
+                    errors[name] = _relative_errors(deltas, U, S, V, name, tasks, fn)
+                    # [T, m, r] -> [m, T·r]: expert t's columns are t·r .. (t+1)·r.
+                    lowrank[name] = LowRankDelta(
+                        U_cat=U.permute(1, 0, 2).reshape(m, T * r).to(s.device).contiguous(),
+                        S_cat=S.reshape(T * r).to(s.device).contiguous(),
+                        V_cat=V.permute(1, 0, 2).reshape(n, T * r).to(s.device).contiguous(),
+                        ranks=(r,) * T)
+                else:
+                    dense[name] = deltas.to(device=s.device, dtype=s.dtype)
+                del deltas
+        return shared_sd, lowrank, dense, errors, unchanged
+
+    def info(self, unchanged: List[str]) -> Dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "library_version": twinmerge_ext.__version__,
+            "shared": {"method": self.shared, "kwargs": self.effective_kwargs},
+            "compression": {"rank": self.rank, "rank_ratio": self.rank_ratio,
+                            "lora_exact_rank": self.lora_exact, "oversample": self.oversample,
+                            "n_iter": self.n_iter, "seed": self.seed,
+                            "include": _pattern_list(self.include),
+                            "exclude": _pattern_list(self.exclude), "unchanged": unchanged},
+            "heads": _pattern_list(self.heads),
+            "router": None,
+        }
 
 
 class TwinCheckpoint:
@@ -442,111 +617,45 @@ class TwinCheckpoint:
                 (missing or extra parameters, shape/dtype mismatches, bad paths, bad regexes).
         """
         fn = "TwinCheckpoint.build"
-        tasks = _task_names(experts, fn)
-        method, effective_kwargs = _shared_config(shared, shared_kwargs, fn)
-        if rank is not None:
-            rank = _int_arg(rank, "rank", fn, 1)
-        loras = [e if isinstance(e, LoraExpert) else None for e in experts.values()]
-        lora_exact = (rank is None and rank_ratio is None and all(loras)
-                      and shared in ("task_arithmetic", "average"))
-        rank_ratio = merging._real(0.1 if rank_ratio is None else rank_ratio, "rank_ratio", fn)
-        if not 0.0 < rank_ratio <= 1.0:
-            raise ValueError(f"{fn}: rank_ratio must be in (0, 1], got {rank_ratio!r}")
-        experts = {task: e.bind(base) if isinstance(e, LoraExpert) else e
-                   for task, e in experts.items()}
-        oversample = _int_arg(oversample, "oversample", fn, 0)
-        n_iter = _int_arg(n_iter, "n_iter", fn, 0)
-        seed = _int_arg(seed, "seed", fn, 0)
-        work_device = torch.device(device) if device is not None else None
-        selected = merging._selector(include, exclude, fn)
-        head_patterns = merging._patterns(heads, "heads", fn)
-        task_heads: Dict[str, Dict[str, Tensor]] = {}
-        if head_patterns:
-            def is_head(name: str) -> bool:
-                return any(p.search(name) for p in head_patterns)
+        plan = _BuildPlan(base, experts, shared, shared_kwargs, rank, rank_ratio, include,
+                          exclude, device, oversample, n_iter, seed, heads, fn)
+        shared_sd, lowrank, dense, errors, unchanged = plan.part(None, progress)
+        return cls(plan.tasks, shared_sd, lowrank, dense, errors, plan.info(unchanged),
+                   plan.task_heads)
 
-            task_heads = _extract_heads(experts, is_head, heads, fn)
-            base = merging._Subset(base, is_head)
-            experts = {task: merging._Subset(src, is_head) for task, src in experts.items()}
+    @classmethod
+    def build_distributed(cls, path: Union[str, os.PathLike], base: StateSource,
+                          experts: Mapping[str, StateSource], group=None, progress: bool = False,
+                          **kwargs) -> str:
+        """`build` by every process of a torch.distributed group, each on its share of the
+        parameters, written as a sharded twin in the directory `path`. Collective: every rank
+        calls it with the same arguments (the keyword arguments of `build`: shared, rank, ...).
 
-        shared_sd = method(base=base, experts=experts, include=include, exclude=exclude,
-                           progress=progress, **(shared_kwargs or {}))
+        Semantics: the twin `build(base, experts, **kwargs)` would return, bit for bit on CPU
+        with the same thread count: the parameters are partitioned over the ranks (largest
+        first, balanced by size), each rank computes θs, the deltas and their truncated SVDs for
+        its share, reading only its tensors from the base and expert files (safetensors files,
+        or sharded checkpoints: a `model.safetensors.index.json` or its directory), and writes
+        them to its shard file. Memory per process: its share plus one parameter's T deltas.
 
-        lowrank: Dict[str, LowRankDelta] = {}
-        dense: Dict[str, Tensor] = {}
-        errors: Dict[str, List[float]] = {}
-        unchanged: List[str] = []
-        T = len(tasks)
-        with ExitStack() as stack:
-            # The shared merge already checked every expert against the base.
-            named = merging._open_experts(experts, fn, stack)
-            for name in merging._progress(list(shared_sd), progress, fn):
-                s = shared_sd[name]
-                if not (s.is_floating_point() and selected(name)):
-                    continue
-                dev = work_device or s.device
-                s_c = s.to(device=dev, dtype=merging._compute_dtype(s.dtype))
-                deltas = torch.empty((T,) + tuple(s.shape), dtype=s_c.dtype, device=dev)
-                for t, (_, _, src) in enumerate(named):
-                    torch.sub(src.get(name).to(device=dev, dtype=s_c.dtype), s_c, out=deltas[t])
-                # The merge refused NaN/Inf inputs, but θs and θt − θs can still overflow the
-                # dtype; checked here to name the parameter and the tasks. A min/max per task
-                # (NaN propagates into both) reads each delta once, where isfinite writes a
-                # mask; the flags reach the host together (one sync).
-                if s.numel():
-                    lo, hi = torch.aminmax(deltas.reshape(T, -1), dim=1)
-                    s_lo, s_hi = torch.aminmax(s_c.reshape(1, -1), dim=1)
-                    ok = torch.isfinite(torch.cat([s_lo, lo])) & \
-                        torch.isfinite(torch.cat([s_hi, hi]))
-                else:
-                    ok = torch.ones(T + 1, dtype=torch.bool, device=dev)
-                shared_ok, *finite, changed = torch.cat([ok, deltas.any().view(1)]).tolist()
-                del s_c
-                if not shared_ok:
-                    raise ValueError(f"{fn}: parameter {name!r}: the shared expert has NaN/Inf "
-                                     f"entries (a NaN/Inf in the base or an expert propagates "
-                                     f"into the {shared} merge)")
-                if not all(finite):
-                    bad = [task for task, ok in zip(tasks, finite) if not ok]
-                    raise ValueError(f"{fn}: parameter {name!r}: the deltas of tasks {bad} have "
-                                     f"NaN/Inf entries")
-                if s.numel() > 0 and not changed:
-                    # No expert changes it (e.g. frozen word embeddings): θs serves it exactly,
-                    # with no factors to store and nothing to mix per row.
-                    unchanged.append(name)
-                    continue
-                if s.dim() == 2 and s.numel() > 0:
-                    m, n = s.shape
-                    lora_ranks = [lora.rank(name) for lora in loras] if lora_exact else [None]
-                    if None in lora_ranks:
-                        r = _rank_for(m, n, rank, rank_ratio)
-                    else:  # the span of the adapters' products: exact at rank Σ rt
-                        r = _rank_for(m, n, sum(lora_ranks), rank_ratio)
-                    U, S, V = truncated_svd(deltas, r, oversample, n_iter, seed)
-                    U, S, V = U.to(s.dtype), S.to(s.dtype), V.to(s.dtype)
-                    errors[name] = _relative_errors(deltas, U, S, V, name, tasks, fn)
-                    # [T, m, r] -> [m, T·r]: expert t's columns are t·r .. (t+1)·r.
-                    lowrank[name] = LowRankDelta(
-                        U_cat=U.permute(1, 0, 2).reshape(m, T * r).to(s.device).contiguous(),
-                        S_cat=S.reshape(T * r).to(s.device).contiguous(),
-                        V_cat=V.permute(1, 0, 2).reshape(n, T * r).to(s.device).contiguous(),
-                        ranks=(r,) * T)
-                else:
-                    dense[name] = deltas.to(device=s.device, dtype=s.dtype)
-                del deltas
+        Output: `path/twin.safetensors.index.json` (the metadata, the checksums and which file
+        holds each tensor) and one `twin-<build>-<r>-of-<N>.safetensors` per rank. The index is
+        renamed into place last: readers of `path` see the previous twin or the new one, never
+        a part of one; the previous twin's shard files are then removed. `path` must be on a
+        file system every rank sees (one machine, or a shared one). Load the result with
+        `TwinCheckpoint.load(path)` (whole) or `TwinCheckpoint.load(path, like=module)` (one
+        tensor-parallel rank's slices).
 
-        info = {
-            "format_version": FORMAT_VERSION,
-            "library_version": twinmerge_ext.__version__,
-            "shared": {"method": shared, "kwargs": effective_kwargs},
-            "compression": {"rank": rank, "rank_ratio": rank_ratio, "lora_exact_rank": lora_exact,
-                            "oversample": oversample,
-                            "n_iter": n_iter, "seed": seed, "include": _pattern_list(include),
-                            "exclude": _pattern_list(exclude), "unchanged": unchanged},
-            "heads": _pattern_list(heads),
-            "router": None,
-        }
-        return cls(tasks, shared_sd, lowrank, dense, errors, info, task_heads)
+        Errors: a failure on any rank (bad arguments, a damaged file, NaN in a delta) stops every
+        rank with the same error, naming the rank, the step, the parameter and the message (a
+        ValueError or TypeError as `build` raises it, else RuntimeError); each rank removes the
+        shard it wrote, and no rank waits on a rank that failed. RuntimeError without an
+        initialized process group.
+
+        Returns the index's path.
+        """
+        from twinmerge_ext._distributed_build import build_distributed
+        return build_distributed(cls, path, base, experts, group, progress, kwargs)
 
     # --- use ------------------------------------------------------------------------------------
 
@@ -776,12 +885,19 @@ class TwinCheckpoint:
         mix into the module's sharded tensors (safetensors' get_slice): θs as the module's
         tensor is sharded, U_cat's rows where it is sharded along its rows (column-parallel),
         V_cat's rows where along its columns (row-parallel), dense deltas likewise; the rest
-        whole. Those tensors are DTensors on the module's mesh (`sharded` is True); wrap the
-        same module with TwinMergedModule. verify still checks every whole tensor's checksum,
-        streaming a sliced one from the file in 64 MiB blocks (memory: the slice and a block).
+        whole. Those tensors are DTensors on the module's mesh (`sharded` is True), every tensor
+        on the mesh's device; wrap the same module with TwinMergedModule. verify still checks
+        every whole tensor's checksum (and that it is finite), streaming a sliced one from the
+        file in 64 MiB blocks (memory: the slice and a block). The call is collective: every
+        rank of the mesh loads at once, and a failure on any rank raises the same error on all
+        (without verify, only a rank's own slices are checked finite).
+
+        Sharded twins (`build_distributed`): path is their directory, or its
+        `twin.safetensors.index.json`; the index holds the metadata and checksums, each tensor
+        is read from the shard file it names.
 
         Args:
-            path: the .safetensors file.
+            path: the .safetensors file, or a sharded twin's directory (or index).
             device: where to put every tensor (default: CPU).
             verify: hash every tensor and compare with its checksum (default True).
             like: a tensor-parallel module: read this rank's slices only (above).
@@ -810,18 +926,11 @@ class TwinCheckpoint:
         if like is not None and not isinstance(like, torch.nn.Module):
             raise TypeError(f"{fn}: like must be an nn.Module (tensor-parallel) or None, got "
                             f"{type(like).__name__}")
-        parts = _tp.file_parts(like) if like is not None else {}
-        whole: Dict[str, List[int]] = {}  # the global shapes of the tensors read in part
-
-        def slices(key: str, shape: List[int]):
-            if key not in parts:
-                return None
-            whole[key] = shape
-            return _tp.read_part(*parts[key], key, shape)
-        info, tasks, specs, tensors, router, digests = read_twin(path, device, verify, fn,
-                                                                 slices if parts else None)
-        for key, shape in whole.items():
-            tensors[key] = _tp.sharded(tensors[key], *parts[key], shape)
+        if like is None:
+            info, tasks, specs, tensors, router, digests = read_twin(path, device, verify, fn)
+        else:
+            info, tasks, specs, tensors, router, digests = _read_sharded(path, device, verify,
+                                                                         like, fn)
         shared = {name: tensors[f"shared/{name}"] for name in specs["shared"]}
         lowrank = {name: LowRankDelta(tensors[f"lowrank/{name}/U_cat"],
                                       tensors[f"lowrank/{name}/S_cat"],

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from twinmerge_ext import _tp
 from twinmerge_ext._layers import _EnergyProbe, _TwinLinear
 from twinmerge_ext.ops import _per_expert
 from twinmerge_ext.router import Router, _int_arg, _real_arg, _router_data, _task_list
@@ -23,13 +24,18 @@ __all__ = ["EnergyRouter", "energy_layers", "fit_energy_router", "subspace_energ
 
 def energy_layers(served) -> List[str]:
     """The names of the layers subspace_energies can read, in model order: the mixed Linear
-    (and Conv1D) layers with a low-rank weight."""
+    (and Conv1D) layers with a low-rank weight, less row-parallel ones (tensor parallelism: a
+    rank sees only part of their input, so its energies would be partial sums)."""
     names = []
     for _, layer, attr, kind in served._mixed:
         if kind == "lowrank" and attr == "weight" and isinstance(layer, _TwinLinear) and \
-                layer._twin_name not in names:
+                layer._twin_name not in names and not _row_parallel(layer):
             names.append(layer._twin_name)
     return names
+
+
+def _row_parallel(layer) -> bool:
+    return layer._twin_tp and _tp.shard_dim(_tp.own(layer, "weight"), layer._twin_name) == 1
 
 
 def subspace_energies(served, inputs: Mapping[str, Tensor], mask: Optional[Tensor] = None,
@@ -62,8 +68,8 @@ def subspace_energies(served, inputs: Mapping[str, Tensor], mask: Optional[Tenso
     names = known if layers is None else list(layers)
     unknown = [n for n in names if n not in known]
     if unknown or not names:
-        raise ValueError(f"{fn}: layers must be names of low-rank Linear layers of the twin "
-                         f"(energy_layers(served): {known[:4]}{' ...' if len(known) > 4 else ''}),"
+        raise ValueError(f"{fn}: layers must be names of low-rank Linear layers of the twin, "
+                         f"not row-parallel (energy_layers(served): {known[:4]}{' ...' if len(known) > 4 else ''}),"
                          f" got {unknown[:3] if unknown else names!r}")
     if mask is None:
         mask = inputs.get("attention_mask")

@@ -26,6 +26,7 @@ Common rules:
 
 import abc
 import hashlib
+import json
 import math
 import os
 import re
@@ -88,11 +89,11 @@ class _Source:
             path = os.fspath(source)
             if not os.path.exists(path):
                 raise ValueError(f"{fn}: {label} path {path!r} does not exist")
-            try:
-                self._file = stack.enter_context(safe_open(path, framework="pt", device="cpu"))
-            except Exception as e:  # SafetensorError for a bad header, OSError for a directory
-                raise ValueError(f"{fn}: {label} path {path!r} is not a safetensors file "
-                                 f"({type(e).__name__}: {e})") from e
+            index = _checkpoint_index(path)
+            if index is not None:
+                self._file = _ShardedCheckpoint(index, label, fn, stack)
+            else:
+                self._file = _open_file(path, label, fn, stack)
             self._keys = list(self._file.keys())
         elif hasattr(source, "bind"):
             raise TypeError(f"{fn}: {label} is a {type(source).__name__}, an adapter without its "
@@ -128,6 +129,75 @@ class _Source:
         if self._dict is None and self._derived is None:
             return self._file.get_tensor(name)
         return self.get(name).clone()
+
+
+_INDEX_NAMES = ("model.safetensors.index.json",)
+
+
+def _checkpoint_index(path: str) -> Optional[str]:
+    """The index of a sharded checkpoint at `path` (the index itself, or a directory holding
+    model.safetensors.index.json), or None; a directory holding model.safetensors is that file."""
+    if path.endswith(".safetensors.index.json") and os.path.isfile(path):
+        return path
+    if os.path.isdir(path):
+        for name in _INDEX_NAMES:
+            if os.path.isfile(os.path.join(path, name)):
+                return os.path.join(path, name)
+    return None
+
+
+def _open_file(path: str, label: str, fn: str, stack: ExitStack):
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "model.safetensors")):
+        path = os.path.join(path, "model.safetensors")
+    try:
+        return stack.enter_context(safe_open(path, framework="pt", device="cpu"))
+    except Exception as e:  # SafetensorError for a bad header, OSError for a directory
+        raise ValueError(f"{fn}: {label} path {path!r} is not a safetensors file, a sharded "
+                         f"checkpoint's index or a directory holding one "
+                         f"({type(e).__name__}: {e})") from e
+
+
+class _ShardedCheckpoint:
+    """A sharded safetensors checkpoint (transformers' layout: an index JSON whose weight_map
+    names the file of each tensor), read like one file: each shard is opened when one of its
+    tensors is first asked for, so a process reading some tensors opens only their files."""
+
+    def __init__(self, index: str, label: str, fn: str, stack: ExitStack):
+        self.dir, self.label, self.fn, self.stack = os.path.dirname(index), label, fn, stack
+        try:
+            with open(index) as f:
+                self.map = json.load(f)["weight_map"]
+            if not isinstance(self.map, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in self.map.items()):
+                raise ValueError("weight_map must map tensor names to file names")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{fn}: {label} index {index!r} is not a valid sharded checkpoint "
+                             f"index ({type(e).__name__}: {e})") from e
+        self.files: Dict[str, object] = {}
+
+    def keys(self) -> List[str]:
+        return list(self.map)
+
+    def _file(self, name: str):
+        shard = self.map[name]
+        if shard not in self.files:
+            path = os.path.join(self.dir, shard)
+            if not os.path.isfile(path):
+                raise ValueError(f"{self.fn}: {self.label}: shard {path!r}, which holds "
+                                 f"{name!r}, does not exist")
+            f = _open_file(path, self.label, self.fn, self.stack)
+            self.files[shard] = (f, set(f.keys()))
+        f, held = self.files[shard]
+        if name not in held:
+            raise ValueError(f"{self.fn}: {self.label}: shard {shard!r} does not hold {name!r}, "
+                             f"which the index places there")
+        return f
+
+    def get_slice(self, name: str):
+        return self._file(name).get_slice(name)
+
+    def get_tensor(self, name: str) -> Tensor:
+        return self._file(name).get_tensor(name)
 
 
 class _Subset(_Derived):
