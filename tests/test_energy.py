@@ -104,7 +104,7 @@ def test_bad_calls_are_refused():
     with pytest.raises(TypeError, match=r"inputs must be a non-empty mapping"):
         subspace_energies(served, ids)
     with pytest.raises(ValueError, match=r"layers must be names of low-rank Linear layers of "
-                                         r"the twin \(energy_layers\(served\): \['lin'\]\), "
+                                         r"the twin, not row-parallel \(energy_layers\(served\): \['lin'\]\), "
                                          r"got \['emb'\]"):
         subspace_energies(served, {"input_ids": ids}, layers=["emb"])
     with pytest.raises(ValueError, match=r"mask must be a \[B, L\] tensor, got \[2\]"):
