@@ -175,7 +175,7 @@ def main(argv=None):
         if args.out:
             env = environment(torch.device(gathered[0]["device"]))
             env["world_size"] = dist.get_world_size()
-            env["backend"] = dist.get_backend()
+            env["backend"] = dist.get_backend_config()
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(dict(environment=env, ranks=gathered), indent=2))
             print(f"wrote {args.out}")

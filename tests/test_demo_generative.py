@@ -156,6 +156,10 @@ def test_the_generative_flag_checks_its_arguments():
         main(["--tasks", "past_tense"])
     with pytest.raises(SystemExit):  # one task: nothing to route between
         main(["--generative", "--tasks", "past_tense", "past_tense"])
+    with pytest.raises(SystemExit):  # the classification job always scores its oracle row
+        main(["--oracle"])
+    assert not generative.GenConfig().oracle and generative.GenConfig.quick_config().oracle
+    assert not generative.GenConfig.quick_config(oracle=False).oracle
     with pytest.raises(ValueError, match=r"GenConfig: timing_new_tokens must be an int >= 2, "
                                          r"got 1"):
         generative.GenConfig(timing_new_tokens=1).check()

@@ -16,6 +16,7 @@ message, and removing the shard it wrote; none waits forever for a rank that fai
 killed outright is torchrun's to handle: the others' collective times out.)
 """
 
+import builtins
 import inspect
 import os
 import uuid
@@ -74,7 +75,9 @@ class _Ranks:
         undo()
         r, (kind, message, where) = failed[0]
         others = f" (ranks {[f for f, _ in failed[1:]]} failed too)" if len(failed) > 1 else ""
-        error = {"ValueError": ValueError, "TypeError": TypeError}.get(kind, RuntimeError)
+        error = getattr(builtins, kind, None)  # the failing rank's kind, if a builtin one
+        if not (isinstance(error, type) and issubclass(error, (ValueError, TypeError, OSError))):
+            error = RuntimeError
         raise error(f"{self.fn}: rank {r} of {self.world} failed while {what}{where}: "
                     f"{message}{others}") from mine
 

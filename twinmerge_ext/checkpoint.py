@@ -648,9 +648,9 @@ class TwinCheckpoint:
 
         Errors: a failure on any rank (bad arguments, a damaged file, NaN in a delta) stops every
         rank with the same error, naming the rank, the step, the parameter and the message (a
-        ValueError or TypeError as `build` raises it, else RuntimeError); each rank removes the
-        shard it wrote, and no rank waits on a rank that failed. RuntimeError without an
-        initialized process group.
+        ValueError, TypeError or OSError subclass as `build` raises it, else RuntimeError);
+        each rank removes the shard it wrote, and no rank waits on a rank that failed.
+        RuntimeError without an initialized process group.
 
         Returns the index's path.
         """
