@@ -3,12 +3,11 @@ expert checkpoints on both ranks, serves a mixed batch with tensor parallelism, 
 one process."""
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _torchrun import torchrun
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
                                 reason="torch built without torch.distributed")
@@ -17,14 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_tp_serve_example_agrees_with_one_process(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get(
-                   "PYTHONPATH")] if p]))
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          "--nproc-per-node=2", str(ROOT / "examples" / "tp_serve.py"),
-                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=600,
-                         env=env)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    run = torchrun([ROOT / "examples" / "tp_serve.py", "--out", tmp_path], 2)
     assert "built by 2 ranks" in run.stdout and "OK" in run.stdout.split()
     assert "generated tokens identical: True" in run.stdout
     files = os.listdir(tmp_path / "twin")
