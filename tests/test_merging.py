@@ -509,3 +509,23 @@ def test_non_finite_hyper_parameters_are_refused(arg, value):
     experts = [{"w": base["w"] + 1}]
     with pytest.raises(ValueError, match=re.escape(f"ties: {arg} must be finite, got {value!r}")):
         merging.ties(base, experts, **{arg: value})
+
+
+@pytest.mark.parametrize("shape", [(7,), (13, 9), (40, 33)])
+@pytest.mark.parametrize("density", [0.1, 0.2, 0.5, 0.9, 1.0])
+def test_ties_trim_keeps_the_largest_entries_lowest_index_first_on_ties(shape, density):
+    """TIES' trim of a stack of task vectors against a full stable sort: exactly
+    ceil(density·n) entries kept per expert, ties at the threshold broken by the lowest flat
+    index, an expert that leaves the tensor unchanged left at zero."""
+    from twinmerge_ext.merging import _kept_count, _trim_stack
+    g = torch.Generator().manual_seed(0)
+    taus = torch.randn((4,) + shape, generator=g)
+    taus[1] = 0
+    taus[2] = torch.randint(-2, 3, shape, generator=g).float()  # many ties
+    out = _trim_stack(taus, density)
+    n, k = taus[0].numel(), _kept_count(taus[0].numel(), density)
+    for tau, got in zip(taus, out):
+        order = torch.sort(tau.abs().flatten(), descending=True, stable=True).indices
+        want = torch.zeros(n)
+        want[order[:k]] = tau.flatten()[order[:k]]
+        assert torch.equal(got.flatten(), want)

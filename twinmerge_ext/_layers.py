@@ -298,17 +298,23 @@ class _TwinLinear(_TwinLayer):
     def _twin_forward(self, ctx, x):
         rw = ctx.row_weights
         _check_batch(self, x, rw.shape[0])
+        # Read once per call; a tensor-parallel layer's factors are already its rank's slices.
+        if "weight" in self._twin_lowrank:
+            W, *factors = self._twin_as_linear()
+        else:  # only the bias mixes: the layer's own forward computes x Wᵀ
+            W, factors = None, None
         if self._twin_tp:  # tensor-parallel: the same computation on this rank's shards
-            return _tp.linear(self, x, lambda xl, W, bias, add_bias: self._twin_local(
-                xl, W, bias, rw, lambda v: F.linear(v, W, bias if add_bias else None),
-                add_bias))
-        return self._twin_local(x, self._twin_as_linear()[0], _own(self, "bias"), rw,
-                                self._twin_plain)
+            return _tp.linear(self, x, lambda xl, Wl, bias, add_bias: self._twin_local(
+                xl, Wl, factors, bias, rw,
+                lambda v: F.linear(v, Wl, bias if add_bias else None), add_bias))
+        return self._twin_local(x, W, factors, _own(self, "bias"), rw, self._twin_plain)
 
-    def _twin_local(self, x, W, bias, rw, plain, add_bias: bool = True):
+    def _twin_local(self, x, W, factors, bias, rw, plain, add_bias: bool = True):
         """x Wᵀ + bias + ((x V_cat) ⊙ s(w_b)) U_catᵀ + Σt w_b,t Δb_t on the given tensors
-        (add_bias False: without the bias and its per-row deltas: a row-parallel rank but the
-        first). plain(x) is the layer's computation without the mix (with the bias if any)."""
+        (factors: (U_cat, S_cat, V_cat) in the op's layout, None without a low-rank weight;
+        add_bias False: without the bias
+        and its per-row deltas: a row-parallel rank but the first). plain(x) is the layer's
+        computation without the mix (with the bias if any)."""
         B = rw.shape[0]
         db = self._twin_dense("bias") if add_bias else None
         bias = bias if add_bias else None
@@ -316,7 +322,7 @@ class _TwinLinear(_TwinLayer):
         if not lowrank:
             y = plain(x)
         else:
-            _, U, S, V = self._twin_as_linear()
+            U, S, V = factors
             # With a mixed bias, the shared bias joins the per-row one ([B, m], small) below:
             # one pass over y adds both, where the op's bias (copied into y first) and then the
             # per-row delta took two.

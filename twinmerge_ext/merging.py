@@ -358,29 +358,15 @@ def _kept_count(numel: int, density: float) -> int:
     return min(numel, math.ceil(Fraction(repr(density)) * numel))
 
 
-def _trim(tau: Tensor, density: float) -> Tensor:
-    """tau with all but its ceil(density·numel) largest-magnitude entries set to zero.
+def _trim_stack(taus: Tensor, density: float) -> Tensor:
+    """Each task vector of a stack [T, ...] with all but its ceil(density·numel) largest-magnitude
+    entries set to zero.
 
     Exactly that many entries are kept: among entries tied with the smallest kept magnitude, the
-    lowest flat indices win, so the result never depends on how a sort orders equal values.
-    """
-    n = tau.numel()
-    k = _kept_count(n, density)
-    if k >= n:
-        return tau
-    mag = tau.abs().flatten()
-    threshold = mag.kthvalue(n - k + 1).values.item()  # the k-th largest magnitude
-    keep = mag > threshold
-    if threshold > 0:  # at 0, keeping tied zeros changes nothing
-        tied = (mag == threshold).nonzero().squeeze(1)
-        keep[tied[: k - int(keep.sum())]] = True
-    return torch.where(keep.view(tau.shape), tau, 0)
-
-
-def _trim_stack(taus: Tensor, density: float) -> Tensor:
-    """`_trim` of each task vector of a stack [T, ...], the same entries kept: the thresholds of
-    the experts that change the tensor in one batched kthvalue (parallel over the experts), the
-    all-zero ones (an expert that leaves the tensor alone) skipped."""
+    lowest flat indices win, so the result never depends on how a sort orders equal values. The
+    thresholds of the experts that change the tensor come from one batched kthvalue (parallel
+    over the experts); an all-zero task vector (an expert that leaves the tensor alone) is
+    skipped."""
     T, n = taus.shape[0], taus[0].numel()
     k = _kept_count(n, density)
     if k >= n:
