@@ -7,12 +7,15 @@ single file); every rank builds its share with `TwinCheckpoint.build_distributed
 the sharded twin, loaded whole, against `TwinCheckpoint.build` in one process, tensor by tensor
 (bit for bit) and metadata; every rank loads its tensor-parallel slices (`like=`) and serves.
 nan: one expert has a NaN in a parameter of the last rank's share: every rank must fail.
+Both build with progress=True; each rank's stderr during the build is kept.
 Each rank writes OUT/rank{r}.json.
 """
 
+import io
 import json
 import os
 import sys
+from contextlib import redirect_stderr
 
 import torch
 import torch.distributed as dist
@@ -67,11 +70,15 @@ def main(case: str, out: str) -> None:
     paths, res["victim"] = box[0]
     base, sources = paths["base"], {k: paths[k] for k in ex}
     target = os.path.join(out, "twin")
+    err = io.StringIO()  # the progress bars (rank 0's only)
     try:
-        index = TwinCheckpoint.build_distributed(target, base, sources, **kw)
+        with redirect_stderr(err):
+            index = TwinCheckpoint.build_distributed(target, base, sources, progress=True, **kw)
         res["index"] = os.path.relpath(index, out)
     except Exception as e:
         res["error"] = f"{type(e).__name__}: {e}"
+    res["progress"] = err.getvalue()
+    res["elements"] = sum(n for _, n in _BuildPlan(base, sources, **kw).sizes())
     res["files"] = sorted(os.listdir(target)) if os.path.isdir(target) else []
     if case == "ok" and "error" not in res:
         if rank == 0:

@@ -32,6 +32,14 @@ def test_the_sharded_twin_is_the_single_process_build(world, tmp_path):
     for r in results:
         assert "error" not in r, r["error"]
         assert r["tp_rel"] < 1e-5, r
+    # rank 0 shows one bar for every rank's share, each element counted twice; the others none
+    from tqdm import tqdm
+    total = tqdm.format_sizeof(2 * results[0]["elements"])
+    last = results[0]["progress"].split("\r")[-1]
+    assert last.startswith(f"TwinCheckpoint.build_distributed ({world} ranks): 100%"), last
+    assert f"{total}/{total}" in last, last
+    assert ", ".join(f"rank {r} 100%" for r in range(world)) in last, last
+    assert all(r["progress"] == "" for r in results[1:])
 
 
 def test_a_failure_on_one_rank_stops_every_rank(tmp_path):
@@ -44,6 +52,7 @@ def test_a_failure_on_one_rank_stops_every_rank(tmp_path):
                             "while building its share")
     assert victim in error and "NaN" in error
     assert results[0]["files"] == []  # no shard, no index
+    assert "rank 1 100%" not in results[0]["progress"]  # its bar closed where it stopped
 
 
 def test_the_partition_is_balanced_and_the_same_everywhere():
@@ -119,3 +128,26 @@ def test_bad_calls_are_refused_before_anything_is_written(one_process_group, tmp
                                          "rank_ratio must be in"):
         TwinCheckpoint.build_distributed(tmp_path / "b", base, experts, rank_ratio=2.0)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_progress_counts_every_element_twice_and_cleans_up(one_process_group, tmp_path):
+    """One rank: the bar's total is the share's elements twice (shared merge, compression), it
+    ends full, and the store's counters are gone afterwards."""
+    import io
+    from contextlib import redirect_stderr
+
+    from torch.distributed import distributed_c10d as c10d
+    from tqdm import tqdm
+
+    from twinmerge_ext import TwinCheckpoint
+    base, experts = _sources()
+    store = c10d._get_process_group_store(c10d._get_default_group())
+    keys = store.num_keys()
+    err = io.StringIO()
+    with redirect_stderr(err):
+        TwinCheckpoint.build_distributed(tmp_path / "twin", base, experts, rank=3, progress=True)
+    total = tqdm.format_sizeof(2 * sum(t.numel() for t in base.values()))
+    last = err.getvalue().split("\r")[-1]
+    assert last.startswith("TwinCheckpoint.build_distributed (1 rank): 100%"), last
+    assert f"{total}/{total}" in last and "rank 0 100%" in last, last
+    assert store.num_keys() == keys

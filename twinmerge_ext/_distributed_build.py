@@ -14,11 +14,15 @@ of a status per step, reached by every rank whatever happened), so a failure on 
 all of them, each raising the same error naming the rank, the step, the parameter and the
 message, and removing the shard it wrote; none waits forever for a rank that failed. (A rank
 killed outright is torchrun's to handle: the others' collective times out.)
+
+Progress (`progress=True`): every rank counts what it has done into the group's key-value store
+and rank 0 shows one bar for all of them (`_Progress`).
 """
 
 import builtins
 import inspect
 import os
+import threading
 import uuid
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -82,6 +86,74 @@ class _Ranks:
                     f"{message}{others}") from mine
 
 
+class _Progress:
+    """Every rank's progress, shown by rank 0 as one bar.
+
+    A rank's work is its share's elements twice (the shared merge passes over each of its
+    parameters, then the compression). Each rank adds a parameter's elements to its own counter
+    in the group's store (the key-value store of torch.distributed's rendezvous, which its own
+    barriers use) as it finishes it; rank 0 reads every counter a few times a second and shows
+    their sum against the total, each rank's percentage as the bar's postfix. The other ranks
+    print nothing: torchrun would interleave their bars with rank 0's on one terminal. Counting
+    costs one small store request per parameter; no collective is added, so a rank that fails
+    leaves no rank waiting on a counter.
+    """
+
+    POLL_S = 0.25
+
+    def __init__(self, ranks: _Ranks, build_id: str, sizes: List[Tuple[str, int]],
+                 owner: Dict[str, int]):
+        from torch.distributed import distributed_c10d as c10d
+        self.size = dict(sizes)
+        self.rank, self.world = ranks.rank, ranks.world
+        self.totals = [0] * self.world
+        for name, n in sizes:
+            self.totals[owner[name]] += 2 * n
+        group = ranks.group if ranks.group is not None else c10d._get_default_group()
+        self.store = c10d._get_process_group_store(group)
+        self.key = f"twinmerge_ext/build/{build_id}/"
+        self.bar = self.thread = None
+        self.stop = threading.Event()
+        if self.rank == 0:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=sum(self.totals), desc=f"{ranks.fn} ({self.world} rank"
+                            f"{'s' if self.world > 1 else ''})",
+                            unit="el", unit_scale=True)
+            self.thread = threading.Thread(target=self._watch, daemon=True,
+                                           name="twinmerge_ext build progress")
+            self.thread.start()
+
+    def track(self, names):
+        """The names; each one's elements are counted once the caller asks for the next."""
+        for name in names:
+            yield name
+            self.store.add(f"{self.key}{self.rank}", self.size.get(name, 0))
+
+    def _show(self) -> None:
+        done = [int(self.store.add(f"{self.key}{r}", 0)) for r in range(self.world)]
+        self.bar.update(sum(done) - self.bar.n)
+        self.bar.set_postfix_str(", ".join(f"rank {r} {100 * d / max(t, 1):.0f}%"
+                                           for r, (d, t) in enumerate(zip(done, self.totals))))
+
+    def _watch(self) -> None:
+        while not self.stop.wait(self.POLL_S):
+            self._show()
+
+    def close(self) -> None:
+        """Rank 0: the last count (every rank has finished its share, or failed), then the bar
+        is closed and the counters removed. Other ranks: nothing."""
+        if self.bar is None:
+            return
+        self.stop.set()
+        self.thread.join()
+        try:
+            self._show()
+            for r in range(self.world):
+                self.store.delete_key(f"{self.key}{r}")
+        finally:
+            self.bar.close()
+
+
 def build_distributed(cls, path, base, experts, group, progress: bool, kwargs: Dict[str, Any]
                       ) -> str:
     from twinmerge_ext.checkpoint import _BuildPlan
@@ -108,14 +180,31 @@ def build_distributed(cls, path, base, experts, group, progress: bool, kwargs: D
         if os.path.exists(path) and not os.path.isdir(path):
             raise ValueError(f"{fn}: path {path!r} exists and is not a directory")
         os.makedirs(path, exist_ok=True)
-        return plan, partition(plan.sizes(), world)
-    plan, owner = ranks.step("checking the arguments", plan_it)
+        sizes = plan.sizes()
+        return plan, sizes, partition(sizes, world)
+    plan, sizes, owner = ranks.step("checking the arguments", plan_it)
     build_id = ranks.gather(uuid.uuid4().hex[:12])[0]  # rank 0's, everywhere
     name = f"twin-{build_id}-{rank + 1:05d}-of-{world:05d}.safetensors"
     written: List[str] = []
+    counter = None
+    if progress:
+        made: List[_Progress] = []
+        counter = ranks.step("starting the progress bar",
+                             lambda: made.append(_Progress(ranks, build_id, sizes, owner))
+                             or made[0], lambda: [c.close() for c in made])
+    try:
+        return _build_and_publish(cls, path, plan, owner, ranks, build_id, name, written,
+                                  counter)
+    finally:
+        if counter is not None:
+            counter.close()
+
+
+def _build_and_publish(cls, path, plan, owner, ranks, build_id, name, written, counter) -> str:
+    fn, rank, world = ranks.fn, ranks.rank, ranks.world
 
     def build_share():
-        part = plan.part(lambda n: owner[n] == rank, progress, ranks)
+        part = plan.part(lambda n: owner[n] == rank, counter or False, ranks)
         twin = cls(plan.tasks, part[0], part[1], part[2], part[3], plan.info(part[4]),
                    plan.task_heads if rank == 0 else {})
         ranks.where = None

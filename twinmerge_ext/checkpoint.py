@@ -652,6 +652,11 @@ class TwinCheckpoint:
         each rank removes the shard it wrote, and no rank waits on a rank that failed.
         RuntimeError without an initialized process group.
 
+        progress: rank 0 shows one tqdm bar for the whole build: every rank's elements done
+        (its share's parameters, once by the shared merge and once by the compression) against
+        the total, each rank's percentage beside it, counted in the process group's store. The
+        other ranks print nothing.
+
         Returns the index's path.
         """
         from twinmerge_ext._distributed_build import build_distributed

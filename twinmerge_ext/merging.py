@@ -314,8 +314,12 @@ def _density(value, fn: str) -> float:
 
 
 def _progress(names: Iterable[str], enabled: bool, fn: str) -> Iterable[str]:
+    """The names, under a tqdm bar if enabled. `enabled` may also be a counter with
+    `track(names)` (a distributed build's rank: its progress is shown by rank 0)."""
     if not enabled:
         return names
+    if hasattr(enabled, "track"):
+        return enabled.track(names)
     try:
         from tqdm.auto import tqdm
     except ImportError as e:
