@@ -6,10 +6,16 @@ against one process running `TwinCheckpoint.build` on the same files, one launch
 The experts: a Llama (hidden `--hidden`, `--layers` layers, MLP 4×) and T experts, each the base
 plus a rank-8 update of every attention and MLP matrix, written as transformers' sharded
 checkpoints; the twin at rank 16 by task arithmetic. This script writes them, then launches
-`torchrun --nproc-per-node N` of itself for each N in `--ranks` (1 is `build` in one process);
-each rank reports its wall time and its peak resident memory above what it held before the
-build (`ru_maxrss`, sampled after importing torch and opening nothing). Peak memory per process
-is bounded by its share of θs plus one parameter's T deltas and factors: it shrinks with N.
+`torchrun --nproc-per-node N` of itself for each N in `--ranks` (1 is `build` in one process).
+Each process reports its wall time and two peaks above what it held before the build:
+- anonymous memory (`RssAnon` of /proc/self/status, sampled every millisecond by a thread):
+  what the process allocated and touched, the measure of the claim below;
+- resident memory (`ru_maxrss`), which also counts the pages of the expert files it maps and
+  reads (they are the page cache's, dropped under pressure).
+The claim: peak memory per process is its share plus a few tensors. Each row states the bound
+it is checked against: its shard file (its share of θs and its factors, all the build keeps)
+plus (T + 2) of its largest parameter in float32 (one parameter's T deltas, its θs and one
+expert tensor in flight), and the ratio of the anonymous peak to it.
 """
 
 import argparse
@@ -29,6 +35,35 @@ import torch
 def rss_mib() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def anon_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no RssAnon in /proc/self/status (Linux only)")
+
+
+class AnonPeak:
+    """The largest `anon_mib()` seen while it runs, sampled every millisecond by a thread
+    (allocations short enough to fall between two samples can be missed)."""
+
+    def __enter__(self):
+        import threading
+        self.peak, self.stop = anon_mib(), threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+        return self
+
+    def _watch(self):
+        while not self.stop.wait(0.001):
+            self.peak = max(self.peak, anon_mib())
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        self.peak = max(self.peak, anon_mib())
 
 
 def peak_mib() -> float:
@@ -58,27 +93,48 @@ def write_experts(out: str, hidden: int, layers: int, T: int) -> dict:
     return paths
 
 
+def share_bound(paths, experts, rank: int, world: int) -> dict:
+    """This process's share (float32 MiB of its parameters) and what may be in flight at once:
+    (T + 2) of its largest parameter in float32."""
+    from twinmerge_ext._distributed_build import partition
+    from twinmerge_ext.checkpoint import _BuildPlan
+    sizes = _BuildPlan(paths["base"], experts).sizes()
+    owner = partition(sizes, world)
+    mine = [n for name, n in sizes if owner[name] == rank]
+    return {"parameters": len(mine), "share_mib": 4 * sum(mine) / 2**20,
+            "in_flight_mib": 4 * (len(experts) + 2) * max(mine) / 2**20}
+
+
 def rank_main(paths_file: str, result_file: str) -> None:
     """One rank (or the single process, without torchrun)."""
     from twinmerge_ext import TwinCheckpoint
     paths = json.loads(Path(paths_file).read_text())
     experts = {k: v for k, v in paths.items() if k.startswith("task")}
-    before, t0 = rss_mib(), time.perf_counter()
     distributed = "RANK" in os.environ
     if distributed:
         import torch.distributed as dist
         dist.init_process_group("gloo")
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.get_world_size()))
-        t0 = time.perf_counter()
-        TwinCheckpoint.build_distributed(paths["out"], paths["base"], experts, rank=16)
-        rank, world = dist.get_rank(), dist.get_world_size()
-    else:
-        twin = TwinCheckpoint.build(paths["base"], experts, rank=16)
-        twin.save(os.path.join(paths["out"], "twin.safetensors"))
-        rank, world = 0, 1
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    bound = share_bound(paths, experts, rank, world)
+    before, anon_before, t0 = rss_mib(), anon_mib(), time.perf_counter()
+    with AnonPeak() as anon:
+        if distributed:
+            TwinCheckpoint.build_distributed(paths["out"], paths["base"], experts, rank=16)
+        else:
+            twin = TwinCheckpoint.build(paths["base"], experts, rank=16)
+            twin.save(os.path.join(paths["out"], "twin.safetensors"))
+            del twin
+    shard = max(Path(paths["out"]).glob(f"*{rank + 1:05d}-of-{world:05d}.safetensors")
+                if distributed else [Path(paths["out"]) / "twin.safetensors"],
+                key=lambda f: f.stat().st_mtime)
+    bound["shard_mib"] = shard.stat().st_size / 2**20
+    bound["bound_mib"] = bound["shard_mib"] + bound["in_flight_mib"]
     row = {"rank": rank, "world": world, "seconds": time.perf_counter() - t0,
            "rss_before_mib": before, "peak_mib": peak_mib(),
-           "peak_above_before_mib": peak_mib() - before}
+           "peak_above_before_mib": peak_mib() - before,
+           "anon_before_mib": anon_before, "anon_peak_above_before_mib": anon.peak - anon_before,
+           **bound, "anon_peak_over_bound": (anon.peak - anon_before) / bound["bound_mib"]}
     Path(f"{result_file}.{rank}").write_text(json.dumps(row))
     if distributed:
         dist.barrier()
@@ -117,8 +173,12 @@ def main(argv=None) -> int:
             for r in range(n):
                 row = json.loads(Path(f"{rf}.{r}").read_text())
                 rows.append(row)
-                print(f"{n} process(es), rank {r}: {row['seconds']:.1f} s, peak "
-                      f"{row['peak_above_before_mib']:.0f} MiB above its start", flush=True)
+                print(f"{n} process(es), rank {r}: {row['seconds']:.1f} s; above its start, "
+                      f"anonymous peak {row['anon_peak_above_before_mib']:.0f} MiB = "
+                      f"{row['anon_peak_over_bound']:.2f}x its bound (shard "
+                      f"{row['shard_mib']:.0f} + in flight {row['in_flight_mib']:.0f} MiB; its "
+                      f"share of θs {row['share_mib']:.0f} MiB), resident peak "
+                      f"{row['peak_above_before_mib']:.0f} MiB", flush=True)
         model_mib = sum(f.stat().st_size for f in Path(paths["base"]).glob("*.safetensors")) / 2**20
     if args.out:
         from bench.run import environment

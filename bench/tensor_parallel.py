@@ -14,7 +14,10 @@ lockstep (a barrier before each), interleaved, the median of `--runs`:
 - prefill: one forward of [B, L] with per-row weights (factored) against the plain TP model (θs).
 - generate: `generate` of NEW tokens at batch B, per-row weights, against the plain model's.
 Each rank also reports the bytes of the tensors it holds (its shards and what it holds whole)
-and the collectives per forward of both (CommDebugMode), which must be equal.
+and, per forward of both, the collectives (CommDebugMode) and the bytes this rank puts into them
+(`CommBytes`: each collective's input on this rank, e.g. the whole [B, L, hidden] partial sum of
+an all-reduce, its local shard for an all-gather; a ring all-reduce moves about 2(N-1)/N of it
+over the wire per rank). Both must be equal: the twin adds no communication.
 """
 
 import argparse
@@ -53,6 +56,28 @@ PLAN = {
     "model.layers.*.mlp.down_proj": RowwiseParallel(),
     "lm_head": ColwiseParallel(output_layouts=Replicate()),
 }
+
+
+class CommBytes(CommDebugMode):
+    """CommDebugMode that also sums, per kind of collective, the bytes of the tensor this rank
+    contributes to each (its first tensor argument: the buffer reduced or gathered)."""
+
+    def __enter__(self):
+        self.comm_bytes = {}
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.distributed.tensor.debug._comm_mode import c10d_collective_ops
+        packet = getattr(func, "_overloadpacket", None)
+        if DTensor not in types and (packet in self.comm_registry
+                                     or packet in c10d_collective_ops):
+            first = next((a for a in args if isinstance(a, (torch.Tensor, list, tuple))), None)
+            tensors = first if isinstance(first, (list, tuple)) else [first]
+            n = sum(t.numel() * t.element_size() for t in tensors
+                    if isinstance(t, torch.Tensor))
+            key = str(packet)
+            self.comm_bytes[key] = self.comm_bytes.get(key, 0) + n
+        return super().__torch_dispatch__(func, types, args, kwargs)
 
 
 def held_bytes(module) -> int:
@@ -117,18 +142,20 @@ def run(layers=2, T=6, rank=8, B=8, L=64, new=8, runs=5, widths=None):
                  hidden=widths["hidden_size"])
     rows = []
     with torch.no_grad():
-        comms = {}
+        comms, comm_bytes = {}, {}
         for name, fn in (("plain", lambda: plain(input_ids=ids, attention_mask=mask)),
                          ("twin", lambda: served(input_ids=ids, attention_mask=mask,
                                                  mix_weights=w))):
-            with CommDebugMode() as c:
+            with CommBytes() as c:
                 fn()
             comms[name] = {str(k): v for k, v in c.get_comm_counts().items()}
+            comm_bytes[name] = c.comm_bytes
         t = lockstep({"twin": lambda: served(input_ids=ids, attention_mask=mask, mix_weights=w),
                       "plain": lambda: plain(input_ids=ids, attention_mask=mask)}, runs, device)
         rows.append(dict(case="prefill", median_ms=t, ratio=t["twin"] / t["plain"],
                          tokens_per_s={k: B * L / (v * 1e-3) for k, v in t.items()},
-                         collectives_per_forward=comms, shape=shape))
+                         collectives_per_forward=comms, bytes_per_forward=comm_bytes,
+                         shape=shape))
         kw = dict(attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                   pad_token_id=0)
         t = lockstep({"twin": lambda: served.generate(ids, mix_weights=w, **kw),
@@ -169,6 +196,10 @@ def main(argv=None):
                 print(f"rank {r['rank']} {row['case']:<9} twin/plain {row['ratio']:.3f}x  "
                       + ", ".join(f"{k} {v:.1f} ms" for k, v in row["median_ms"].items()),
                       flush=True)
+            sent = {k: sum(v.values()) for k, v in r["rows"][0]["bytes_per_forward"].items()}
+            print(f"rank {r['rank']} puts into collectives per prefill forward: twin "
+                  f"{sent['twin'] / 2**20:.2f} MiB, plain {sent['plain'] / 2**20:.2f} MiB",
+                  flush=True)
             h = r["held_bytes"]
             print(f"rank {r['rank']} holds {h['twin'] / 2**20:.1f} MiB (plain TP model "
                   f"{h['plain'] / 2**20:.1f} MiB)", flush=True)

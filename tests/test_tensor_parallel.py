@@ -53,15 +53,20 @@ def test_every_rank_serves_what_the_single_process_wrapper_does(ranks):
 
 
 def test_the_twin_adds_no_collective(ranks):
-    """Per forward, the TP twin runs the plain TP model's collectives, no more, no other kind:
-    materialize mode serves per-row weights as one forward per distinct row."""
+    """Per forward, the TP twin runs the plain TP model's collectives, no more, no other kind,
+    and puts the same bytes into them: materialize mode serves per-row weights as one forward
+    per distinct row."""
     _, _, results = ranks
     for r in results:
-        plain = r["comms"]["plain"]
-        assert plain and all(v > 0 for v in plain.values())
-        for label in ("factored/rows", "factored/vector", "materialize/vector"):
-            assert r["comms"][label] == plain, (r["rank"], label)
-        assert r["comms"]["materialize/rows"] == {k: 4 * v for k, v in plain.items()}
+        for count in ("comms", "comm_bytes"):
+            plain = r[count]["plain"]
+            assert plain and all(v > 0 for v in plain.values())
+            for label in ("factored/rows", "factored/vector", "materialize/vector"):
+                assert r[count][label] == plain, (r["rank"], count, label)
+            # one forward per distinct row: the rows' share of the batch each time
+            rows = r[count]["materialize/rows"]
+            assert rows == ({k: 4 * v for k, v in plain.items()} if count == "comms" else plain)
+
 
 
 def test_each_rank_holds_its_shard(ranks):

@@ -5,8 +5,9 @@
 Every rank builds the same experts and twin (same seeds), serves them with a tensor-parallel
 module (torch's `parallelize_module`, ColwiseParallel / RowwiseParallel on a 1-D gloo mesh) and
 with the single-process wrapper, and writes OUT/rank{r}.json: the largest relative difference of
-each check, the collectives per forward of the plain TP model and of the TP twin
-(CommDebugMode), and the bytes of the tensors this rank holds.
+each check, the collectives per forward of the plain TP model and of the TP twin and the bytes
+this rank puts into them (`bench.tensor_parallel.CommBytes`, a CommDebugMode), and the bytes of
+the tensors this rank holds.
 """
 
 import copy
@@ -19,13 +20,13 @@ import torch.distributed as dist
 import transformers
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate
-from torch.distributed.tensor.debug import CommDebugMode
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     RowwiseParallel,
     parallelize_module,
 )
 
+from bench.tensor_parallel import CommBytes
 from twinmerge_ext import TwinCheckpoint, TwinMergedModule
 
 T, B, L = 3, 4, 7
@@ -136,7 +137,7 @@ def main(case: str, out: str) -> None:
     mask[1, :2] = 0  # left padding on one row
     w = torch.softmax(3 * torch.randn(B, T, generator=g), -1)
     vec = torch.softmax(torch.randn(T, generator=g), -1)
-    res = {"rank": rank, "world": world, "checks": {}, "comms": {}}
+    res = {"rank": rank, "world": world, "checks": {}, "comms": {}, "comm_bytes": {}}
     # Materialize mode serves per-row weights in sub-batches, which a KV cache cannot be split
     # into: the forward checks return none (the decode steps below use one).
     x = dict(input_ids=ids, attention_mask=mask, **({"use_cache": False} if case == "llama"
@@ -157,11 +158,12 @@ def main(case: str, out: str) -> None:
         with torch.no_grad():
             for label, kw in (("rows", {"mix_weights": w}), ("vector", {"mix_weights": vec})):
                 want = logits(ref(**x, **kw))
-                with CommDebugMode() as comm:
+                with CommBytes() as comm:
                     got = logits(tw(**x, **kw))
                 res["checks"][f"{mode}/{label}"] = rel(got, want)
                 res["comms"][f"{mode}/{label}"] = {str(k): v for k, v in
                                                    comm.get_comm_counts().items()}
+                res["comm_bytes"][f"{mode}/{label}"] = comm.comm_bytes
             with ref.merged(vec), tw.merged(vec):
                 res["checks"][f"{mode}/merged"] = rel(
                     logits(tw(**x)),
@@ -188,9 +190,10 @@ def main(case: str, out: str) -> None:
                     res["checks"]["factored/kv_cache_steps"] = rel(*steps)
         if mode == "factored":
             res["bytes"] = held_bytes(tw, ref)
-    with torch.no_grad(), CommDebugMode() as comm:
+    with torch.no_grad(), CommBytes() as comm:
         logits(plain(**x))
     res["comms"]["plain"] = {str(k): v for k, v in comm.get_comm_counts().items()}
+    res["comm_bytes"]["plain"] = comm.comm_bytes
 
     # Each rank reads its slices of the saved twin: the same outputs, the same merged tensors.
     path = os.path.join(out, "twin.safetensors")
