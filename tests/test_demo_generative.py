@@ -205,3 +205,55 @@ def test_quick_generative_job_runs_reports_and_a_rerun_reuses_every_result(tmp_p
     _, again = job()
     assert again["evaluation_cache"]["computed"] == 0
     assert again["methods"] == res["methods"]
+
+
+class _CharTok:
+    """A tokenizer stand-in for `serve`: tokens 1, 10, 19, ... are newlines, 5, 14, ... spaces,
+    2 the end."""
+
+    def convert_tokens_to_ids(self, token):
+        assert token == gm.EOS
+        return 2
+
+    def decode(self, tokens, skip_special_tokens=True):
+        tokens = tokens.tolist() if isinstance(tokens, torch.Tensor) else tokens
+        return "".join({1: "\n", 5: " "}.get(t % 9, chr(ord("a") + t % 26)) for t in tokens
+                       if t != 2)
+
+
+@pytest.mark.parametrize("kind", ["plain", "twin"])
+def test_serve_gives_each_prompt_its_own_prediction(kind):
+    """serve (continuous batching, a few places in flight, requests leaving at their line's
+    end or at EOS) predicts for every prompt what its own generate, run to max_new_tokens,
+    predicts."""
+    from twinmerge_ext import TwinCheckpoint, TwinMergedModule
+    torch.manual_seed(0)  # a tiny Llama with large weights: varied greedy tokens
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, pad_token_id=2, eos_token_id=2,
+        tie_word_embeddings=False, initializer_range=0.5)).eval()
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, 64, (int(n),), generator=g).tolist()
+               for n in torch.randint(1, 7, (23,), generator=g)]
+    stream = generative.Stream(prompts, [0] * len(prompts), [None] * len(prompts))
+    cfg = generative.GenConfig(eval_batch=4, max_new_tokens=12)
+    tok = _CharTok()
+    served, weights = model, None
+    if kind == "twin":
+        base = {k: v.clone() for k, v in model.state_dict().items()}
+        experts = {t: {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+                   for t in ("a", "b")}
+        served = TwinMergedModule(model, TwinCheckpoint.build(base, experts, rank=2),
+                                  mode="factored")
+        weights = torch.softmax(torch.randn(len(prompts), 2, generator=g), -1)
+    got = generative.serve(served, stream, tok, cfg, weights)
+    ended_early = 0
+    for i, p in enumerate(prompts):
+        kw = {} if weights is None else {"mix_weights": weights[i:i + 1]}
+        out = served.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False,
+                              pad_token_id=2, eos_token_id=2, **kw)[0, len(p):]
+        text = tok.decode(out)
+        assert got["pred"][i] == generative.prediction(text), i
+        ended_early += "\n" in text.lstrip().rstrip("\n")
+    assert ended_early >= 3  # lines really ended before the generated text did
+    assert got["w"] == ([] if weights is None else weights.tolist())

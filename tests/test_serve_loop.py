@@ -138,8 +138,16 @@ def test_bad_requests_are_refused_before_they_join(lm_twins):
     served.mode = "materialize"
     with pytest.raises(ValueError, match=r"ServeLoop: served.mode must be 'factored' or 'auto'"):
         ServeLoop(served)
-    with pytest.raises(TypeError, match=r"ServeLoop: served must be a TwinMergedModule"):
-        ServeLoop(make())
+    with pytest.raises(TypeError, match=r"ServeLoop: served must be a TwinMergedModule or a "
+                                        r"causal LM with generate .*, got Linear"):
+        ServeLoop(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match=r"ServeLoop: stop must be callable .* got int"):
+        ServeLoop(TwinMergedModule(make(), twin), stop=3)
+    plain = ServeLoop(make())
+    with pytest.raises(ValueError, match=r"ServeLoop.add: mix_weights needs a TwinMergedModule; "
+                                         r"this loop serves a plain GPT2LMHeadModel"):
+        plain.add(torch.ones(3, dtype=torch.long), 2, mix_weights=torch.tensor([1.0, 0, 0]))
+    assert plain.in_flight == []
     with pytest.raises(TypeError, match=r"eos_token_id must be an int, a list of ints or None"):
         ServeLoop(TwinMergedModule(make(), twin), eos_token_id="</s>")
 
@@ -189,3 +197,82 @@ def test_select_must_return_one_token_per_request(lm_twins):
                                          r"\[N=1\] of next tokens, got torch.int64 \[1, 1\]"):
         loop.step()
     assert len(loop.in_flight) == 1  # still waiting to join
+
+
+def _plain_alone(model, prompt, new, eos=None):
+    seq = model.generate(prompt[None], max_new_tokens=new, do_sample=False, pad_token_id=0,
+                         eos_token_id=eos)
+    return seq[0, prompt.numel():]
+
+
+@pytest.mark.parametrize("model", ["gpt2", "llama"])
+def test_a_plain_model_is_served_alike(lm_twins, model):
+    """A plain causal LM (here the twin's θs as a merged model) in the same loop: each
+    request's tokens are its own generate's, whatever joins and leaves around it."""
+    make, twin = lm_twins[model]
+    plain = make()
+    plain.load_state_dict(twin.merged_state_dict(torch.zeros(len(twin.tasks))), strict=False)
+    requests = _requests(6, seed=3)
+    loop = ServeLoop(plain, eos_token_id=None)
+    ids, done, step = {}, {}, 0
+    while len(ids) < len(requests) or loop.in_flight:
+        if step < len(requests):
+            prompt, new, _ = requests[step]
+            ids[loop.add(prompt, new)] = step
+        loop.step()
+        done.update(loop.pop_finished())
+        step += 1
+    assert sorted(ids[r] for r in done) == list(range(len(requests)))
+    for rid, tokens in done.items():
+        prompt, new, _ = requests[ids[rid]]
+        assert torch.equal(tokens, _plain_alone(plain, prompt, new)), ids[rid]
+
+
+def test_a_stop_rule_ends_each_request_where_it_says(lm_twins):
+    """stop(tokens) ends a request with the token that satisfied it: its tokens are its
+    generate's, cut after the first position where the rule holds (the rule here: a token
+    divisible by 4 after at least two tokens)."""
+    make, twin = lm_twins["llama"]
+    served = TwinMergedModule(make(), twin, mode="factored")
+    requests = [(p, 9, w) for p, _, w in _requests(6, seed=5)]
+    seen = []
+
+    def rule(tokens):
+        seen.append(list(tokens))
+        return len(tokens) >= 2 and tokens[-1] % 4 == 0
+    loop = ServeLoop(served, eos_token_id=None, stop=rule)
+    ids = [loop.add(p, n, mix_weights=w) for p, n, w in requests]
+    done = loop.run()
+    stopped = 0
+    for rid, (prompt, new, w) in zip(ids, requests):
+        full = _alone(served, prompt, new, w).tolist()
+        cut = next((i + 1 for i in range(1, len(full)) if full[i] % 4 == 0), len(full))
+        stopped += cut < len(full)
+        assert done[rid].tolist() == full[:cut], rid
+    assert stopped >= 2  # the rule really ended requests early
+    assert all(s[:-1] in seen or len(s) == 1 for s in seen)  # called on every prefix
+
+
+def test_a_failing_stop_rule_changes_nothing(lm_twins):
+    make, twin = lm_twins["llama"]
+    served = TwinMergedModule(make(), twin, mode="factored")
+    requests = _requests(3, seed=7)
+    calls = {"n": 0}
+
+    def flaky(tokens):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyError("the rule's own bug")
+        return False
+    loop = ServeLoop(served, eos_token_id=None, stop=flaky)
+    ids = [loop.add(p, n, mix_weights=w) for p, n, w in requests]
+    done, failures = {}, 0
+    while loop.in_flight:
+        try:
+            loop.step()
+        except KeyError:
+            failures += 1
+        done.update(loop.pop_finished())
+    assert failures == 1
+    for rid, (prompt, new, w) in zip(ids, requests):
+        assert torch.equal(done[rid], _alone(served, prompt, new, w)), rid

@@ -7,6 +7,9 @@ whatever other requests share its steps. One step is one forward of the wrapper 
 request in flight (factored mode: one pass, each row mixed with its own weights), plus one
 prefill forward for the requests that joined since the last step.
 
+A plain causal LM (a statically merged model, the base) is served the same way, without weights:
+the baseline a twin is compared with, batched alike.
+
 The cache is a transformers DynamicCache of full-attention layers. Requests of different
 lengths share it left-padded: each row's keys sit at the right end, padding columns are masked,
 and each row gets its own position ids, so padding changes nothing a request attends to. When
@@ -16,11 +19,11 @@ requests leave, their rows are dropped, and so are the columns no remaining row 
 import inspect
 import itertools
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Union
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from twinmerge_ext._finite import all_finite
 from twinmerge_ext.module import TwinMergedModule
@@ -34,9 +37,10 @@ _FROM_CONFIG = object()  # eos_token_id's default: the model's generation config
 class _Request:
     id: int
     prompt: Tensor            # [L] int64
-    weights: Tensor           # [T]
+    weights: Optional[Tensor]  # [T]; None for a plain model
     max_new_tokens: int
     tokens: List[int] = field(default_factory=list)
+    stopped: bool = False     # the stop rule said so
 
 
 def _greedy(logits: Tensor) -> Tensor:
@@ -53,12 +57,16 @@ class ServeLoop:
 
     Args:
         served: the wrapper, in mode "factored" or "auto" (materialize and group split a batch
-            into sub-batches, and a shared KV cache cannot be split).
+            into sub-batches, and a shared KV cache cannot be split); or a plain causal LM
+            (a transformers model with `generate`), whose requests take no weights.
         eos_token_id: int or list of ints that end a request (default: the module's
             generation_config's; None: requests run to their max_new_tokens, as generate's
             eos_token_id=None).
         select: logits [N, V] (float32, the last position of every request in the step) ->
             next tokens [N]; default greedy argmax.
+        stop: tokens generated so far (a list of ints, the newest last) -> True once the
+            request is complete (it leaves with them), called once per request and step: a
+            per-request stopping rule, e.g. "the text holds a newline". Default: none.
 
     Use: `rid = loop.add(prompt_ids, max_new_tokens, mix_weights=None)` any time (None: the
     router's weights for the prompt, computed now, once); `loop.step()` -> {rid: token} of this
@@ -69,21 +77,28 @@ class ServeLoop:
     threads of their own, may serve one wrapper at once.
     """
 
-    def __init__(self, served: TwinMergedModule, eos_token_id=_FROM_CONFIG,
-                 select: Optional[Callable[[Tensor], Tensor]] = None):
+    def __init__(self, served: Union[TwinMergedModule, nn.Module], eos_token_id=_FROM_CONFIG,
+                 select: Optional[Callable[[Tensor], Tensor]] = None,
+                 stop: Optional[Callable[[List[int]], bool]] = None):
         fn = "ServeLoop"
-        if not isinstance(served, TwinMergedModule):
-            raise TypeError(f"{fn}: served must be a TwinMergedModule, got "
-                            f"{type(served).__name__}")
-        if served.mode not in ("factored", "auto"):
+        self._twin = isinstance(served, TwinMergedModule)
+        if not self._twin and not (isinstance(served, nn.Module)
+                                   and callable(getattr(served, "generate", None))):
+            raise TypeError(f"{fn}: served must be a TwinMergedModule or a causal LM with "
+                            f"generate (a transformers model), got {type(served).__name__}")
+        if self._twin and served.mode not in ("factored", "auto"):
             raise ValueError(f"{fn}: served.mode must be 'factored' or 'auto' (the requests "
                              f"share one KV cache, which mode {served.mode!r} would split into "
                              f"sub-batches), got {served.mode!r}")
         if select is not None and not callable(select):
             raise TypeError(f"{fn}: select must be callable (logits [N, V]) -> tokens [N], got "
                             f"{type(select).__name__}")
+        if stop is not None and not callable(stop):
+            raise TypeError(f"{fn}: stop must be callable (tokens so far) -> bool, got "
+                            f"{type(stop).__name__}")
+        self.model = served.module if self._twin else served
         if eos_token_id is _FROM_CONFIG:
-            config = getattr(served.module, "generation_config", None)
+            config = getattr(self.model, "generation_config", None)
             eos_token_id = getattr(config, "eos_token_id", None)
         eos = [] if eos_token_id is None else (
             [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
@@ -95,9 +110,10 @@ class ServeLoop:
         self.served = served
         self.eos = frozenset(eos)
         self.select = select or _greedy
+        self.stop = stop
         # Logits of the last position only (a prefill's other positions would cost a vocabulary-
         # wide projection each), where the model's forward offers it.
-        params = inspect.signature(served.module.forward).parameters
+        params = inspect.signature(self.model.forward).parameters
         self._keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         # transformers 5 names the cache argument `cache`, earlier versions `past_key_values`.
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
@@ -112,7 +128,7 @@ class ServeLoop:
     @property
     def device(self) -> torch.device:
         """Where the served model is now (it may have moved since the loop was made)."""
-        return next(self.served.module.parameters()).device
+        return next(self.model.parameters()).device
 
     # --- requests ---------------------------------------------------------------------------------
 
@@ -121,7 +137,7 @@ class ServeLoop:
         """Queues a request (it joins at the next step) and returns its id.
 
         Shape: input_ids [L] (int, no padding, L >= 1); mix_weights [T], or None for the
-        router's weights on the prompt (one pass of θs, now)."""
+        router's weights on the prompt (one pass of θs, now); for a plain model, None."""
         fn = "ServeLoop.add"
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 1 or \
                 input_ids.is_floating_point() or input_ids.is_complex() or not input_ids.numel():
@@ -130,8 +146,16 @@ class ServeLoop:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or \
                 max_new_tokens < 1:
             raise ValueError(f"{fn}: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-        T = len(self.served.tasks)
         ids = input_ids.to(self.device, torch.long)
+        if not self._twin:
+            if mix_weights is not None:
+                raise ValueError(f"{fn}: mix_weights needs a TwinMergedModule; this loop serves "
+                                 f"a plain {type(self.served).__name__}, got "
+                                 f"{_describe(mix_weights)}")
+            req = _Request(next(self._ids), ids, None, max_new_tokens)
+            self._waiting.append(req)
+            return req.id
+        T = len(self.served.tasks)
         if mix_weights is None:
             w = self.served.route(ids[None], attention_mask=torch.ones_like(ids[None]))[0]
         else:
@@ -176,10 +200,11 @@ class ServeLoop:
         self._retire()
         return out
 
-    def _forward(self, ids: Tensor, mask: Tensor, pos: Tensor, weights: Tensor, cache):
+    def _forward(self, ids: Tensor, mask: Tensor, pos: Tensor, weights: Optional[Tensor], cache):
+        mix = {"mix_weights": weights} if self._twin else {}
         logits = self.served(input_ids=ids, attention_mask=mask, position_ids=pos,
-                             use_cache=True, mix_weights=weights,
-                             **{self._cache_arg: cache}, **self._keep).logits
+                             use_cache=True, **mix, **{self._cache_arg: cache},
+                             **self._keep).logits
         nxt = self.select(logits[:, -1].float())
         n = ids.shape[0]
         if not isinstance(nxt, Tensor) or nxt.shape != (n,) or nxt.is_floating_point() or \
@@ -188,23 +213,30 @@ class ServeLoop:
                              f"next tokens, got {_describe(nxt)}")
         return nxt
 
+    def _stops(self, requests: List[_Request], nxt: Tensor) -> List[bool]:
+        """The stop rule on each request's tokens with its next one (nothing changes here)."""
+        if self.stop is None:
+            return [False] * len(requests)
+        return [bool(self.stop(r.tokens + [t])) for r, t in zip(requests, nxt.tolist())]
+
     def _decode(self) -> Dict[int, int]:
         """One step of every joined request. The cache grows by a column in the forward; if the
-        step fails (the forward, select), that column is cropped again and nothing else has
-        changed, so the step can be retried."""
+        step fails (the forward, select, stop), that column is cropped again and nothing else
+        has changed, so the step can be retried."""
         last = torch.tensor([r.tokens[-1] for r in self._active], device=self.device)
         S = self._mask.shape[1]
         mask = torch.cat([self._mask, self._mask.new_ones(len(self._active), 1)], 1)
         try:
             nxt = self._forward(last[:, None], mask, self._pos[:, None], self._weights(),
                                 self._cache)
+            stops = self._stops(self._active, nxt)
         except BaseException:
             for layer in self._layers(self._cache):
                 if layer.keys is not None and layer.keys.shape[-2] > S:
                     layer.keys, layer.values = layer.keys[..., :S, :], layer.values[..., :S, :]
             raise
         self._mask, self._pos = mask, self._pos + 1
-        return self._take(self._active, nxt)
+        return self._take(self._active, nxt, stops)
 
     def _prefill(self) -> Dict[int, int]:
         """The prefill of the waiting requests, in a cache of their own, joined to the running
@@ -218,11 +250,12 @@ class ServeLoop:
             ids[i, L - n:], mask[i, L - n:] = r.prompt, 1
         pos = (mask.cumsum(1) - 1).clamp(min=0)
         cache = self._new_cache()
-        weights = torch.stack([r.weights for r in joining])
+        weights = torch.stack([r.weights for r in joining]) if self._twin else None
         nxt = self._forward(ids, mask, pos, weights, cache)
+        stops = self._stops(joining, nxt)
         self._waiting = self._waiting[len(joining):]
         self._join(joining, cache, mask)
-        return self._take(joining, nxt)
+        return self._take(joining, nxt, stops)
 
     def _join(self, joining: List[_Request], cache, mask: Tensor) -> None:
         """The joining requests' cache rows appended to the running cache, both left-padded to
@@ -248,20 +281,21 @@ class ServeLoop:
                                  f"the loop serves full-attention DynamicLayer caches only")
             yield layer
 
-    def _take(self, requests: List[_Request], nxt: Tensor) -> Dict[int, int]:
+    def _take(self, requests: List[_Request], nxt: Tensor, stops: List[bool]) -> Dict[int, int]:
         out = {}
-        for r, t in zip(requests, nxt.tolist()):
+        for r, t, stopped in zip(requests, nxt.tolist(), stops):
             r.tokens.append(t)
+            r.stopped = stopped
             out[r.id] = t
         return out
 
-    def _weights(self) -> Tensor:
-        return torch.stack([r.weights for r in self._active])
+    def _weights(self) -> Optional[Tensor]:
+        return torch.stack([r.weights for r in self._active]) if self._twin else None
 
     def _retire(self) -> None:
         keep = []
         for i, r in enumerate(self._active):
-            if len(r.tokens) >= r.max_new_tokens or r.tokens[-1] in self.eos:
+            if len(r.tokens) >= r.max_new_tokens or r.tokens[-1] in self.eos or r.stopped:
                 self._finished[r.id] = torch.tensor(r.tokens, dtype=torch.long)
             else:
                 keep.append(i)

@@ -9,10 +9,12 @@ adapter's product scale·B A, never A and B merged apart), `TwinCheckpoint.build
 `TwinMergedModule.generate` in factored mode with no task id: the router reads each prompt once,
 and every row decodes with its own model θ(w_b).
 
-Every method serves the six test splits as one shuffled stream in mixed batches of 32 (prompts
-left-padded), greedy, up to `max_new_tokens`; a prediction is the text before the first newline
-(leading white space dropped), and a row stops generating once its prediction is complete
-(`LineDone`).
+Every method serves the six test splits as one shuffled stream, greedy, up to `max_new_tokens`,
+by continuous batching (`ServeLoop`): at most 32 requests decode together, each leaves as soon as
+its prediction is complete (the text before the first newline, leading white space dropped:
+`line_done`), and the next ones join in its place. Each request's tokens are those it would get
+served alone, so the scores are those of batches run to their longest row, for a fraction of the
+steps.
 Scores are cached like the classification job's (`EvalCache`); decode speed is measured by every
 run, never cached.
 """
@@ -26,10 +28,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
 
 import twinmerge_ext
-from twinmerge_ext import LoraExpert, TwinCheckpoint, TwinMergedModule, fit_router, merging
+from twinmerge_ext import LoraExpert, ServeLoop, TwinCheckpoint, TwinMergedModule, fit_router, \
+    merging
 from twinmerge_ext.demo import gen_data
 from twinmerge_ext.demo import gen_model as gm
 from twinmerge_ext.demo.cache import EvalCache, _digest, code_digest, tensor_digest
@@ -118,37 +120,43 @@ def prediction(text: str) -> str:
     return text.lstrip().split("\n")[0].strip()
 
 
-class LineDone(StoppingCriteria):
-    """Marks a row done once its new text holds a newline after something other than white
-    space: its `prediction` cannot change any more. Greedy rows are computed independently, so
-    the other rows' tokens are those they would have had anyway; a batch stops when every row
-    is done (or at EOS, or max_new_tokens) instead of running the longest row's ramble out."""
-
-    def __init__(self, tok, prompt_len: int):
-        self.tok, self.prompt_len = tok, prompt_len
-
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        texts = self.tok.batch_decode(input_ids[:, self.prompt_len:], skip_special_tokens=True)
-        return torch.tensor(["\n" in t.lstrip() for t in texts], device=input_ids.device)
+def line_done(tok) -> Callable[[List[int]], bool]:
+    """ServeLoop's stop rule: a request is complete once its new text holds a newline after
+    something other than white space, since its `prediction` cannot change any more."""
+    def stop(tokens: List[int]) -> bool:
+        return "\n" in tok.decode(tokens, skip_special_tokens=True).lstrip()
+    return stop
 
 
-def serve(generate: Callable, stream: Stream, tok, cfg: GenConfig,
+def serve(served, stream: Stream, tok, cfg: GenConfig,
           weights: Optional[torch.Tensor] = None) -> Dict[str, object]:
-    """Predictions for the stream in batches of cfg.eval_batch: {"pred": [...], "w": [[...]]}
-    ("w": the weights each row was served with, when `generate` reports them)."""
+    """Predictions for the stream by continuous batching: {"pred": [...], "w": [[...]]} ("w": the
+    weights each row was served with, for a twin). `served` is a plain model or a twin; a twin
+    without `weights` is served with its router's weights on each prompt (`route`).
+
+    At most cfg.eval_batch requests are in flight; when a quarter of the places are free, the
+    next requests join (one prefill for them together rather than one per step)."""
     pad = tok.convert_tokens_to_ids(gm.EOS)
-    preds, ws = [], []
-    for s in range(0, len(stream.prompts), cfg.eval_batch):
-        ids, mask = gm.left_pad(stream.prompts[s:s + cfg.eval_batch], pad)
-        w = None if weights is None else weights[s:s + cfg.eval_batch]
-        done = StoppingCriteriaList([LineDone(tok, ids.shape[1])])
-        out, used = generate(ids, mask, w, max_new_tokens=cfg.max_new_tokens, do_sample=False,
-                             pad_token_id=pad, eos_token_id=pad, stopping_criteria=done)
-        new = out[:, ids.shape[1]:]
-        preds += [prediction(tok.decode(row, skip_special_tokens=True)) for row in new]
-        if used is not None:
-            ws += used.tolist()
-    return {"pred": preds, "w": ws}
+    twin = isinstance(served, TwinMergedModule)
+    if twin and weights is None:
+        weights = torch.tensor(route(served, stream, tok, cfg))
+    loop = ServeLoop(served, eos_token_id=pad, stop=line_done(tok))
+    n, batch = len(stream.prompts), cfg.eval_batch
+    refill = max(1, batch // 4)
+    preds: List[Optional[str]] = [None] * n
+    row: Dict[int, int] = {}
+    nxt = 0
+    with torch.no_grad():
+        while nxt < n or loop.in_flight:
+            if len(loop.in_flight) <= batch - refill:
+                while nxt < n and len(loop.in_flight) < batch:
+                    row[loop.add(torch.tensor(stream.prompts[nxt]), cfg.max_new_tokens,
+                                 mix_weights=None if weights is None else weights[nxt])] = nxt
+                    nxt += 1
+            loop.step()
+            for rid, tokens in loop.pop_finished().items():
+                preds[row[rid]] = prediction(tok.decode(tokens, skip_special_tokens=True))
+    return {"pred": preds, "w": weights.tolist() if twin else []}
 
 
 def route(wrapped: TwinMergedModule, stream: Stream, tok, cfg: GenConfig) -> List[List[float]]:
@@ -159,20 +167,6 @@ def route(wrapped: TwinMergedModule, stream: Stream, tok, cfg: GenConfig) -> Lis
         ids, mask = gm.left_pad(stream.prompts[s:s + cfg.eval_batch], pad)
         out += wrapped.route(input_ids=ids, attention_mask=mask).tolist()
     return out
-
-
-def plain_generate(model):
-    def gen(ids, mask, w, **kw):
-        with torch.no_grad():
-            return model.generate(input_ids=ids, attention_mask=mask, **kw), None
-    return gen
-
-
-def twin_generate(wrapped: TwinMergedModule):
-    def gen(ids, mask, w, **kw):
-        out = wrapped.generate(ids, attention_mask=mask, mix_weights=w, **kw)
-        return out, wrapped.last_call["weights"]
-    return gen
 
 
 def task_scores(preds: Sequence[str], stream: Stream, names: Sequence[str]) -> List[float]:
@@ -258,13 +252,13 @@ def run_generative(cfg: GenConfig, log: Callable[[str], None] = print) -> Dict[s
             return value
         return run
 
-    def scored(label, parts, make_generate, stream, which, weights=None):
-        """The predictions of a method on a stream (cached); make_generate() is called, and the
+    def scored(label, parts, make_model, stream, which, weights=None):
+        """The predictions of a method on a stream (cached); make_model() is called, and the
         model merged, only when they are not cached."""
         w_key = None if weights is None else tensor_digest(weights)
         return memo.json("gen-" + label, [parts, expert_ids, key[which], gen_kw, w_key],
                          timed(f"{label} {parts} on {which}",
-                               lambda: serve(make_generate(), stream, tok, cfg, weights)))
+                               lambda: serve(make_model(), stream, tok, cfg, weights)))
 
     bound = {n: adapters[n].bind(base) for n in names}  # θ0 + scale·B A, lazily per tensor
 
@@ -278,8 +272,7 @@ def run_generative(cfg: GenConfig, log: Callable[[str], None] = print) -> Dict[s
             sub = stream.subset(rows)
             r = memo.json("gen-expert", [expert_ids[t], key[which], rows, gen_kw],
                           timed(f"expert {n} on {which}", lambda: serve(
-                              plain_generate(models.with_state(expert_state(n))), sub, tok,
-                              cfg)))
+                              models.with_state(expert_state(n)), sub, tok, cfg)))
             out.append(task_scores(r["pred"], sub, names)[t])
         return out
     stamp("experts on their own tasks")
@@ -303,8 +296,8 @@ def run_generative(cfg: GenConfig, log: Callable[[str], None] = print) -> Dict[s
             ("ties", merging.ties, [{"density": d, "scale": s} for d, s in cfg.ties_grid])):
         accs = []
         for kw in grid:
-            r = scored(label, kw, lambda: plain_generate(
-                models.with_state(method(base, bound, **kw))), val, "val")
+            r = scored(label, kw, lambda: models.with_state(
+                method(base, bound, **kw)), val, "val")
             accs.append(val_mean(r["pred"]))
         i = int(np.argmax(accs))
         chosen[label] = grid[i]
@@ -338,7 +331,7 @@ def run_generative(cfg: GenConfig, log: Callable[[str], None] = print) -> Dict[s
     router_key = [cfg.router_layer, "mean", True, cfg.router_items, cfg.router_epochs, cfg.seed]
     if len(cfg.twin_ranks) > 1:  # the rank with the best validation mean
         val_runs = {rank: scored("twin", [rank, scale, router_key],
-                                 lambda: twin_generate(twin_at(rank)[0]), val, "val")
+                                 lambda: twin_at(rank)[0], val, "val")
                     for rank in cfg.twin_ranks}
         accs = {rank: val_mean(r["pred"]) for rank, r in val_runs.items()}
         rank = max(cfg.twin_ranks, key=lambda r: (accs[r], -r))  # ties: the smaller rank
@@ -364,20 +357,20 @@ def run_generative(cfg: GenConfig, log: Callable[[str], None] = print) -> Dict[s
                                                                     if hp is not None else {})}
     results["expert"] = {"scores": dict(zip(names, expert_test)),
                          "normalized": {n: 100.0 for n in names}, "normalized_mean": 100.0}
-    record("base", scored("base", [], lambda: plain_generate(models.with_state(base)), test,
+    record("base", scored("base", [], lambda: models.with_state(base), test,
                           "test")["pred"])
     for label, method in (("task_arithmetic", merging.task_arithmetic), ("ties", merging.ties)):
         kw = chosen[label]
-        record(label, scored(label, kw, lambda: plain_generate(
-            models.with_state(method(base, bound, **kw))), test, "test")["pred"], kw)
+        record(label, scored(label, kw, lambda: models.with_state(
+            method(base, bound, **kw)), test, "test")["pred"], kw)
     twin_parts = [rank, scale, router_key]
-    tw = scored("twin", twin_parts, lambda: twin_generate(twin_at(rank)[0]), test, "test")
+    tw = scored("twin", twin_parts, lambda: twin_at(rank)[0], test, "test")
     record("twin", tw["pred"], {"rank": rank, "shared_scale": scale})
     routed = torch.tensor(tw["w"]).argmax(-1)
     truth = torch.tensor(test.tasks)
     if cfg.oracle:
         onehot = torch.nn.functional.one_hot(truth, T).float()
-        oracle = scored("twin-oracle", twin_parts, lambda: twin_generate(twin_at(rank)[0]),
+        oracle = scored("twin-oracle", twin_parts, lambda: twin_at(rank)[0],
                         test, "test", onehot)
         record("twin_oracle", oracle["pred"], {"rank": rank, "weights": "one-hot, true task"})
     val_routed = val_w.argmax(-1)
