@@ -24,9 +24,7 @@ def _launch(case: str, world: int, out) -> list:
     return run_ranks(WORKER, case, world, out)
 
 
-# BERT at 2 ranks only: what it adds (biases, LayerNorms, a column-parallel embedding) does not
-# depend on the number of ranks, and each launch costs CI about 13 s.
-@pytest.fixture(scope="module", params=[("llama", 2), ("llama", 4), ("bert", 2)],
+@pytest.fixture(scope="module", params=[("llama", 2), ("llama", 4), ("bert", 2), ("bert", 4)],
                 ids=lambda p: f"{p[0]}-{p[1]}ranks")
 def ranks(request, tmp_path_factory):
     case, world = request.param

@@ -19,8 +19,10 @@ def gen_markdown(out: Dict[str, object]) -> str:
              f"LoRA experts: rank {r['rank']} (alpha {r['alpha']}) on "
              f"{', '.join(c['lora_targets'])}; {r['steps']} steps at batch {r['batch']}, lr "
              f"{r['lr']}, linear warmup over {r['warmup_ratio']:.0%} of the steps, linear decay, "
-             f"gradient norm clipped at {r['max_grad_norm']}. Greedy decoding, up to "
-             f"{c['max_new_tokens']} new tokens, mixed batches of {c['eval_batch']}.", "",
+             f"gradient norm clipped at {r['max_grad_norm']}, "
+             f"{r.get('compute_dtype', 'float32')} matmuls. Greedy decoding, up to "
+             f"{c['max_new_tokens']} new tokens, continuous batching of at most "
+             f"{c['eval_batch']} requests (each leaves at its first complete line).", "",
              "## Normalized score (100 × method / expert)", "",
              "| method | " + " | ".join(names) + " | mean |",
              "|---|" + "---|" * (len(names) + 1)]
