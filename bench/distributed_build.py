@@ -12,10 +12,10 @@ Each process reports its wall time and two peaks above what it held before the b
   what the process allocated and touched, the measure of the claim below;
 - resident memory (`ru_maxrss`), which also counts the pages of the expert files it maps and
   reads (they are the page cache's, dropped under pressure).
-The claim: peak memory per process is its share plus a few tensors. Each row states the bound
-it is checked against: its shard file (its share of θs and its factors, all the build keeps)
-plus (T + 2) of its largest parameter in float32 (one parameter's T deltas, its θs and one
-expert tensor in flight), and the ratio of the anonymous peak to it.
+The claim: peak memory per process is its share plus a few tensors. Each row states an
+estimate of that (nothing asserts it): its shard file (its share of θs and its factors, all the
+build keeps) plus (T + 2) of its largest parameter in float32 (one parameter's T deltas, its θs
+and one expert tensor in flight), and the ratio of the anonymous peak to it.
 """
 
 import argparse
@@ -175,7 +175,7 @@ def main(argv=None) -> int:
                 rows.append(row)
                 print(f"{n} process(es), rank {r}: {row['seconds']:.1f} s; above its start, "
                       f"anonymous peak {row['anon_peak_above_before_mib']:.0f} MiB = "
-                      f"{row['anon_peak_over_bound']:.2f}x its bound (shard "
+                      f"{row['anon_peak_over_bound']:.2f}x the estimate (shard "
                       f"{row['shard_mib']:.0f} + in flight {row['in_flight_mib']:.0f} MiB; its "
                       f"share of θs {row['share_mib']:.0f} MiB), resident peak "
                       f"{row['peak_above_before_mib']:.0f} MiB", flush=True)

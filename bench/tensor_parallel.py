@@ -60,7 +60,11 @@ PLAN = {
 
 class CommBytes(CommDebugMode):
     """CommDebugMode that also sums, per kind of collective, the bytes of the tensor this rank
-    contributes to each (its first tensor argument: the buffer reduced or gathered)."""
+    contributes to each: the first tensor argument of the functional collectives DTensor and
+    the tensor-parallel styles emit (`_c10d_functional.all_reduce`, `all_gather_into_tensor`,
+    ...: the buffer reduced or this rank's shard). Legacy c10d ops, whose first argument may be
+    the output, are counted the same way and would be wrong: the TP paths measured here do not
+    use them."""
 
     def __enter__(self):
         self.comm_bytes = {}

@@ -13,6 +13,7 @@ Each rank writes OUT/rank{r}.json.
 
 import io
 import json
+import math
 import os
 import sys
 from contextlib import redirect_stderr
@@ -23,7 +24,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor.parallel import parallelize_module
 
 from tp_worker import LLAMA_PLAN, experts, llama, rel
-from twinmerge_ext import TwinCheckpoint, TwinMergedModule
+from twinmerge_ext import TwinCheckpoint, TwinMergedModule, _distributed_build
 from twinmerge_ext._distributed_build import partition
 from twinmerge_ext.checkpoint import _BuildPlan
 
@@ -48,6 +49,18 @@ def write_sources(out: str, base_sd, ex):
     return paths
 
 
+def elements(directory: str) -> int:
+    """The parameters' elements of a sharded checkpoint, from its files' headers."""
+    from safetensors import safe_open
+    index = json.load(open(os.path.join(directory, "model.safetensors.index.json")))
+    n = 0
+    for shard in sorted(set(index["weight_map"].values())):
+        with safe_open(os.path.join(directory, shard), framework="pt") as f:
+            for k in f.keys():
+                n += math.prod(f.get_slice(k).get_shape())
+    return n
+
+
 def main(case: str, out: str) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -68,17 +81,29 @@ def main(case: str, out: str) -> None:
     box = [(paths, victim)]
     dist.broadcast_object_list(box, src=0)
     paths, res["victim"] = box[0]
+    if res["victim"]:  # where the victim is stored, read from the files themselves
+        res["victim_files"] = {
+            k: p if p.endswith(".safetensors") else os.path.join(p, json.load(open(os.path.join(
+                p, "model.safetensors.index.json")))["weight_map"][res["victim"]])
+            for k, p in paths.items()}
     base, sources = paths["base"], {k: paths[k] for k in ex}
     target = os.path.join(out, "twin")
     err = io.StringIO()  # the progress bars (rank 0's only)
+    counts = {}  # what rank 0's bar last read from every rank's counter, and the totals
+    close = _distributed_build._Progress.close
+
+    def spy(self):
+        close(self)
+        counts.update(done=list(self.done), totals=list(self.totals))
+    _distributed_build._Progress.close = spy
     try:
         with redirect_stderr(err):
             index = TwinCheckpoint.build_distributed(target, base, sources, progress=True, **kw)
         res["index"] = os.path.relpath(index, out)
     except Exception as e:
         res["error"] = f"{type(e).__name__}: {e}"
-    res["progress"] = err.getvalue()
-    res["elements"] = sum(n for _, n in _BuildPlan(base, sources, **kw).sizes())
+    res["progress"], res["counts"] = err.getvalue(), counts
+    res["elements"] = elements(base)
     res["files"] = sorted(os.listdir(target)) if os.path.isdir(target) else []
     if case == "ok" and "error" not in res:
         if rank == 0:

@@ -33,11 +33,11 @@ def test_the_sharded_twin_is_the_single_process_build(world, tmp_path):
         assert "error" not in r, r["error"]
         assert r["tp_rel"] < 1e-5, r
     # rank 0 shows one bar for every rank's share, each element counted twice; the others none
-    from tqdm import tqdm
-    total = tqdm.format_sizeof(2 * results[0]["elements"])
+    counts = results[0]["counts"]
+    assert counts["done"] == counts["totals"] and all(counts["totals"])
+    assert sum(counts["totals"]) == 2 * results[0]["elements"]  # counted from the files
     last = results[0]["progress"].split("\r")[-1]
     assert last.startswith(f"TwinCheckpoint.build_distributed ({world} ranks): 100%"), last
-    assert f"{total}/{total}" in last, last
     assert ", ".join(f"rank {r} 100%" for r in range(world)) in last, last
     assert all(r["progress"] == "" for r in results[1:])
 
@@ -51,8 +51,16 @@ def test_a_failure_on_one_rank_stops_every_rank(tmp_path):
     assert error.startswith("ValueError: TwinCheckpoint.build_distributed: rank 1 of 2 failed "
                             "while building its share")
     assert victim in error and "NaN" in error
+    # the files the parameter is read from: the shards that hold it, the single-file expert
+    files = results[0]["victim_files"]
+    assert f"(read from base {files['base']}, expert 'task0' {files['task0']}, expert 'task1' " \
+           f"{files['task1']}, expert 'task2' {files['task2']})" in error, error
+    assert files["base"].endswith(".safetensors") and "-of-" in files["base"]
     assert results[0]["files"] == []  # no shard, no index
-    assert "rank 1 100%" not in results[0]["progress"]  # its bar closed where it stopped
+    # rank 0's bar closed where the build stopped, rank 1's share unfinished
+    assert "TwinCheckpoint.build_distributed (2 ranks)" in results[0]["progress"]
+    counts = results[0]["counts"]
+    assert counts["done"][1] < counts["totals"][1] and "rank 1 100%" not in results[0]["progress"]
 
 
 def test_the_partition_is_balanced_and_the_same_everywhere():

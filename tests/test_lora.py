@@ -152,3 +152,29 @@ def test_lora_errors(adapters, tmp_path):
     shutil.copy(f"{adapters['a']}/adapter_model.safetensors", bad)
     with pytest.raises(ValueError, match="the config says rank 5"):
         LoraExpert(bad)
+
+
+def test_errors_can_name_the_files_a_parameter_is_read_from(adapters, tmp_path):
+    """merging._file_of (used by the distributed build's errors): an adapter's targets come from
+    the adapter on its base's file, other parameters from the base's file; a state dict has
+    none; a sharded checkpoint names the shard."""
+    from safetensors.torch import save_file
+
+    from twinmerge_ext import merging
+    base = {k: v.contiguous() for k, v in _bert().state_dict().items()}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    lora = LoraExpert(adapters["a"])
+    target = next(iter(lora.targets))
+    other = next(k for k in base if k not in lora.targets)
+    bound = lora.bind(str(tmp_path / "base.safetensors"))
+    assert merging._file_of(bound, target) == f"{adapters['a']} on {tmp_path / 'base.safetensors'}"
+    assert merging._file_of(bound, other) == str(tmp_path / "base.safetensors")
+    assert merging._file_of(lora.bind(base), target) == adapters["a"]
+    assert merging._file_of(base, other) is None
+    _bert().save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    name, shard = next(iter(index["weight_map"].items()))
+    assert merging._file_of(str(tmp_path / "sharded"), name) == str(tmp_path / "sharded" / shard)
+    assert merging._file_of(str(tmp_path / "sharded"), "no.such.tensor") is None
+    assert merging._file_of(merging._Subset(str(tmp_path / "sharded"), lambda n: False),
+                            name) == str(tmp_path / "sharded" / shard)

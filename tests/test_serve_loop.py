@@ -276,3 +276,33 @@ def test_a_failing_stop_rule_changes_nothing(lm_twins):
     assert failures == 1
     for rid, (prompt, new, w) in zip(ids, requests):
         assert torch.equal(done[rid], _alone(served, prompt, new, w)), rid
+
+
+def test_a_prefill_failing_after_the_decode_keeps_the_decode(lm_twins):
+    """The stop rule fails on a joiner's first token (in the prefill) while other requests have
+    just decoded: those keep their tokens (a request that finished there leaves, with exactly
+    its max_new_tokens), the joiner waits, and every request ends with its tokens served alone."""
+    make, twin = lm_twins["llama"]
+    served = TwinMergedModule(make(), twin, mode="factored")
+    requests = [(p, n, w) for (p, _, w), n in zip(_requests(4, seed=11), (2, 5, 4, 3))]
+    state = {"failed": False, "armed": False}
+
+    def rule(tokens):
+        if state["armed"] and len(tokens) == 1 and not state["failed"]:
+            state["failed"] = True
+            raise KeyError("the rule's own bug, on a joiner's first token")
+        return False
+    loop = ServeLoop(served, eos_token_id=None, stop=rule)
+    ids = [loop.add(p, n, mix_weights=w) for p, n, w in requests[:2]]
+    loop.step()  # both joined: one token each
+    ids.append(loop.add(*requests[2][:2], mix_weights=requests[2][2]))
+    state["armed"] = True
+    with pytest.raises(KeyError):
+        loop.step()  # the decode gives request 0 its 2nd and last token; the prefill fails
+    assert state["failed"] and ids[2] in loop.in_flight and ids[0] not in loop.in_flight
+    done = loop.pop_finished()
+    assert list(done) == [ids[0]] and len(done[ids[0]]) == 2
+    ids.append(loop.add(*requests[3][:2], mix_weights=requests[3][2]))
+    done.update(loop.run())
+    for rid, (prompt, new, w) in zip(ids, requests):
+        assert torch.equal(done[rid], _alone(served, prompt, new, w)), rid

@@ -11,8 +11,9 @@ bit on CPU with the same thread count.
 
 Failures: each step ends with every rank telling the others how it went (one `all_gather_object`
 of a status per step, reached by every rank whatever happened), so a failure on one rank stops
-all of them, each raising the same error naming the rank, the step, the parameter and the
-message, and removing the shard it wrote; none waits forever for a rank that failed. (A rank
+all of them, each raising the same error naming the rank, the step, the parameter (and the
+files it is read from) and the message, and removing the shard it wrote; none waits forever
+for a rank that failed. (A rank
 killed outright is torchrun's to handle: the others' collective times out.)
 
 Progress (`progress=True`): every rank counts what it has done into the group's key-value store
@@ -50,6 +51,19 @@ class _Ranks:
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
         self.where: Optional[str] = None  # the parameter the step is at, for errors
+        self.files_of: Callable[[str], str] = lambda name: ""  # its files, for errors
+        self.counter: Optional["_Progress"] = None
+
+    def track(self, names):
+        """The names of a pass over this rank's parameters (the shared merge's, then the
+        compression's: `merging._progress` hands them here): each is where an error happens
+        until the next is asked for, and is then counted for the progress bar."""
+        for name in names:
+            self.where = name
+            yield name
+            if self.counter is not None:
+                self.counter.count(name)
+        self.where = None
 
     def gather(self, value: Any) -> List[Any]:
         """Every rank's (small, picklable) value, in rank order."""
@@ -68,7 +82,10 @@ class _Ranks:
             result = work()
             out = None
         except Exception as e:  # told to every rank below, re-raised there
-            where = f", parameter {self.where!r}" if self.where else ""
+            where = ""
+            if self.where:
+                files = self.files_of(self.where)
+                where = f", parameter {self.where!r}" + (f" (read from {files})" if files else "")
             out = (type(e).__name__, f"{type(e).__name__}: {e}", where)
             mine = e
         else:
@@ -95,8 +112,10 @@ class _Progress:
     barriers use) as it finishes it; rank 0 reads every counter a few times a second and shows
     their sum against the total, each rank's percentage as the bar's postfix. The other ranks
     print nothing: torchrun would interleave their bars with rank 0's on one terminal. Counting
-    costs one small store request per parameter; no collective is added, so a rank that fails
-    leaves no rank waiting on a counter.
+    costs one small store request per parameter and no collective (the bar's start is one more
+    status exchange of the build's steps), so a rank that fails leaves no rank waiting on a
+    counter. The bar never changes how the build ends: a store error while showing it is a
+    warning, and the bar stops there.
     """
 
     POLL_S = 0.25
@@ -113,9 +132,13 @@ class _Progress:
         self.store = c10d._get_process_group_store(group)
         self.key = f"twinmerge_ext/build/{build_id}/"
         self.bar = self.thread = None
+        self.done = [0] * self.world  # every rank's count, as rank 0 last read it
         self.stop = threading.Event()
         if self.rank == 0:
-            from tqdm.auto import tqdm
+            try:
+                from tqdm.auto import tqdm
+            except ImportError as e:
+                raise ImportError(f"{ranks.fn}: progress=True needs tqdm (pip install tqdm)") from e
             self.bar = tqdm(total=sum(self.totals), desc=f"{ranks.fn} ({self.world} rank"
                             f"{'s' if self.world > 1 else ''})",
                             unit="el", unit_scale=True)
@@ -123,21 +146,31 @@ class _Progress:
                                            name="twinmerge_ext build progress")
             self.thread.start()
 
-    def track(self, names):
-        """The names; each one's elements are counted once the caller asks for the next."""
-        for name in names:
-            yield name
-            self.store.add(f"{self.key}{self.rank}", self.size.get(name, 0))
+    def count(self, name: str) -> None:
+        """This rank has done a pass over parameter `name`."""
+        self.store.add(f"{self.key}{self.rank}", self.size.get(name, 0))
 
     def _show(self) -> None:
-        done = [int(self.store.add(f"{self.key}{r}", 0)) for r in range(self.world)]
-        self.bar.update(sum(done) - self.bar.n)
-        self.bar.set_postfix_str(", ".join(f"rank {r} {100 * d / max(t, 1):.0f}%"
-                                           for r, (d, t) in enumerate(zip(done, self.totals))))
+        self.done = [int(self.store.add(f"{self.key}{r}", 0)) for r in range(self.world)]
+        self.bar.update(sum(self.done) - self.bar.n)
+        self.bar.set_postfix_str(", ".join(
+            f"rank {r} {100 * d / max(t, 1):.0f}%"
+            for r, (d, t) in enumerate(zip(self.done, self.totals))))
 
     def _watch(self) -> None:
         while not self.stop.wait(self.POLL_S):
-            self._show()
+            if not self._safely(self._show, "reading the ranks' counters"):
+                return
+
+    def _safely(self, work: Callable[[], None], what: str) -> bool:
+        try:
+            work()
+            return True
+        except Exception as e:  # the bar is a view: it must not change how the build ends
+            import warnings
+            warnings.warn(f"TwinCheckpoint.build_distributed: the progress bar stopped: "
+                          f"{what} failed ({type(e).__name__}: {e})", RuntimeWarning)
+            return False
 
     def close(self) -> None:
         """Rank 0: the last count (every rank has finished its share, or failed), then the bar
@@ -147,9 +180,9 @@ class _Progress:
         self.stop.set()
         self.thread.join()
         try:
-            self._show()
-            for r in range(self.world):
-                self.store.delete_key(f"{self.key}{r}")
+            if self._safely(self._show, "reading the ranks' counters"):
+                self._safely(lambda: [self.store.delete_key(f"{self.key}{r}")
+                                      for r in range(self.world)], "removing the counters")
         finally:
             self.bar.close()
 
@@ -183,6 +216,7 @@ def build_distributed(cls, path, base, experts, group, progress: bool, kwargs: D
         sizes = plan.sizes()
         return plan, sizes, partition(sizes, world)
     plan, sizes, owner = ranks.step("checking the arguments", plan_it)
+    ranks.files_of = plan.files_of
     build_id = ranks.gather(uuid.uuid4().hex[:12])[0]  # rank 0's, everywhere
     name = f"twin-{build_id}-{rank + 1:05d}-of-{world:05d}.safetensors"
     written: List[str] = []
@@ -192,19 +226,19 @@ def build_distributed(cls, path, base, experts, group, progress: bool, kwargs: D
         counter = ranks.step("starting the progress bar",
                              lambda: made.append(_Progress(ranks, build_id, sizes, owner))
                              or made[0], lambda: [c.close() for c in made])
+    ranks.counter = counter
     try:
-        return _build_and_publish(cls, path, plan, owner, ranks, build_id, name, written,
-                                  counter)
+        return _build_and_publish(cls, path, plan, owner, ranks, build_id, name, written)
     finally:
         if counter is not None:
             counter.close()
 
 
-def _build_and_publish(cls, path, plan, owner, ranks, build_id, name, written, counter) -> str:
+def _build_and_publish(cls, path, plan, owner, ranks, build_id, name, written) -> str:
     fn, rank, world = ranks.fn, ranks.rank, ranks.world
 
     def build_share():
-        part = plan.part(lambda n: owner[n] == rank, counter or False, ranks)
+        part = plan.part(lambda n: owner[n] == rank, ranks)  # ranks.track: errors, the bar
         twin = cls(plan.tasks, part[0], part[1], part[2], part[3], plan.info(part[4]),
                    plan.task_heads if rank == 0 else {})
         ranks.where = None

@@ -331,6 +331,13 @@ class _BuildPlan:
             experts = {task: merging._Subset(src, is_head) for task, src in experts.items()}
         self.base, self.experts = base, experts
 
+    def files_of(self, name: str) -> str:
+        """Which files parameter `name` is read from ("base <path>, expert 't' <path>, ..."),
+        for errors; empty where every source is in memory."""
+        sources = [("base", self.base)] + [(f"expert {t!r}", s) for t, s in self.experts.items()]
+        found = [(label, merging._file_of(src, name)) for label, src in sources]
+        return ", ".join(f"{label} {path}" for label, path in found if path)
+
     def sizes(self) -> List[Tuple[str, int]]:
         """(name, number of elements) of the base's tensors (less task heads), in its order,
         from the files' headers (nothing is read)."""
@@ -338,10 +345,10 @@ class _BuildPlan:
             src = merging._Source(self.base, "base", self.fn, stack)
             return [(name, math.prod(src.meta(name)[0])) for name in src.keys()]
 
-    def part(self, keep: Optional[Callable[[str], bool]], progress: bool, tracker=None):
+    def part(self, keep: Optional[Callable[[str], bool]], progress):
         """(θs, lowrank, dense, errors, unchanged) of the parameters `keep` accepts (None: all),
-        in the base's order. tracker.where is set to each parameter as its compression starts
-        (for errors)."""
+        in the base's order. progress: a bool, or what `merging._progress` also takes (an object
+        whose track(names) follows both passes over the parameters)."""
         fn, T = self.fn, len(self.tasks)
         base, experts = self.base, self.experts
         if keep is not None:
@@ -360,8 +367,6 @@ class _BuildPlan:
             # The shared merge already checked every expert against the base.
             named = merging._open_experts(experts, fn, stack)
             for name in merging._progress(list(shared_sd), progress, fn):
-                if tracker is not None:
-                    tracker.where = name
                 s = shared_sd[name]
                 if not (s.is_floating_point() and self.selected(name)):
                     continue
@@ -647,8 +652,9 @@ class TwinCheckpoint:
         tensor-parallel rank's slices).
 
         Errors: a failure on any rank (bad arguments, a damaged file, NaN in a delta) stops every
-        rank with the same error, naming the rank, the step, the parameter and the message (a
-        ValueError, TypeError or OSError subclass as `build` raises it, else RuntimeError);
+        rank with the same error, naming the rank, the step, the parameter, the files it is read
+        from and the message (a ValueError, TypeError or OSError subclass as `build` raises it,
+        else RuntimeError);
         each rank removes the shard it wrote, and no rank waits on a rank that failed.
         RuntimeError without an initialized process group.
 

@@ -136,6 +136,12 @@ class _BoundLora(merging._Derived):
         return _LoraReader(self.lora, merging._Source(self.base, f"{label} (its base)", fn, stack),
                            label, fn)
 
+    def file_of(self, name: str) -> Optional[str]:
+        base = merging._file_of(self.base, name)
+        if name not in self.lora.targets and name not in self.lora.full:
+            return base
+        return f"{self.lora.path}" + (f" on {base}" if base else "")
+
 
 class _LoraReader:
     def __init__(self, lora: LoraExpert, base: "merging._Source", label: str, fn: str):

@@ -64,6 +64,32 @@ class _Derived(abc.ABC):
         """An object with keys(), meta(name) -> (shape, dtype) and get(name) -> Tensor, its
         inputs opened on `stack`."""
 
+    def file_of(self, name: str) -> Optional[str]:
+        """The file(s) parameter `name` is read from, for errors; None if not a file."""
+        return None
+
+
+def _file_of(source: "StateSource", name: str) -> Optional[str]:
+    """The file holding parameter `name` of a source, for errors: the safetensors file, a
+    sharded checkpoint's shard (from its index), what a derived source reads; None for a state
+    dict, or where it cannot tell (it never raises: it runs while an error is being reported)."""
+    try:
+        if isinstance(source, _Derived):
+            return source.file_of(name)
+        if not isinstance(source, (str, os.PathLike)):
+            return None
+        path = os.fspath(source)
+        index = _checkpoint_index(path)
+        if index is not None:
+            with open(index) as f:
+                shard = json.load(f)["weight_map"].get(name)
+            return None if shard is None else os.path.join(os.path.dirname(index), shard)
+        if os.path.isdir(path):
+            return os.path.join(path, "model.safetensors")
+        return path
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
 
 class _Source:
     """A state dict or a lazily opened safetensors file, read one tensor at a time."""
@@ -211,6 +237,9 @@ class _Subset(_Derived):
         inner._keys = [k for k in inner.keys() if not self.drop(k)]
         return inner
 
+    def file_of(self, name: str) -> Optional[str]:
+        return _file_of(self.source, name)
+
 
 _Expert = Tuple[str, str, _Source]  # (label for errors, key for DARE's generators, source)
 
@@ -314,8 +343,9 @@ def _density(value, fn: str) -> float:
 
 
 def _progress(names: Iterable[str], enabled: bool, fn: str) -> Iterable[str]:
-    """The names, under a tqdm bar if enabled. `enabled` may also be a counter with
-    `track(names)` (a distributed build's rank: its progress is shown by rank 0)."""
+    """The names, under a tqdm bar if enabled. `enabled` may also be an object with
+    `track(names)` (a rank of a distributed build: it follows where an error happens and counts
+    for the bar rank 0 shows)."""
     if not enabled:
         return names
     if hasattr(enabled, "track"):

@@ -191,13 +191,19 @@ class ServeLoop:
     @torch.no_grad()
     def step(self) -> Dict[int, int]:
         """One decode step for the requests in flight and the prefill of those that joined:
-        {id: its new token}. Finished requests leave the batch (pop_finished)."""
+        {id: its new token}. Finished requests leave the batch (pop_finished).
+
+        A failure leaves the loop as it was before the failing part, so step() can be called
+        again: a failed decode is undone; a prefill that fails after the decode went through
+        leaves that decode in place (the requests keep their new tokens, those that finished
+        are in pop_finished; only this call's return value is lost) and the joiners waiting."""
         out: Dict[int, int] = {}
         if self._active:
             out.update(self._decode())
+            self._retire()
         if self._waiting:
             out.update(self._prefill())
-        self._retire()
+            self._retire()
         return out
 
     def _forward(self, ids: Tensor, mask: Tensor, pos: Tensor, weights: Optional[Tensor], cache):
