@@ -26,7 +26,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from bench.tensor_parallel import CommBytes
+from bench.tensor_parallel import PLAN, CommBytes
 from twinmerge_ext import TwinCheckpoint, TwinMergedModule
 
 T, B, L = 3, 4, 7
@@ -43,17 +43,7 @@ def llama():
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
-LLAMA_PLAN = {
-    "model.embed_tokens": RowwiseParallel(input_layouts=Replicate()),  # vocabulary-parallel
-    "model.layers.*.self_attn.q_proj": ColwiseParallel(),
-    "model.layers.*.self_attn.k_proj": ColwiseParallel(),
-    "model.layers.*.self_attn.v_proj": ColwiseParallel(),
-    "model.layers.*.self_attn.o_proj": RowwiseParallel(),
-    "model.layers.*.mlp.gate_proj": ColwiseParallel(),
-    "model.layers.*.mlp.up_proj": ColwiseParallel(),
-    "model.layers.*.mlp.down_proj": RowwiseParallel(),
-    "lm_head": ColwiseParallel(output_layouts=Replicate()),
-}
+LLAMA_PLAN = PLAN  # vocabulary-parallel embedding, column/row-parallel attention and MLP
 
 
 def bert():

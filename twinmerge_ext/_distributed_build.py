@@ -13,8 +13,8 @@ Failures: each step ends with every rank telling the others how it went (one `al
 of a status per step, reached by every rank whatever happened), so a failure on one rank stops
 all of them, each raising the same error naming the rank, the step, the parameter (and the
 files it is read from) and the message, and removing the shard it wrote; none waits forever
-for a rank that failed. (A rank
-killed outright is torchrun's to handle: the others' collective times out.)
+for a rank that failed. (A rank killed outright is torchrun's to handle: the others'
+collective times out.)
 
 Progress (`progress=True`): every rank counts what it has done into the group's key-value store
 and rank 0 shows one bar for all of them (`_Progress`).
@@ -114,8 +114,8 @@ class _Progress:
     print nothing: torchrun would interleave their bars with rank 0's on one terminal. Counting
     costs one small store request per parameter and no collective (the bar's start is one more
     status exchange of the build's steps), so a rank that fails leaves no rank waiting on a
-    counter. The bar never changes how the build ends: a store error while showing it is a
-    warning, and the bar stops there.
+    counter. The bar never changes how the build ends: a store error while counting or showing
+    is a warning, and the counting or the bar stops there.
     """
 
     POLL_S = 0.25
@@ -133,6 +133,7 @@ class _Progress:
         self.key = f"twinmerge_ext/build/{build_id}/"
         self.bar = self.thread = None
         self.done = [0] * self.world  # every rank's count, as rank 0 last read it
+        self.counting = True
         self.stop = threading.Event()
         if self.rank == 0:
             try:
@@ -148,7 +149,10 @@ class _Progress:
 
     def count(self, name: str) -> None:
         """This rank has done a pass over parameter `name`."""
-        self.store.add(f"{self.key}{self.rank}", self.size.get(name, 0))
+        if self.counting:
+            self.counting = self._safely(
+                lambda: self.store.add(f"{self.key}{self.rank}", self.size.get(name, 0)),
+                f"counting rank {self.rank}'s progress")
 
     def _show(self) -> None:
         self.done = [int(self.store.add(f"{self.key}{r}", 0)) for r in range(self.world)]
@@ -241,7 +245,6 @@ def _build_and_publish(cls, path, plan, owner, ranks, build_id, name, written) -
         part = plan.part(lambda n: owner[n] == rank, ranks)  # ranks.track: errors, the bar
         twin = cls(plan.tasks, part[0], part[1], part[2], part[3], plan.info(part[4]),
                    plan.task_heads if rank == 0 else {})
-        ranks.where = None
         tensors = twin._file_tensors()
         written.append(os.path.join(path, name))
         digests = write_shard(written[0], tensors, fn)
