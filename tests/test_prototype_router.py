@@ -101,7 +101,8 @@ def test_bad_prototype_routers_are_refused():
                                          r"prototypes=100"):
         fit_router(lambda x: x, _tasks(0), kind="prototype", prototypes=100)
     with pytest.raises(ValueError, match=r"router_from_config: cfg\['kind'\] must be one of "
-                                         r"\['mlp', 'prototype', 'energy'\] \(absent: 'mlp'\), "
+                                         r"\['mlp', 'prototype', 'energy', 'text', 'product'\] "
+                                         r"\(absent: 'mlp'\), "
                                          r"got 'knn'"):
         router_from_config({"kind": "knn", "in_features": 2, "tasks": ["a"]})
     with pytest.raises(ValueError, match=r"PrototypeRouter.from_config: cfg is missing keys "

@@ -6,6 +6,7 @@ from twinmerge_ext.energy import EnergyRouter, energy_layers, fit_energy_router,
 from twinmerge_ext.lora import LoraExpert
 from twinmerge_ext.prototype_router import PrototypeRouter
 from twinmerge_ext.router import Router, TwinRouter, fit_router, pooled_features, router_from_config
+from twinmerge_ext.text_router import ProductRouter, TextRouter, fit_product_alpha, fit_text_router
 from twinmerge_ext.module import TwinMergedModule
 from twinmerge_ext.serving import ServeLoop
 from twinmerge_ext.ops import (
@@ -22,15 +23,19 @@ __all__ = [
     "EnergyRouter",
     "LoraExpert",
     "LowRankDelta",
+    "ProductRouter",
     "PrototypeRouter",
     "Router",
     "ServeLoop",
     "TwinCheckpoint",
     "TwinMergedModule",
+    "TextRouter",
     "TwinRouter",
     "energy_layers",
     "fit_energy_router",
+    "fit_product_alpha",
     "fit_router",
+    "fit_text_router",
     "router_from_config",
     "subspace_energies",
     "pooled_features",

@@ -108,8 +108,10 @@ class Prefix:
     layer k = max(wanted) is about to run (`check_only`: captured, never routed)."""
 
     def __init__(self, served, indices: List[int], mask: Tensor, stop: bool,
-                 head_tasks: Optional[Tensor] = None, check_only: bool = False):
+                 head_tasks: Optional[Tensor] = None, check_only: bool = False,
+                 texts: Optional[List[str]] = None):
         self.served = served
+        self.texts = texts  # a ProductRouter's other input
         self.wanted = set(indices)
         self.indices = indices
         self.k = max(indices)
@@ -132,7 +134,8 @@ class Prefix:
         mask = self.mask.to(x.device) != 0
         with torch.no_grad():
             feats = _pool_layers(states, mask, tuple(self.indices), router.pooling, self.fn)
-            w = router.weights(feats, served.temperature, served.top_k)
+            w = router.weights(feats if self.texts is None else (feats, self.texts),
+                               served.temperature, served.top_k)
         self.weights = w
         if self.stop:
             raise _Stop()

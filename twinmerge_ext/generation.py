@@ -78,7 +78,7 @@ def _describe(v) -> str:
 
 def generate(wrapped, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
              mix_weights: Optional[Tensor] = None, head_tasks: Optional[Tensor] = None,
-             **kwargs):
+             router_text=None, **kwargs):
     """TwinMergedModule.generate (its docstring)."""
     module = wrapped.module
     if not callable(getattr(module, "generate", None)):
@@ -95,7 +95,8 @@ def generate(wrapped, input_ids: Optional[Tensor] = None, attention_mask: Option
     with wrapped._calls(FN):
         saved = wrapped._ctx.enter()
         try:
-            return _generate(wrapped, input_ids, attention_mask, mix_weights, head_tasks, kwargs)
+            return _generate(wrapped, input_ids, attention_mask, mix_weights, head_tasks, kwargs,
+                             router_text)
         finally:
             wrapped._ctx.leave(saved)
 
@@ -118,20 +119,26 @@ def _whole_batch_option(kwargs, config) -> Optional[str]:
     return None
 
 
-def _generate(wrapped, input_ids, attention_mask, mix_weights, head_tasks, kwargs):
+def _generate(wrapped, input_ids, attention_mask, mix_weights, head_tasks, kwargs,
+              router_text=None):
     module = wrapped.module
     B = _check_inputs(input_ids, attention_mask, kwargs)
     block = wrapped._calls.pinned.get()
     pinned = block is not None and mix_weights is None
     routed = mix_weights is None and not pinned
     route_s = None
+    if router_text is not None and not routed:
+        raise ValueError(f"{FN}: router_text is given, but the weights are "
+                         + ("the merged() block's" if pinned else "given (mix_weights)")
+                         + ", so no router would read it; pass one or the other")
     if pinned:
         mix_weights = block
     elif routed:
         if input_ids is None:
             raise ValueError(f"{FN}: the router reads input_ids; pass them, or mix_weights")
         t0 = time.perf_counter()
-        mix_weights = wrapped.route(input_ids, attention_mask=attention_mask)
+        mix_weights = wrapped.route(input_ids, attention_mask=attention_mask,
+                                    router_text=router_text)
         route_s = time.perf_counter() - t0
     one_vector = mix_weights.dim() == 1 if isinstance(mix_weights, Tensor) else False
     rw = wrapped._check_weights(mix_weights, B, FN, routed, values=not pinned)

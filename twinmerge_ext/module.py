@@ -36,7 +36,7 @@ import threading
 from contextlib import contextmanager
 from contextvars import ContextVar
 from numbers import Integral, Real
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -71,6 +71,7 @@ from twinmerge_ext.generation import generate as _generate
 from twinmerge_ext.checkpoint import TwinCheckpoint
 from twinmerge_ext.ops import dense_merge_, lowrank_merge_
 from twinmerge_ext.router import Router, _eval_mode, _model_device
+from twinmerge_ext.text_router import TextRouter, check_texts
 
 __all__ = ["TwinMergedModule"]
 
@@ -219,9 +220,11 @@ class TwinMergedModule(nn.Module):
             The router pools the states of the call as made (token_type_ids and any other
             input included), where a router pass reads input_ids and attention_mask only.
             generate() routes each request once on its prompt in two passes whatever this
-            says (a decode step's single token is nothing to route on).
+            says (a decode step's single token is nothing to route on). A TextRouter routes
+            before the pass either way (it runs no pass of θs).
 
-    Call: wrapped(*args, mix_weights=None, head_tasks=None, **kwargs) -> the module's output.
+    Call: wrapped(*args, mix_weights=None, head_tasks=None, router_text=None, **kwargs) -> the
+    module's output.
         mix_weights: [B, T] (row b gets its own model, B = the first dimension of the batched
             inputs), [T] (one model for the call), or None (the router computes [B, T] from a
             forward pass of θs: two passes, as in the paper; or inside the pass, routing="self").
@@ -230,6 +233,10 @@ class TwinMergedModule(nn.Module):
             logits [B, H, width]; one body pass scores several head choices). Passing the true
             tasks is the protocol of the authors' evaluation and of standard
             merging benchmarks (METHOD.md §2): an oracle a deployed router does not have.
+        router_text: the rows' raw texts (B strings) for a router that reads them (TextRouter:
+            the weights from the texts alone, no pass of θs; ProductRouter: with the pooled
+            states of the router pass or of the self-routed pass); required by those routers,
+            refused by the others and alongside mix_weights.
     Tensor inputs whose first dimension is B are the batched ones (sliced per sub-batch in the
     materialize and group modes); outputs are returned in input order.
 
@@ -563,7 +570,8 @@ class TwinMergedModule(nn.Module):
 
     def generate(self, input_ids: Optional[Tensor] = None,
                  attention_mask: Optional[Tensor] = None, mix_weights: Optional[Tensor] = None,
-                 head_tasks: Optional[Tensor] = None, **generate_kwargs):
+                 head_tasks: Optional[Tensor] = None,
+                 router_text: Optional[Sequence[str]] = None, **generate_kwargs):
         """transformers' generate with each request served by its own model θ(w_b).
 
         Semantics: out[b·k + j] = the plain model θ(mix_weights[b]).generate(...)'s j-th
@@ -572,8 +580,9 @@ class TwinMergedModule(nn.Module):
         static, stopping criteria, streamers, return_dict_in_generate).
         Shape: input_ids [B, L] (left padding, with attention_mask [B, L]); mix_weights [B, T]
         (a model per request), [T] (one for all), or None: the router, once per request on the
-        prompt (one pass of θs; its time is last_call["route_s"]); the weights stay fixed for
-        every step. head_tasks [B] (twins with task heads; default argmax of the weights).
+        prompt (one pass of θs, or none for a TextRouter, which reads router_text, one string
+        per request; its time is last_call["route_s"]); the weights stay fixed for every step.
+        head_tasks [B] (twins with task heads; default argmax of the weights).
         Mode: factored runs one generate for the batch; materialize merges once per distinct
         weight row and runs one generate per row group (sequences padded on the right with the
         pad token); auto chooses by the cost model with prefill and decode tokens counted
@@ -584,7 +593,7 @@ class TwinMergedModule(nn.Module):
         group mode must split the batch.
         """
         return _generate(self, input_ids, attention_mask, mix_weights, head_tasks,
-                        **generate_kwargs)
+                         router_text=router_text, **generate_kwargs)
 
     @property
     def last_call(self) -> Dict[str, Any]:
@@ -595,26 +604,50 @@ class TwinMergedModule(nn.Module):
 
     # --- routing --------------------------------------------------------------------------------
 
-    def route(self, *args, **kwargs) -> Tensor:
+    def route(self, *args, router_text: Optional[Sequence[str]] = None, **kwargs) -> Tensor:
         """The router's mixing weights for a batch: softmax(router(features)/temperature) [B, T].
 
         Features come from a forward pass of θs (`router_features`, default the router's own:
         pooled hidden states, or subspace energies for an EnergyRouter, from input_ids and
         attention_mask). This is the first of the paper's two passes; call it yourself
-        to time it separately, then pass the result as mix_weights.
+        to time it separately, then pass the result as mix_weights. A router that reads text
+        (TextRouter, ProductRouter) needs router_text, the batch's rows' texts; a TextRouter
+        runs no pass of θs at all.
         """
         fn = "TwinMergedModule.route"
         with self._calls(fn):
             saved = self._ctx.enter()
             try:
-                return self._route(args, kwargs, fn)
+                return self._route(args, kwargs, fn, router_text)
             finally:
                 self._ctx.leave(saved)
 
-    def _route(self, args, kwargs, fn: str) -> Tensor:
+    def _router_texts(self, router_text, B: Optional[int], fn: str) -> Optional[List[str]]:
+        """The call's router_text, checked against the router: required by one that reads
+        text, refused by one that does not (it would be ignored), one string per row."""
+        reads = getattr(self.router, "reads_text", False)
+        if router_text is None:
+            if reads:
+                raise ValueError(f"{fn}: the router ({type(self.router).__name__}) reads each "
+                                 f"row's text: pass router_text=[one string per row], or "
+                                 f"mix_weights")
+            return None
+        if not reads:
+            raise ValueError(f"{fn}: router_text is given, but the router "
+                             f"({type(self.router).__name__}) does not read text; drop it, or "
+                             f"route with a TextRouter or ProductRouter")
+        return check_texts(router_text, fn, "router_text", rows=B)
+
+    def _route(self, args, kwargs, fn: str, router_text=None) -> Tensor:
         if self.router is None:
             raise ValueError(f"{fn}: no router: pass mix_weights, or give the wrapper a "
                              f"router (or a twin with one attached)")
+        first = _first_batched(args, kwargs)
+        texts = self._router_texts(router_text, first.shape[0] if first is not None else None,
+                                   fn)
+        if isinstance(self.router, TextRouter):
+            with torch.no_grad():
+                return self.router.weights(texts, self.temperature, self.top_k)
         if self.router_features is not None:
             feats = self.router_features(self.module, args, kwargs)
         else:
@@ -627,8 +660,10 @@ class TwinMergedModule(nn.Module):
                 mask = torch.ones_like(ids)
             indices = self._prefix_indices(fn, required=False)
             if indices is not None and self._stack_checked(ids, mask, fn):
-                return self._prefix_route(ids, mask, indices, fn)
+                return self._prefix_route(ids, mask, indices, fn, texts)
             feats = self.router.features(self, ids, mask)
+        if texts is not None:
+            feats = (feats, texts)
         with torch.no_grad():
             return self.router.weights(feats, self.temperature, self.top_k)
 
@@ -670,10 +705,11 @@ class TwinMergedModule(nn.Module):
             self.__dict__["_stack_ok"] = ok
         return ok
 
-    def _prefix_route(self, ids: Tensor, mask: Tensor, indices: List[int], fn: str) -> Tensor:
+    def _prefix_route(self, ids: Tensor, mask: Tensor, indices: List[int], fn: str,
+                      texts: Optional[List[str]] = None) -> Tensor:
         """The router pass cut short: θs runs up to the last layer the router reads."""
         mask = check_mask(ids, mask, fn)
-        p = Prefix(self, indices, mask, stop=True)
+        p = Prefix(self, indices, mask, stop=True, texts=texts)
         self._ctx.prefix = p
         try:
             with _eval_mode(self.module), torch.no_grad():
@@ -734,27 +770,32 @@ class TwinMergedModule(nn.Module):
     # --- call -----------------------------------------------------------------------------------
 
     def forward(self, *args, mix_weights: Optional[Tensor] = None,
-                head_tasks: Optional[Tensor] = None, **kwargs):
+                head_tasks: Optional[Tensor] = None, router_text: Optional[Sequence[str]] = None,
+                **kwargs):
         fn = "TwinMergedModule"
         with self._calls(fn):
             saved = self._ctx.enter()
             try:
-                return self._forward(args, kwargs, mix_weights, head_tasks, fn)
+                return self._forward(args, kwargs, mix_weights, head_tasks, fn, router_text)
             finally:
                 self._ctx.leave(saved)
 
-    def _forward(self, args, kwargs, mix_weights, head_tasks, fn: str):
+    def _forward(self, args, kwargs, mix_weights, head_tasks, fn: str, router_text=None):
         first = _first_batched(args, kwargs)
         B = first.shape[0] if first is not None else None
         block = self._calls.pinned.get()
         pinned = block is not None and mix_weights is None
         routed = mix_weights is None and not pinned
+        if router_text is not None and not routed:
+            raise ValueError(f"{fn}: router_text is given, but the weights are "
+                             + ("the merged() block's" if pinned else "given (mix_weights)")
+                             + ", so no router would read it; pass one or the other")
         if pinned:
             mix_weights = block
-        elif routed and self.routing == "self":
-            return self._self_routed(args, kwargs, head_tasks, B, fn)
+        elif routed and self.routing == "self" and not isinstance(self.router, TextRouter):
+            return self._self_routed(args, kwargs, head_tasks, B, fn, router_text)
         elif routed:
-            mix_weights = self.route(*args, **kwargs)
+            mix_weights = self.route(*args, router_text=router_text, **kwargs)
         one_vector = isinstance(mix_weights, Tensor) and mix_weights.dim() == 1
         # A block's weights were checked when it began.
         rw = self._check_weights(mix_weights, B, fn, routed, values=not pinned)
@@ -791,7 +832,8 @@ class TwinMergedModule(nn.Module):
         return self._run_merged(args, kwargs, rw, head_tasks, one_vector,
                                 group=mode == "group", pinned=pinned)
 
-    def _self_routed(self, args, kwargs, head_tasks, B: Optional[int], fn: str):
+    def _self_routed(self, args, kwargs, head_tasks, B: Optional[int], fn: str,
+                     router_text=None):
         """routing="self": one factored pass; the layers before the router's last hidden state
         run θs, the router runs where that state enters the stack, the rest serve θ(w_b)
         (`_prefix`)."""
@@ -813,8 +855,9 @@ class TwinMergedModule(nn.Module):
                              f"as Mamba does); use routing='two_pass'")
         if head_tasks is not None:
             head_tasks = self._check_head_tasks(head_tasks, ids.shape[0], ids.device, fn)
+        texts = self._router_texts(router_text, ids.shape[0], fn)
         ctx = self._ctx
-        p = Prefix(self, indices, mask, stop=False, head_tasks=head_tasks)
+        p = Prefix(self, indices, mask, stop=False, head_tasks=head_tasks, texts=texts)
         ctx.prefix = p
         try:
             out = self.module(*args, **kwargs)

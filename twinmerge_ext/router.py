@@ -98,7 +98,9 @@ class Router(nn.Module, metaclass=ABCMeta):
     A router maps pooled features of the shared expert (made as its `layer` and `pooling` say,
     `pooled_features`) to one logit per task; `weights()` turns them into mixing weights. Kinds:
     `TwinRouter` (the paper's MLP, kind "mlp") and `PrototypeRouter` (nearest task prototypes,
-    kind "prototype"). `config()` holds the constructor arguments (and "kind" but for the MLP,
+    kind "prototype"); `EnergyRouter` (kind "energy") reads the twin's subspace energies instead,
+    `TextRouter` (kind "text") the request's raw text, and `ProductRouter` (kind "product") a
+    pooled-state router's features and the text (`reads_text`). `config()` holds the constructor arguments (and "kind" but for the MLP,
     whose files predate kinds); `router_from_config` rebuilds any kind from it.
     """
 
@@ -671,7 +673,11 @@ def router_from_config(cfg: Mapping[str, Any],
     if kind == "energy":
         from twinmerge_ext.energy import EnergyRouter
         return EnergyRouter.from_config(cfg, state_dict)
+    if kind in ("text", "product"):
+        from twinmerge_ext.text_router import ProductRouter, TextRouter
+        return (TextRouter if kind == "text" else ProductRouter).from_config(cfg, state_dict)
     if kind != "mlp":
-        raise ValueError(f"{fn}: cfg['kind'] must be one of {list(ROUTER_KINDS) + ['energy']} "
+        raise ValueError(f"{fn}: cfg['kind'] must be one of "
+                         f"{list(ROUTER_KINDS) + ['energy', 'text', 'product']} "
                          f"(absent: 'mlp'), got {kind!r}")
     return TwinRouter.from_config({k: v for k, v in cfg.items() if k != "kind"}, state_dict)

@@ -133,11 +133,12 @@ class ServeLoop:
     # --- requests ---------------------------------------------------------------------------------
 
     def add(self, input_ids: Tensor, max_new_tokens: int,
-            mix_weights: Optional[Tensor] = None) -> int:
+            mix_weights: Optional[Tensor] = None, router_text: Optional[str] = None) -> int:
         """Queues a request (it joins at the next step) and returns its id.
 
         Shape: input_ids [L] (int, no padding, L >= 1); mix_weights [T], or None for the
-        router's weights on the prompt (one pass of θs, now); for a plain model, None."""
+        router's weights on the prompt (one pass of θs, now; a router that reads text, as a
+        TextRouter does, reads router_text, the request's text); for a plain model, None."""
         fn = "ServeLoop.add"
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 1 or \
                 input_ids.is_floating_point() or input_ids.is_complex() or not input_ids.numel():
@@ -147,17 +148,22 @@ class ServeLoop:
                 max_new_tokens < 1:
             raise ValueError(f"{fn}: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         ids = input_ids.to(self.device, torch.long)
+        if router_text is not None and not isinstance(router_text, str):
+            raise TypeError(f"{fn}: router_text must be a str (the request's text) or None, got "
+                            f"{type(router_text).__name__}")
         if not self._twin:
-            if mix_weights is not None:
-                raise ValueError(f"{fn}: mix_weights needs a TwinMergedModule; this loop serves "
-                                 f"a plain {type(self.served).__name__}, got "
-                                 f"{_describe(mix_weights)}")
+            if mix_weights is not None or router_text is not None:
+                what, value = (("mix_weights", mix_weights) if mix_weights is not None
+                               else ("router_text", router_text))
+                raise ValueError(f"{fn}: {what} needs a TwinMergedModule; this loop serves "
+                                 f"a plain {type(self.served).__name__}, got {_describe(value)}")
             req = _Request(next(self._ids), ids, None, max_new_tokens)
             self._waiting.append(req)
             return req.id
         T = len(self.served.tasks)
         if mix_weights is None:
-            w = self.served.route(ids[None], attention_mask=torch.ones_like(ids[None]))[0]
+            w = self.served.route(ids[None], attention_mask=torch.ones_like(ids[None]),
+                                  router_text=None if router_text is None else [router_text])[0]
         else:
             if not isinstance(mix_weights, Tensor) or not mix_weights.is_floating_point() or \
                     mix_weights.shape != (T,):
