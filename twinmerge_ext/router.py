@@ -92,6 +92,18 @@ def _task_list(tasks, fn: str) -> List[str]:
     return tasks
 
 
+def _tasks_of(data, arg: str, what: str, fn: str) -> List[str]:
+    """The task names of a training mapping task name -> `what` (at least 2 to route between)."""
+    if not isinstance(data, Mapping):
+        raise TypeError(f"{fn}: {arg} must be a mapping task name -> {what}, got "
+                        f"{type(data).__name__}")
+    tasks = _task_list(data.keys(), fn)
+    if len(tasks) < 2:
+        raise ValueError(f"{fn}: {arg} must hold at least 2 tasks to route between, got "
+                         f"{tasks!r}")
+    return tasks
+
+
 class Router(nn.Module, metaclass=ABCMeta):
     """What every router kind offers, and all that TwinMergedModule and the twin file use.
 
@@ -544,12 +556,7 @@ def fit_router(features_fn_or_model: Union[nn.Module, Callable[[Any], Tensor]],
     wrongly typed arguments.
     """
     fn = "fit_router"
-    if not isinstance(data, Mapping):
-        raise TypeError(f"{fn}: data must be a mapping task name -> iterable of batches, "
-                        f"got {type(data).__name__}")
-    tasks = _task_list(data.keys(), fn)
-    if len(tasks) < 2:
-        raise ValueError(f"{fn}: data must hold at least 2 tasks to route between, got {tasks!r}")
+    tasks = _tasks_of(data, "data", "iterable of batches", fn)
     epochs = _int_arg(epochs, "epochs", fn, 1)
     batch_size = _int_arg(batch_size, "batch_size", fn, 2)
     max_items_per_task = _int_arg(max_items_per_task, "max_items_per_task", fn, 2)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from twinmerge_ext.router import Router, _int_arg, _real_arg, _task_list
+from twinmerge_ext.router import Router, _int_arg, _real_arg, _task_list, _tasks_of
 
 __all__ = ["ProductRouter", "TextRouter", "check_texts", "fit_product_alpha", "fit_text_router"]
 
@@ -164,13 +164,7 @@ def fit_text_router(texts: Mapping[str, Sequence[str]], n_features: int = 2 ** 1
     hyper-parameters (named, with the value); TypeError for texts that are not strings.
     """
     fn = "fit_text_router"
-    if not isinstance(texts, Mapping):
-        raise TypeError(f"{fn}: texts must be a mapping task name -> list of strings, got "
-                        f"{type(texts).__name__}")
-    tasks = _task_list(texts.keys(), fn)
-    if len(tasks) < 2:
-        raise ValueError(f"{fn}: texts must hold at least 2 tasks to route between, got "
-                         f"{tasks!r}")
+    tasks = _tasks_of(texts, "texts", "list of strings", fn)
     val_fraction = _real_arg(val_fraction, "val_fraction", fn)
     if not 0 < val_fraction < 1:
         raise ValueError(f"{fn}: val_fraction must be in (0, 1), got {val_fraction!r}")

@@ -16,6 +16,8 @@ _LABELS = {"expert": "Fine-tuned experts", "average": "Weight averaging",
            "twin_rank1": "Twin-Merging rank 1",
            "twin_self": "Twin-Merging self-routed (one pass)",
            "twin_early_two_pass": "Twin-Merging per row, the self-routing router in two passes",
+           "twin_text": "Twin-Merging per row, text router (one pass)",
+           "twin_product": "Twin-Merging per row, hidden-state × text router (two passes)",
            "twin_oracle": "(diagnostic) Twin-Merging, oracle one-hot weights"}
 
 
@@ -64,7 +66,10 @@ def markdown(out: Dict[str, object]) -> str:
               f"{tm['two_pass_over_task_arithmetic']:.2f}× task arithmetic; with the "
               f"self-routing router in two passes (its pass cut short) "
               f"{tm['early_two_pass_over_task_arithmetic']:.2f}×; self-routed (one "
-              f"pass, the router inside it) {tm['self_over_task_arithmetic']:.2f}×",
+              f"pass, the router inside it) {tm['self_over_task_arithmetic']:.2f}×; text router "
+              f"(one pass, no pass of θs to route) {tm['text_over_task_arithmetic']:.2f}×; "
+              f"hidden-state × text router (router pass + twin) "
+              f"{tm['product_over_task_arithmetic']:.2f}×",
               f"- authors' style (dense deltas merged per sample, batch 1; the first "
               f"{tm['authors_style_items']} items, timed in the same rounds): "
               f"{tm['authors_style_seconds_per_1000']:.1f} s per 1000 items; Twin per-row is "

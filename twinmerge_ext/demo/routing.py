@@ -6,7 +6,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from twinmerge_ext import energy_layers, fit_energy_router, fit_router, subspace_energies
+from twinmerge_ext import (energy_layers, fit_energy_router, fit_product_alpha, fit_router,
+                           fit_text_router, subspace_energies)
 
 
 def candidate_label(features: str, standardize: bool, kind: str, prototypes: int) -> str:
@@ -110,6 +111,42 @@ def energy_candidates(served, train: Dict[str, Tuple[torch.Tensor, torch.Tensor]
     return records
 
 
+def text_routers(train_texts: Dict[str, List[str]], states_router, name: str, val, val_feats,
+                 test, test_feats, seed: int, log: Callable[[str], None]) -> Dict[str, Any]:
+    """The text router (character n-grams of the raw text, no pass of θs) fitted on the
+    training texts, and its product with the chosen hidden-state router (alpha chosen on the
+    validation stream). val/test: streams with texts; *_feats[name]: the states router's
+    features of their items. Returns {"text", "product": (router, record, test weights [N, T])}
+    with records as select_router's (plus "C" or "alpha")."""
+    text, rep = fit_text_router(train_texts, seed=seed)
+    product, prep = fit_product_alpha(states_router, text, val_feats[name], val.texts, val.tasks)
+    out = {}
+    with torch.no_grad():
+        for kind, router, inputs, extra in (
+                ("text", text, lambda st, f: st.texts, {"C": rep["C"]}),
+                ("product", product, lambda st, f: (f[name], st.texts),
+                 {"alpha": prep["alpha"]})):
+            w_val = router.weights(inputs(val, val_feats))
+            w_test = router.weights(inputs(test, test_feats))
+            record = {"features": "character 1-4-grams of the raw text" if kind == "text" else
+                      f"product: {name} × text^{prep['alpha']:g}",
+                      "kind": kind, "prototypes": None, "lr": None, **extra,
+                      "val_accuracy": float((w_val.argmax(-1) == val.tasks).float().mean()),
+                      "test_accuracy": float((w_test.argmax(-1) == test.tasks).float().mean())}
+            log(f"router {record['features']}: validation accuracy "
+                f"{record['val_accuracy']:.3f} (test {record['test_accuracy']:.3f})")
+            out[kind] = (router, record, w_test)
+    return out
+
+
+def text_pass(router, stream, size: int = 32) -> torch.Tensor:
+    """A TextRouter's weights for the stream in batches of `size`: what routing by the text
+    costs (no pass of θs)."""
+    with torch.inference_mode():
+        return torch.cat([router.weights(stream.texts[s:s + size])
+                          for s in range(0, len(stream), size)])
+
+
 def confusion(routed: torch.Tensor, tasks: torch.Tensor, T: int) -> List[List[int]]:
     """counts[i][j]: items of task i routed (argmax) to task j."""
     return torch.bincount(tasks * T + routed, minlength=T * T).reshape(T, T).tolist()
@@ -138,6 +175,13 @@ def router_markdown(rt: Dict[str, Any], names: List[str]) -> List[str]:
               "| " + " | ".join(names) + " |", "|" + "---|" * len(names),
               "| " + " | ".join(f"{rt['test_accuracy_per_task'][n]:.3f}" for n in names) + " |",
               ""]
+    if rt.get("by_router"):
+        lines += ["Test routing accuracy per task, by router:", "",
+                  "| router | " + " | ".join(names) + " | all |",
+                  "|---|" + "---|" * (len(names) + 1)]
+        lines += [f"| {label} | " + " | ".join(f"{r['per_task'][n]:.3f}" for n in names)
+                  + f" | {r['test_accuracy']:.3f} |" for label, r in rt["by_router"].items()]
+        lines.append("")
     if rt.get("test_confusion"):
         lines += ["Test routing (rows: true task; columns: the router's argmax):", "",
                   "| task | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]

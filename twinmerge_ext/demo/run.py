@@ -58,7 +58,7 @@ class Config:
     recipe: str = "standard"
     warmup_ratio: float = 0.06
     max_grad_norm: float = 1.0
-    router_items: int = 1000
+    router_items: int = 2000    # every training item (1000: validation 0.927, 2000: 0.942)
     router_epochs: int = 20
     router_lrs: Tuple[float, ...] = (5e-4,)
     # (kind, prototypes per task) of fit_router, each tried on every feature set.
@@ -140,17 +140,19 @@ class Encoded:
     ids: torch.Tensor       # [N, L]
     mask: torch.Tensor      # [N, L]
     labels: torch.Tensor    # [N]
+    texts: Optional[List[str]] = None   # the raw texts (what a text router reads)
 
 
 def _encode(tok, texts: List[str], labels: List[int], max_length: int) -> Encoded:
     enc = tok(texts, padding="max_length", truncation=True, max_length=max_length,
               return_tensors="pt")
-    return Encoded(enc["input_ids"], enc["attention_mask"], torch.tensor(labels))
+    return Encoded(enc["input_ids"], enc["attention_mask"], torch.tensor(labels), list(texts))
 
 
 def _head(e: Encoded, n: int) -> Encoded:
     """The first n items (the splits are already shuffled and stratified)."""
-    return Encoded(e.ids[:n], e.mask[:n], e.labels[:n])
+    return Encoded(e.ids[:n], e.mask[:n], e.labels[:n],
+                   e.texts[:n] if e.texts is not None else None)
 
 
 def _trim(ids: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -279,12 +281,14 @@ class Stream:
     mask: torch.Tensor
     labels: torch.Tensor
     tasks: torch.Tensor     # the true task of each item
+    texts: Optional[List[str]] = None   # the raw texts, when every part had them
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def head(self, n: int) -> "Stream":
-        return Stream(self.ids[:n], self.mask[:n], self.labels[:n], self.tasks[:n])
+        return Stream(self.ids[:n], self.mask[:n], self.labels[:n], self.tasks[:n],
+                      self.texts[:n] if self.texts is not None else None)
 
     def batches(self, size: int, rows: Optional[torch.Tensor] = None):
         """`micro_batches` of the stream (or of `rows` of it, in order)."""
@@ -307,9 +311,14 @@ def micro_batches(ids: torch.Tensor, mask: torch.Tensor, size: int,
 def make_stream(parts: Sequence[Encoded], seed: int) -> Stream:
     ids = torch.cat([p.ids for p in parts])
     perm = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))
+    texts = None
+    if all(p.texts is not None for p in parts):
+        every = [t for p in parts for t in p.texts]
+        texts = [every[i] for i in perm.tolist()]
     return Stream(ids[perm], torch.cat([p.mask for p in parts])[perm],
                   torch.cat([p.labels for p in parts])[perm],
-                  torch.cat([torch.full((len(p.labels),), t) for t, p in enumerate(parts)])[perm])
+                  torch.cat([torch.full((len(p.labels),), t) for t, p in enumerate(parts)])[perm],
+                  texts)
 
 
 def _scores(pred: torch.Tensor, stream: Stream, T: int) -> List[float]:
@@ -660,6 +669,11 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> Dict[str, object]:
     best_energy = max(energy, key=lambda r: r["val_accuracy"])  # timed below
     candidates += [{k: v for k, v in r.items() if k not in ("router", "layers")} for r in energy]
     wrapped.router = router
+    # Routing by the raw text (no pass of θs), alone and times the chosen router.
+    texty = routing.text_routers({n: tasks[n].train.texts[:cfg.router_items] for n in names},
+                                 router, _feature_name((layer, pooling)), val, val_feats, test,
+                                 test_feats, cfg.seed, log)
+    candidates += [record for _, record, _ in texty.values()]
     router_id = _digest(twin_ids["twin"], tensor_digest(*router.state_dict().values()),
                         router.config())
     # Self-routing: one pass, the router inside it (its own router, on early layers).
@@ -721,6 +735,12 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> Dict[str, object]:
             "twin", [label, twin_ids["twin_rank1" if model is rank1 else "twin"], mode,
                      cfg.n_groups, cfg.seed, tensor_digest(weights), key["test"]],
             lambda: _protocols(serve_twin(model, test, weights, mode), test, T))
+    for label, kind in (("twin_text", "text"), ("twin_product", "product")):
+        w = texty[kind][2]
+        results[label] = memo.json(
+            "twin", [label, twin_ids["twin"], "factored", tensor_digest(w), key["test"]],
+            lambda: _protocols(serve_twin(wrapped, test, w, "factored"), test, T))
+
     def self_pass():
         pred, w = routing.serve_self(selfish, test)
         return {"pred": pred, "w": w}
@@ -767,6 +787,7 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> Dict[str, object]:
         "router_energy": (lambda st: routing.energy_pass(
             wrapped, best_energy["router"], st, best_energy["layers"]), sample),
         "router_cut_short": (lambda st: route_stream(selfish, st), sample),
+        "router_text": (lambda st: routing.text_pass(texty["text"][0], st), sample),
         "authors": (authors_style(twins["twin"], w_s), authors_items),
         "authors_nonzero": (authors_style(twins["twin"], w_s, zero_deltas=False), authors_items)},
         cfg.timing_rounds)
@@ -824,7 +845,17 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> Dict[str, object]:
                        "mlp or prototype, whole pass": per_1000["router"],
                        f"energy, {best_energy['features']}": per_1000["router_energy"],
                        f"self-routing router as a first pass, cut short at layer "
-                       f"{self_record['routed_at_layer']}": per_1000["router_cut_short"]},
+                       f"{self_record['routed_at_layer']}": per_1000["router_cut_short"],
+                       "text router (no pass of θs)": per_1000["router_text"]},
+                   "by_router": {
+                       f"{chosen_router['features']} (the chosen hidden-state router)": {
+                           "per_task": dict(zip(names, router_acc)),
+                           "test_accuracy": chosen_router["test_accuracy"]},
+                       **{texty[k][1]["features"]: {
+                           "per_task": dict(zip(names, _scores(texty[k][2].argmax(-1), Stream(
+                               test.ids, test.mask, test.tasks, test.tasks), T))),
+                           "test_accuracy": texty[k][1]["test_accuracy"]}
+                          for k in ("text", "product")}},
                    "self_routing": {**self_record, "candidates": self_candidates,
                                     "layer": list(self_router.layer)
                                     if isinstance(self_router.layer, tuple) else
@@ -845,6 +876,10 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> Dict[str, object]:
                    "two_pass_over_task_arithmetic":
                        (per_1000["router"] + per_1000["twin"]) / ta_time,
                    "self_over_task_arithmetic": per_1000["twin_self"] / ta_time,
+                   "text_over_task_arithmetic":
+                       (per_1000["router_text"] + per_1000["twin"]) / ta_time,
+                   "product_over_task_arithmetic":
+                       (per_1000["router"] + per_1000["router_text"] + per_1000["twin"]) / ta_time,
                    "early_two_pass_over_task_arithmetic":
                        (per_1000["router_cut_short"] + per_1000["twin"]) / ta_time,
                    "group_over_task_arithmetic": per_1000["twin_group"] / ta_time,
