@@ -43,3 +43,20 @@ def test_readme_serving_example_runs_and_every_row_is_exact(tmp_path, monkeypatc
         with torch.no_grad():
             want = m(input_ids=scope["ids"][b:b + 1]).logits
         torch.testing.assert_close(scope["logits"][b:b + 1], want, rtol=1e-4, atol=1e-5)
+
+
+def test_readme_text_routing_example_runs_and_routes_every_row(tmp_path, monkeypatch):
+    from twinmerge_ext import TextRouter, TwinCheckpoint
+
+    monkeypatch.chdir(tmp_path)
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    scope = {}
+    exec(compile(_block(1), str(README), "exec"), scope)
+    exec(compile(next(b for b in blocks if "fit_text_router" in b), str(README), "exec"), scope)
+    served = scope["served"]
+    assert isinstance(served.router, TextRouter) and scope["text_report"]["val_accuracy"] == 1.0
+    truth = torch.arange(3).repeat_interleave(4)
+    assert torch.equal(served.last_call["weights"].argmax(-1), truth)
+    loaded = TwinCheckpoint.load(tmp_path / "twin-text.safetensors")
+    assert isinstance(loaded.router, TextRouter)
+    assert torch.equal(loaded.router(scope["requests"]), served.router(scope["requests"]))
