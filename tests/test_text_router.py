@@ -57,6 +57,8 @@ def test_text_router_separates_sources_by_their_style(text_router):
     router, report = text_router
     assert isinstance(router, TextRouter) and not router.training
     assert report["kind"] == "text" and report["C"] in report["val_accuracy_per_C"]
+    assert report["scale"] in __import__("twinmerge_ext.text_router",
+                                          fromlist=["SCALES"]).SCALES
     assert report["n_items_per_task"] == {"a": 40, "b": 40, "c": 40}
     assert report["n_train"] + report["n_val"] == 120 and report["n_val"] == 24
     assert report["val_accuracy"] == 1.0
@@ -68,23 +70,33 @@ def test_text_router_separates_sources_by_their_style(text_router):
     assert _accuracy(folded, _texts(30, 7)) < 0.8
 
 
-def test_the_logits_are_the_logistic_regression_on_tfidf_of_hashed_ngrams(text_router):
-    """Against scikit-learn's own pipeline written out: hashed counts, sublinear tf-idf, a
-    linear model."""
+def test_the_logits_are_a_linear_model_on_tfidf_of_hashed_ngrams(text_router):
+    """Against scikit-learn's pieces written out: hashed character and word counts, sublinear
+    tf-idf per block, l2-normalized per block, a linear model."""
     import numpy as np
     from sklearn.feature_extraction.text import HashingVectorizer
 
     router, _ = text_router
     texts = ["garden letter.", "MUSIC!", "@fox #plan", "  spaced   out\ttext "]
-    counts = HashingVectorizer(analyzer="char", ngram_range=(1, 4), lowercase=False,
-                               n_features=NF, alternate_sign=False, norm=None).transform(texts)
-    x = counts.toarray()
-    x[x > 0] = 1 + np.log(x[x > 0])
-    x = x * router.idf.double().numpy()
-    x = x / np.linalg.norm(x, axis=1, keepdims=True)
-    expected = x @ router.weight.double().numpy().T + router.bias.double().numpy()
+    idf = router.idf.double().numpy()
+    blocks = []
+    for i, kw in enumerate(({"analyzer": "char", "ngram_range": (1, 4)},
+                            {"analyzer": "word", "ngram_range": (1, 2),
+                             "token_pattern": r"\S+"})):
+        x = HashingVectorizer(lowercase=False, n_features=NF, alternate_sign=False, norm=None,
+                              **kw).transform(texts).toarray()
+        x[x > 0] = 1 + np.log(x[x > 0])
+        x = x * idf[i * NF:(i + 1) * NF]
+        blocks.append(x / np.linalg.norm(x, axis=1, keepdims=True))
+    expected = np.hstack(blocks) @ router.weight.double().numpy().T + router.bias.double().numpy()
     torch.testing.assert_close(router(texts).double(), torch.from_numpy(expected),
                                rtol=1e-5, atol=1e-5)
+    chars = TextRouter(["a", "b"], n_features=NF, word_ngram_range=None)
+    assert chars.weight.shape == (2, NF) and chars.config()["word_ngram_range"] is None
+    # max_chars: only the first characters are read.
+    short = TextRouter(["a", "b"], n_features=NF, max_chars=5)
+    assert (short.counts(["abcdefgh"])[0] != short.counts(["abcdeXYZ"])[0]).nnz == 0
+    assert (router.counts(["abcdefgh"])[0] != router.counts(["abcdeXYZ"])[0]).nnz > 0
 
 
 def test_fitting_is_deterministic_and_leaves_the_global_rng_alone():

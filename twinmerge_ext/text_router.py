@@ -1,18 +1,23 @@
-"""Routing by the request's own text: character n-grams of the raw input, a linear model.
+"""Routing by the request's own text: character and word n-grams of the raw input, a linear
+model.
 
 The paper's router reads the shared expert's pooled hidden states, which see the input as the
 model does: tokenized, truncated (64 tokens in the main job) and, for an uncased tokenizer,
 lowercased. The text a request arrives with keeps its case, punctuation, spacing and full
-length, and those tell sources apart: on the main job's eight tasks a linear model on character
-n-grams of the raw text routes 95–96% of held-out items right, against 93% for the pooled
-states, and it costs no pass of θs at all (milliseconds per batch on the CPU).
+length, and those tell sources apart: on the main job's eight tasks a linear model on n-grams
+of the raw text routes about 96% of held-out items right, against 94% for the pooled states,
+and it costs no pass of θs at all (a fraction of a millisecond per text on the CPU).
 
-Semantics: x = l2_normalize((1 + log tf) ⊙ idf) over the text's character n-grams hashed into
-`n_features` buckets (scikit-learn's HashingVectorizer, analyzer "char": runs of white space
-collapse to one space, MurmurHash3 buckets, no vocabulary to store; TfidfTransformer with
-sublinear tf), and logits = x Wᵀ + b, a multinomial logistic regression (scikit-learn's
-LogisticRegression, its C chosen on held-out items by `fit_text_router`).
-Memory: (T + 1)·n_features + T floats (9.4 MB for 8 tasks at the default 2^18 buckets).
+Semantics: x = [x_char, x_word], each block l2_normalize((1 + log tf) ⊙ idf) over the text's
+n-grams hashed into `n_features` buckets (scikit-learn's HashingVectorizer: analyzer "char",
+`ngram_range` characters, runs of white space collapsed to one space; analyzer "word",
+`word_ngram_range` runs of non-space tokens; MurmurHash3 buckets, so no vocabulary is stored;
+TfidfTransformer with sublinear tf), and logits = x Wᵀ + b: a linear support vector machine
+(scikit-learn's LinearSVC, one-vs-rest) whose scores are scaled so that their softmax is
+calibrated (`fit_text_router` chooses C by held-out accuracy and the scale by held-out
+cross-entropy; the scale is folded into W and b).
+Memory: (T + 1)·n_features·blocks + T floats (18.9 MB for 8 tasks at the default 2^18 buckets
+and two blocks).
 
 A TextRouter's input is a list of B strings, not a tensor: `router(texts)` -> logits [B, T],
 `router.weights(texts)`. `TwinMergedModule` routes with it from the call's `router_text=`
@@ -30,9 +35,12 @@ from twinmerge_ext.router import Router, _int_arg, _real_arg, _task_list, _tasks
 
 __all__ = ["ProductRouter", "TextRouter", "check_texts", "fit_product_alpha", "fit_text_router"]
 
-_CONFIG_KEYS = ("kind", "tasks", "n_features", "ngram_range", "lowercase")
-# The inverse regularization strengths fit_text_router tries (validation accuracy decides).
-CS = (3.0, 10.0, 30.0)
+_CONFIG_KEYS = ("kind", "tasks", "n_features", "ngram_range", "word_ngram_range", "lowercase",
+                "max_chars")
+# The SVM's regularization strengths fit_text_router tries (held-out accuracy decides), and the
+# softmax scales (held-out cross-entropy decides).
+CS = (0.5, 1.0, 2.0)
+SCALES = tuple(float(s) for s in np.logspace(-1, 2, 31))
 
 
 def check_texts(texts, fn: str, arg: str = "texts", rows: Optional[int] = None) -> List[str]:
@@ -49,16 +57,33 @@ def check_texts(texts, fn: str, arg: str = "texts", rows: Optional[int] = None) 
     return list(texts)
 
 
+def _range_arg(value, arg: str, fn: str, optional: bool = False):
+    if value is None and optional:
+        return None
+    rng = tuple(value) if isinstance(value, (list, tuple)) else None
+    if rng is None or len(rng) != 2 or not all(
+            isinstance(n, int) and not isinstance(n, bool) for n in rng) \
+            or not 1 <= rng[0] <= rng[1]:
+        raise ValueError(f"{fn}: {arg} must be (min, max) with 1 <= min <= max"
+                         + (" or None" if optional else "") + f", got {value!r}")
+    return rng
+
+
 class TextRouter(Router):
-    """A linear model on hashed character n-grams of the raw text (module docstring).
+    """A linear model on hashed n-grams of the raw text (module docstring).
 
     Args:
         tasks: the task names, in logit order.
-        n_features: hash buckets (a power of two is usual; 2^18 by default).
-        ngram_range: (min, max) characters per n-gram.
+        n_features: hash buckets per block (a power of two is usual; 2^18 by default).
+        ngram_range: (min, max) characters per character n-gram.
+        word_ngram_range: (min, max) tokens per word n-gram (tokens: runs of non-space
+            characters), or None for character n-grams alone.
         lowercase: fold case before counting (off by default: case tells sources apart).
-    Buffers: idf [n_features], weight [T, n_features], bias [T]. A new router has zero weights
-    (uniform weights): fit it (`fit_text_router`) or load its state dict.
+        max_chars: read only each text's first max_chars characters (None: all of it): the
+            cost of counting grows with the length, and the first characters tell most.
+    Buffers: idf [D], weight [T, D], bias [T], D = n_features·blocks (character block first).
+    A new router has zero weights (uniform weights): fit it (`fit_text_router`) or load its
+    state dict.
     Errors: TypeError/ValueError naming the argument and its value.
     """
 
@@ -66,44 +91,55 @@ class TextRouter(Router):
     reads_text = True
 
     def __init__(self, tasks: Sequence[str], n_features: int = 2 ** 18,
-                 ngram_range: Sequence[int] = (1, 4), lowercase: bool = False):
+                 ngram_range: Sequence[int] = (1, 4),
+                 word_ngram_range: Optional[Sequence[int]] = (1, 2), lowercase: bool = False,
+                 max_chars: Optional[int] = None):
         super().__init__()
         fn = "TextRouter"
         self.tasks = _task_list(tasks, fn)
         if not self.tasks:
             raise ValueError(f"{fn}: tasks must name at least one task, got []")
         self.n_features = _int_arg(n_features, "n_features", fn, 1)
-        rng = tuple(ngram_range) if isinstance(ngram_range, (list, tuple)) else None
-        if rng is None or len(rng) != 2 or not all(
-                isinstance(n, int) and not isinstance(n, bool) for n in rng) \
-                or not 1 <= rng[0] <= rng[1]:
-            raise ValueError(f"{fn}: ngram_range must be (min, max) with 1 <= min <= max, "
-                             f"got {ngram_range!r}")
-        self.ngram_range = rng
+        self.ngram_range = _range_arg(ngram_range, "ngram_range", fn)
+        self.word_ngram_range = _range_arg(word_ngram_range, "word_ngram_range", fn, True)
         if not isinstance(lowercase, bool):
             raise TypeError(f"{fn}: lowercase must be a bool, got {lowercase!r}")
         self.lowercase = lowercase
-        self.register_buffer("idf", torch.ones(self.n_features))
-        self.register_buffer("weight", torch.zeros(len(self.tasks), self.n_features))
+        self.max_chars = None if max_chars is None else _int_arg(max_chars, "max_chars", fn, 1)
+        width = self.n_features * len(self._vectorizers())
+        self.register_buffer("idf", torch.ones(width))
+        self.register_buffer("weight", torch.zeros(len(self.tasks), width))
         self.register_buffer("bias", torch.zeros(len(self.tasks)))
 
-    def _vectorizer(self):
+    def _vectorizers(self):
         from sklearn.feature_extraction.text import HashingVectorizer
-        return HashingVectorizer(analyzer="char", ngram_range=self.ngram_range,
-                                 lowercase=self.lowercase, n_features=self.n_features,
-                                 alternate_sign=False, norm=None, dtype=np.float32)
+        common = dict(lowercase=self.lowercase, n_features=self.n_features,
+                      alternate_sign=False, norm=None, dtype=np.float32)
+        out = [HashingVectorizer(analyzer="char", ngram_range=self.ngram_range, **common)]
+        if self.word_ngram_range is not None:
+            out.append(HashingVectorizer(analyzer="word", ngram_range=self.word_ngram_range,
+                                         token_pattern=r"\S+", **common))
+        return out
 
-    def counts(self, texts: Sequence[str]):
-        """The texts' n-gram counts, a scipy CSR matrix [B, n_features] (what `fit_text_router`
-        computes idf from)."""
-        return self._vectorizer().transform(check_texts(texts, "TextRouter.counts"))
+    def counts(self, texts: Sequence[str]) -> list:
+        """The texts' n-gram counts, one scipy CSR matrix [B, n_features] per block (what
+        `fit_text_router` computes idf from)."""
+        texts = check_texts(texts, "TextRouter.counts")
+        if self.max_chars is not None:
+            texts = [t[:self.max_chars] for t in texts]
+        return [v.transform(texts) for v in self._vectorizers()]
 
     def featurize(self, texts: Sequence[str]):
-        """x of the module docstring for each text, a scipy CSR matrix [B, n_features]."""
+        """x of the module docstring for each text, a scipy CSR matrix [B, D]."""
+        from scipy.sparse import hstack
         from sklearn.feature_extraction.text import TfidfTransformer
-        tf = TfidfTransformer(sublinear_tf=True)
-        tf.idf_ = self.idf.detach().cpu().double().numpy()
-        return tf.transform(self.counts(texts)).astype(np.float32)
+        idf = self.idf.detach().cpu().double().numpy()
+        blocks = []
+        for i, c in enumerate(self.counts(texts)):
+            tf = TfidfTransformer(sublinear_tf=True)
+            tf.idf_ = idf[i * self.n_features:(i + 1) * self.n_features]
+            blocks.append(tf.transform(c))
+        return hstack(blocks, format="csr", dtype=np.float32)
 
     def _logits(self, features, fn: str) -> Tensor:
         texts = check_texts(features, fn)
@@ -123,7 +159,10 @@ class TextRouter(Router):
 
     def config(self) -> Dict[str, Any]:
         return {"kind": self.kind, "tasks": list(self.tasks), "n_features": self.n_features,
-                "ngram_range": list(self.ngram_range), "lowercase": self.lowercase}
+                "ngram_range": list(self.ngram_range),
+                "word_ngram_range": None if self.word_ngram_range is None
+                else list(self.word_ngram_range), "lowercase": self.lowercase,
+                "max_chars": self.max_chars}
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any],
@@ -132,7 +171,8 @@ class TextRouter(Router):
         if cfg.get("kind") != cls.kind or set(cfg) != set(_CONFIG_KEYS):
             raise ValueError(f"{fn}: cfg must have exactly the keys {sorted(_CONFIG_KEYS)} with "
                              f"kind 'text', got {sorted(cfg)} (kind {cfg.get('kind')!r})")
-        router = cls(cfg["tasks"], cfg["n_features"], cfg["ngram_range"], cfg["lowercase"])
+        router = cls(cfg["tasks"], cfg["n_features"], cfg["ngram_range"],
+                     cfg["word_ngram_range"], cfg["lowercase"], cfg["max_chars"])
         if state_dict is not None:
             router.load_state_dict(state_dict, strict=True)
         return router.eval()
@@ -145,21 +185,25 @@ def _split(n: int, val_fraction: float, gen: torch.Generator) -> Tuple[List[int]
 
 
 def fit_text_router(texts: Mapping[str, Sequence[str]], n_features: int = 2 ** 18,
-                    ngram_range: Sequence[int] = (1, 4), lowercase: bool = False,
-                    Cs: Sequence[float] = CS, val_fraction: float = 0.2, seed: int = 0,
+                    ngram_range: Sequence[int] = (1, 4),
+                    word_ngram_range: Optional[Sequence[int]] = (1, 2),
+                    lowercase: bool = False, max_chars: Optional[int] = None,
+                    Cs: Sequence[float] = CS,
+                    val_fraction: float = 0.2, seed: int = 0,
                     max_items_per_task: Optional[int] = None,
-                    max_iter: int = 1000) -> Tuple[TextRouter, Dict[str, Any]]:
+                    max_iter: int = 2000) -> Tuple[TextRouter, Dict[str, Any]]:
     """Fits a TextRouter on each task's texts (task name -> list of str; the order gives the
     logit order).
 
     Semantics: each task's texts (its first max_items_per_task, if given) are split, seeded,
     into round(n·val_fraction) held-out and the rest training items; idf is fitted on the
-    training items; for each C in Cs a multinomial LogisticRegression is fitted on them, and
-    the C of highest held-out accuracy (ties: the first) is refitted on all the items (idf
-    too). No classes are rebalanced: give every task about as many texts.
-    Returns (router in eval mode, report) with report = {"tasks", "kind", "C", "val_accuracy"
-    (of the chosen C, before the refit), "val_accuracy_per_C", "val_accuracy_per_task",
-    "n_train", "n_val", "n_items_per_task"}.
+    training items; for each C in Cs a LinearSVC is fitted on them, and the C of highest
+    held-out accuracy (ties: the first) is kept, with the softmax scale (of `SCALES`) of least
+    held-out cross-entropy; the SVM is then refitted on all the items (idf too) and the scale
+    folded into its weights. No classes are rebalanced: give every task about as many texts.
+    Returns (router in eval mode, report) with report = {"tasks", "kind", "C", "scale",
+    "val_accuracy" (of the chosen C, before the refit), "val_accuracy_per_C",
+    "val_accuracy_per_task", "n_train", "n_val", "n_items_per_task"}.
     Errors: ValueError for fewer than 2 tasks, a task with fewer than 2 texts (named), or bad
     hyper-parameters (named, with the value); TypeError for texts that are not strings.
     """
@@ -175,7 +219,8 @@ def fit_text_router(texts: Mapping[str, Sequence[str]], n_features: int = 2 ** 1
     max_iter = _int_arg(max_iter, "max_iter", fn, 1)
     if max_items_per_task is not None:
         max_items_per_task = _int_arg(max_items_per_task, "max_items_per_task", fn, 2)
-    router = TextRouter(tasks, n_features, ngram_range, lowercase)  # checks those arguments
+    # Checks those arguments.
+    router = TextRouter(tasks, n_features, ngram_range, word_ngram_range, lowercase, max_chars)
     per_task = {}
     for t in tasks:
         items = check_texts(texts[t], fn, f"texts[{t!r}]")[:max_items_per_task]
@@ -192,46 +237,53 @@ def fit_text_router(texts: Mapping[str, Sequence[str]], n_features: int = 2 ** 1
         va_x += [per_task[t][j] for j in va]
         va_y += [i] * len(va)
     tr_y, va_y = np.asarray(tr_y), np.asarray(va_y)
-    accs, per_task_acc = [], []
+    accs, scores = [], []
     for c in Cs:
-        weight, bias = _logit_params(_fit(router, tr_x, tr_y, c, max_iter))
-        pred = np.asarray(router.featurize(va_x) @ weight.T + bias).argmax(1)
-        accs.append(float((pred == va_y).mean()))
-        per_task_acc.append({t: float((pred[va_y == i] == i).mean())
-                             for i, t in enumerate(tasks)})
+        weight, bias = _logit_params(_fit(router, tr_x, tr_y, c, max_iter, seed))
+        scores.append(np.asarray(router.featurize(va_x) @ weight.T + bias))
+        accs.append(float((scores[-1].argmax(1) == va_y).mean()))
     best = int(np.argmax(accs))
+    scale = min(SCALES, key=lambda s: _cross_entropy(s * scores[best], va_y))
+    pred = scores[best].argmax(1)
     weight, bias = _logit_params(_fit(router, tr_x + va_x, np.concatenate([tr_y, va_y]),
-                                      Cs[best], max_iter))
+                                      Cs[best], max_iter, seed))
     with torch.no_grad():
-        router.weight.copy_(torch.from_numpy(weight).float())
-        router.bias.copy_(torch.from_numpy(bias).float())
-    report = {"tasks": tasks, "kind": "text", "C": Cs[best], "val_accuracy": accs[best],
-              "val_accuracy_per_C": dict(zip(map(float, Cs), accs)),
-              "val_accuracy_per_task": per_task_acc[best], "n_train": len(tr_x),
-              "n_val": len(va_x), "n_items_per_task": {t: len(per_task[t]) for t in tasks}}
+        router.weight.copy_(torch.from_numpy(scale * weight).float())
+        router.bias.copy_(torch.from_numpy(scale * bias).float())
+    report = {"tasks": tasks, "kind": "text", "C": Cs[best], "scale": scale,
+              "val_accuracy": accs[best], "val_accuracy_per_C": dict(zip(map(float, Cs), accs)),
+              "val_accuracy_per_task": {t: float((pred[va_y == i] == i).mean())
+                                        for i, t in enumerate(tasks)},
+              "n_train": len(tr_x), "n_val": len(va_x),
+              "n_items_per_task": {t: len(per_task[t]) for t in tasks}}
     return router.eval(), report
 
 
+def _cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
+    z = logits - logits.max(1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+    return float(-logp[np.arange(len(labels)), labels].mean())
+
+
 def _logit_params(model) -> Tuple[np.ndarray, np.ndarray]:
-    """(W [T, n_features], b [T]) of a fitted LogisticRegression. With two classes
-    scikit-learn keeps one row z = w·x + c for p(class 1) = σ(z); logits (-z/2, z/2) give the
-    same probabilities under a softmax."""
+    """(W [T, D], b [T]) of a fitted linear classifier. With two classes scikit-learn keeps one
+    row z = w·x + c, positive for class 1; logits (-z/2, z/2) give softmax σ(z)."""
     w, c = model.coef_, model.intercept_
     if w.shape[0] == 1:
         return np.concatenate([-w / 2, w / 2]), np.concatenate([-c / 2, c / 2])
     return w, c
 
 
-def _fit(router: TextRouter, texts: List[str], labels: np.ndarray, C: float, max_iter: int):
-    """idf from these texts into the router, then a LogisticRegression on their features."""
+def _fit(router: TextRouter, texts: List[str], labels: np.ndarray, C: float, max_iter: int,
+         seed: int):
+    """idf from these texts into the router, then a LinearSVC on their features."""
     from sklearn.feature_extraction.text import TfidfTransformer
-    from sklearn.linear_model import LogisticRegression
-    tf = TfidfTransformer(sublinear_tf=True).fit(router.counts(texts))
+    from sklearn.svm import LinearSVC
+    idf = [TfidfTransformer(sublinear_tf=True).fit(c).idf_ for c in router.counts(texts)]
     with torch.no_grad():
-        router.idf.copy_(torch.from_numpy(tf.idf_).float())
-    x = router.featurize(texts)
-    return LogisticRegression(C=C, max_iter=max_iter).fit(x, labels)
-
+        router.idf.copy_(torch.from_numpy(np.concatenate(idf)).float())
+    return LinearSVC(C=C, max_iter=max_iter, random_state=seed).fit(router.featurize(texts),
+                                                                    labels)
 
 
 class ProductRouter(Router):

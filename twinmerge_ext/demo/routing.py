@@ -112,13 +112,14 @@ def energy_candidates(served, train: Dict[str, Tuple[torch.Tensor, torch.Tensor]
 
 
 def text_routers(train_texts: Dict[str, List[str]], states_router, name: str, val, val_feats,
-                 test, test_feats, seed: int, log: Callable[[str], None]) -> Dict[str, Any]:
+                 test, test_feats, seed: int, max_chars: Optional[int],
+                 log: Callable[[str], None]) -> Dict[str, Any]:
     """The text router (character n-grams of the raw text, no pass of θs) fitted on the
     training texts, and its product with the chosen hidden-state router (alpha chosen on the
     validation stream). val/test: streams with texts; *_feats[name]: the states router's
     features of their items. Returns {"text", "product": (router, record, test weights [N, T])}
     with records as select_router's (plus "C" or "alpha")."""
-    text, rep = fit_text_router(train_texts, seed=seed)
+    text, rep = fit_text_router(train_texts, seed=seed, max_chars=max_chars)
     product, prep = fit_product_alpha(states_router, text, val_feats[name], val.texts, val.tasks)
     out = {}
     with torch.no_grad():
@@ -128,7 +129,9 @@ def text_routers(train_texts: Dict[str, List[str]], states_router, name: str, va
                  {"alpha": prep["alpha"]})):
             w_val = router.weights(inputs(val, val_feats))
             w_test = router.weights(inputs(test, test_feats))
-            record = {"features": "character 1-4-grams of the raw text" if kind == "text" else
+            record = {"features": "n-grams of the raw text" + (
+                          f" (first {max_chars} characters)" if max_chars else "")
+                      if kind == "text" else
                       f"product: {name} × text^{prep['alpha']:g}",
                       "kind": kind, "prototypes": None, "lr": None, **extra,
                       "val_accuracy": float((w_val.argmax(-1) == val.tasks).float().mean()),
