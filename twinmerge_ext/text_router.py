@@ -16,7 +16,7 @@ TfidfTransformer with sublinear tf), and logits = x Wᵀ + b: a linear support v
 (scikit-learn's LinearSVC, one-vs-rest) whose scores are scaled so that their softmax is
 calibrated (`fit_text_router` chooses C by held-out accuracy and the scale by held-out
 cross-entropy; the scale is folded into W and b).
-Memory: (T + 1)·n_features·blocks + T floats (18.9 MB for 8 tasks at the default 2^18 buckets
+Memory: (T + 1)·n_features·blocks + T floats (18.0 MiB for 8 tasks at the default 2^18 buckets
 and two blocks).
 
 A TextRouter's input is a list of B strings, not a tensor: `router(texts)` -> logits [B, T],
