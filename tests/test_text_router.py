@@ -301,3 +301,85 @@ def test_serve_loop_routes_each_request_by_its_text(twins, text_router):
     with pytest.raises(TypeError, match=r"ServeLoop.add: router_text must be a str"):
         loop.add(ids[1], 2, router_text=["PLAN STONE."])
     assert [r.id for r in loop._waiting] == [rid]
+
+
+def test_idf_and_weights_are_scikit_learns_fitted_on_every_text():
+    """After choosing C and the scale, the router is refitted on all the texts: its idf is
+    TfidfTransformer's per block and its weights are the scale times LinearSVC's."""
+    import numpy as np
+    from sklearn.feature_extraction.text import HashingVectorizer, TfidfTransformer
+    from sklearn.svm import LinearSVC
+
+    data = _texts(30, 2)
+    router, report = fit_text_router(data, n_features=NF, seed=3)
+    texts = [t for v in data.values() for t in v]
+    labels = np.repeat(np.arange(3), 30)
+    blocks = []
+    for i, kw in enumerate(({"analyzer": "char", "ngram_range": (1, 4)},
+                            {"analyzer": "word", "ngram_range": (1, 2),
+                             "token_pattern": r"\S+"})):
+        counts = HashingVectorizer(lowercase=False, n_features=NF, alternate_sign=False,
+                                   norm=None, **kw).transform(texts)
+        tf = TfidfTransformer(sublinear_tf=True).fit(counts)
+        torch.testing.assert_close(router.idf[i * NF:(i + 1) * NF].double(),
+                                   torch.from_numpy(tf.idf_), rtol=1e-6, atol=1e-6)
+        blocks.append(tf.transform(counts))
+    svm = LinearSVC(C=report["C"], max_iter=2000, random_state=3).fit(
+        __import__("scipy.sparse", fromlist=["hstack"]).hstack(blocks).tocsr(), labels)
+    # The router saw its items in another order (held-out ones last): liblinear's coordinate
+    # descent then stops at a slightly different point.
+    for got, want in ((router.weight, svm.coef_), (router.bias, svm.intercept_)):
+        want = torch.from_numpy(report["scale"] * want)
+        torch.testing.assert_close(got.double(), want, rtol=0,
+                                   atol=1e-3 * float(want.abs().max()))
+
+
+def test_a_product_router_travels_in_the_twin_file(tmp_path, twins, text_router):
+    twin = twins["bert"]
+    product = ProductRouter(_router(twin, (0, 1)), _task_router(twin, text_router[0]), 2.0)
+    path = tmp_path / "twin.safetensors"
+    twin.with_router(product).save(path)
+    loaded = TwinCheckpoint.load(path).router
+    assert isinstance(loaded, ProductRouter) and loaded.config() == product.config()
+    assert set(loaded.state_dict()) == set(product.state_dict())
+    z, texts = torch.randn(2, product.in_features), ["fox.", "FOX."]
+    assert torch.equal(loaded((z, texts)), product.eval()((z, texts)))
+
+
+def test_more_misuse_is_refused(twins, text_router):
+    router, _ = text_router
+    # A held-out share that would leave a task nothing to train on keeps one training text.
+    small, rep = fit_text_router({"a": ["x y", "x z"], "b": ["Q R", "Q S"]}, n_features=NF,
+                                 val_fraction=0.9)
+    assert rep["n_train"] == 2 and rep["n_val"] == 2
+    twin = twins["bert"]
+    states, text = _router(twin, 0), _task_router(twin, router)
+    tasks = torch.tensor([0, 1])
+    with pytest.raises(ValueError, match=r"fit_product_alpha: val_states must be a tensor "
+                                         r"\[N=2, d\] \(one row per text\), got \[1, 64\]"):
+        fit_product_alpha(states, text, torch.randn(1, 64), ["a", "b"], tasks)
+    with pytest.raises(ValueError, match=r"fit_product_alpha: alphas must be finite, got nan"):
+        fit_product_alpha(states, text, torch.randn(2, 64), ["a", "b"], tasks,
+                          alphas=(1.0, float("nan")))
+    with pytest.raises(ValueError, match=r"alphas must be a non-empty list of finite numbers "
+                                         r">= 0, got \[1.0, -2.0\]"):
+        fit_product_alpha(states, text, torch.randn(2, 64), ["a", "b"], tasks, alphas=(1, -2))
+    states.train()
+    before = {k: v.clone() for k, v in states.state_dict().items()}
+    fit_product_alpha(states, text, torch.randn(2, 64), ["a", "b"], tasks)
+    assert states.training and all(torch.equal(v, before[k])
+                                   for k, v in states.state_dict().items())  # no BN update
+    with pytest.raises(TypeError, match=r"TextRouter.from_config: cfg must be a mapping"):
+        TextRouter.from_config(["text"])
+    from twinmerge_ext import ServeLoop
+    loop = ServeLoop(_wrapped("llama", twins["llama"], _task_router(twins["llama"], router)),
+                     eos_token_id=None)
+    with pytest.raises(ValueError, match=r"ServeLoop.add: router_text is given, but the weights "
+                                         r"are given \(mix_weights\)"):
+        loop.add(torch.tensor([1, 2]), 2, mix_weights=torch.ones(3) / 3, router_text="fox")
+    assert not loop._waiting
+    ids, mask = _batch(B=3)
+    wrapped = _wrapped("bert", twin, text, router_features=lambda m, a, k: torch.zeros(3, 4))
+    with pytest.raises(ValueError, match=r"router_features= is given, but the router "
+                                         r"\(TextRouter\) reads router_text"), torch.no_grad():
+        wrapped(input_ids=ids, attention_mask=mask, router_text=["a", "b", "c"])

@@ -646,6 +646,9 @@ class TwinMergedModule(nn.Module):
         texts = self._router_texts(router_text, first.shape[0] if first is not None else None,
                                    fn)
         if isinstance(self.router, TextRouter):
+            if self.router_features is not None:
+                raise ValueError(f"{fn}: router_features= is given, but the router (TextRouter) "
+                                 f"reads router_text, not features; drop one")
             with torch.no_grad():
                 return self.router.weights(texts, self.temperature, self.top_k)
         if self.router_features is not None:
@@ -844,6 +847,7 @@ class TwinMergedModule(nn.Module):
         indices = self._prefix_indices(fn, required=True)
         ids, mask = call_inputs(self.module, args, kwargs)
         mask = check_mask(ids, mask, fn)
+        texts = self._router_texts(router_text, ids.shape[0], fn)
         if any(m.training for m in self.module.modules()):
             raise ValueError(f"{fn}: routing='self' routes on this pass's hidden states, but the "
                              f"module is in training mode (dropout would make the weights "
@@ -855,7 +859,6 @@ class TwinMergedModule(nn.Module):
                              f"as Mamba does); use routing='two_pass'")
         if head_tasks is not None:
             head_tasks = self._check_head_tasks(head_tasks, ids.shape[0], ids.device, fn)
-        texts = self._router_texts(router_text, ids.shape[0], fn)
         ctx = self._ctx
         p = Prefix(self, indices, mask, stop=False, head_tasks=head_tasks, texts=texts)
         ctx.prefix = p

@@ -150,7 +150,10 @@ class ServeLoop:
         ids = input_ids.to(self.device, torch.long)
         if router_text is not None and not isinstance(router_text, str):
             raise TypeError(f"{fn}: router_text must be a str (the request's text) or None, got "
-                            f"{type(router_text).__name__}")
+                            f"{type(router_text).__name__} {router_text!r:.80}")
+        if router_text is not None and mix_weights is not None:
+            raise ValueError(f"{fn}: router_text is given, but the weights are given "
+                             f"(mix_weights), so no router would read it; pass one or the other")
         if not self._twin:
             if mix_weights is not None or router_text is not None:
                 what, value = (("mix_weights", mix_weights) if mix_weights is not None

@@ -25,13 +25,15 @@ A TextRouter's input is a list of B strings, not a tensor: `router(texts)` -> lo
 probabilities with a hidden-state router's.
 """
 
+import copy
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from twinmerge_ext.router import Router, _int_arg, _real_arg, _task_list, _tasks_of
+from twinmerge_ext.router import (Router, _describe, _eval_mode, _int_arg, _real_arg, _task_list,
+                                  _tasks_of)
 
 __all__ = ["ProductRouter", "TextRouter", "check_texts", "fit_product_alpha", "fit_text_router"]
 
@@ -130,24 +132,33 @@ class TextRouter(Router):
         return [v.transform(texts) for v in self._vectorizers()]
 
     def featurize(self, texts: Sequence[str]):
-        """x of the module docstring for each text, a scipy CSR matrix [B, D]."""
-        from scipy.sparse import hstack
-        from sklearn.feature_extraction.text import TfidfTransformer
-        idf = self.idf.detach().cpu().double().numpy()
+        """x of the module docstring for each text, a scipy CSR matrix [B, D] (float64): what
+        scikit-learn's TfidfTransformer(sublinear_tf=True) gives with this router's idf, reading
+        only the idf entries of the n-grams present."""
+        from scipy.sparse import csr_matrix, hstack
+        from sklearn.preprocessing import normalize
         blocks = []
         for i, c in enumerate(self.counts(texts)):
-            tf = TfidfTransformer(sublinear_tf=True)
-            tf.idf_ = idf[i * self.n_features:(i + 1) * self.n_features]
-            blocks.append(tf.transform(c))
-        return hstack(blocks, format="csr", dtype=np.float32)
+            c = c.tocsr()
+            c.sum_duplicates()
+            cols = torch.from_numpy(c.indices.astype(np.int64) + i * self.n_features)
+            idf = self.idf.detach()[cols.to(self.idf.device)].double().cpu().numpy()
+            tfidf = csr_matrix(((1 + np.log(c.data.astype(np.float64))) * idf, c.indices,
+                                c.indptr), shape=c.shape)
+            blocks.append(normalize(tfidf, norm="l2", copy=False))
+        return hstack(blocks, format="csr")
 
     def _logits(self, features, fn: str) -> Tensor:
         texts = check_texts(features, fn)
         x = self.featurize(texts)  # sparse: a few hundred n-grams per text
-        w = self.weight.detach().float().cpu().numpy()
-        logits = torch.from_numpy(np.asarray(x @ w.T, dtype=np.float32)) \
-            + self.bias.detach().float().cpu()
-        return logits.to(device=self.weight.device, dtype=self.weight.dtype)
+        dev, T = self.weight.device, self.num_tasks
+        # x Wᵀ from the columns of W the texts' n-grams hit (never a copy of all of W).
+        cols = torch.from_numpy(x.indices.astype(np.int64)).to(dev)
+        rows = torch.from_numpy(np.repeat(np.arange(len(texts)), np.diff(x.indptr))).to(dev)
+        vals = torch.from_numpy(x.data).to(dev, torch.float32)
+        hit = self.weight.detach()[:, cols].float() * vals
+        logits = torch.zeros(len(texts), T, device=dev).index_add_(0, rows, hit.t())
+        return (logits + self.bias.detach().float()).to(self.weight.dtype)
 
     def features(self, served, input_ids: Tensor, attention_mask: Tensor):
         raise ValueError("TextRouter.features: a TextRouter reads the request's text, not "
@@ -168,6 +179,8 @@ class TextRouter(Router):
     def from_config(cls, cfg: Mapping[str, Any],
                     state_dict: Optional[Mapping[str, Tensor]] = None) -> "TextRouter":
         fn = "TextRouter.from_config"
+        if not isinstance(cfg, Mapping):
+            raise TypeError(f"{fn}: cfg must be a mapping, got {type(cfg).__name__}")
         if cfg.get("kind") != cls.kind or set(cfg) != set(_CONFIG_KEYS):
             raise ValueError(f"{fn}: cfg must have exactly the keys {sorted(_CONFIG_KEYS)} with "
                              f"kind 'text', got {sorted(cfg)} (kind {cfg.get('kind')!r})")
@@ -179,8 +192,9 @@ class TextRouter(Router):
 
 
 def _split(n: int, val_fraction: float, gen: torch.Generator) -> Tuple[List[int], List[int]]:
+    """(training, held-out) indices of n >= 2 items: at least one of each."""
     perm = torch.randperm(n, generator=gen).tolist()
-    n_val = max(1, round(n * val_fraction))
+    n_val = min(n - 1, max(1, round(n * val_fraction)))
     return perm[n_val:], perm[:n_val]
 
 
@@ -329,7 +343,7 @@ class ProductRouter(Router):
         a = torch.log_softmax(self.states._logits(z, fn).float(), dim=-1)
         texts = check_texts(texts, fn, "texts", rows=a.shape[0])
         b = torch.log_softmax(self.text._logits(texts, fn).float(), dim=-1).to(a.device)
-        return a + self.alpha * b
+        return (a + self.alpha * b).to(self.text.weight.dtype)
 
     def forward(self, features) -> Tensor:
         return self._logits(features, "ProductRouter.forward")
@@ -343,6 +357,8 @@ class ProductRouter(Router):
                     state_dict: Optional[Mapping[str, Tensor]] = None) -> "ProductRouter":
         from twinmerge_ext.router import router_from_config
         fn = "ProductRouter.from_config"
+        if not isinstance(cfg, Mapping):
+            raise TypeError(f"{fn}: cfg must be a mapping, got {type(cfg).__name__}")
         if cfg.get("kind") != cls.kind or set(cfg) != {"kind", "states", "text", "alpha"}:
             raise ValueError(f"{fn}: cfg must have exactly the keys ['alpha', 'kind', 'states', "
                              f"'text'] with kind 'product', got {sorted(cfg)} "
@@ -363,21 +379,28 @@ def fit_product_alpha(states: Router, text: TextRouter, val_states: Tensor,
     """The ProductRouter of these two routers whose alpha routes the validation items best
     (ties: the first in `alphas`). val_states [N, d]: the states router's features of the
     items; val_texts: their N texts; val_tasks [N]: their true task indices.
-    Returns (router in eval mode, {"alpha", "val_accuracy", "val_accuracy_per_alpha"})."""
+    Returns (router in eval mode, holding copies of the two, {"alpha", "val_accuracy",
+    "val_accuracy_per_alpha"})."""
     fn = "fit_product_alpha"
     val_texts = check_texts(val_texts, fn, "val_texts")
-    if not isinstance(val_tasks, Tensor) or val_tasks.shape != (len(val_texts),):
-        raise ValueError(f"{fn}: val_tasks must be a tensor [N={len(val_texts)}], got "
-                         f"{val_tasks!r}")
+    N = len(val_texts)
+    if not isinstance(val_tasks, Tensor) or tuple(val_tasks.shape) != (N,):
+        raise ValueError(f"{fn}: val_tasks must be a tensor [N={N}] (one per text), got "
+                         f"{_describe(val_tasks)}")
+    if not isinstance(val_states, Tensor) or val_states.dim() != 2 or val_states.shape[0] != N:
+        raise ValueError(f"{fn}: val_states must be a tensor [N={N}, d] (one row per text), "
+                         f"got {_describe(val_states)}")
     alphas = [_real_arg(a, "alphas", fn) for a in alphas]
-    if not alphas:
-        raise ValueError(f"{fn}: alphas must not be empty")
-    with torch.no_grad():
+    if not alphas or not all(np.isfinite(a) and a >= 0 for a in alphas):
+        raise ValueError(f"{fn}: alphas must be a non-empty list of finite numbers >= 0, got "
+                         f"{alphas!r}")
+    with torch.no_grad(), _eval_mode(states):
         a = torch.log_softmax(states(val_states).float(), -1)
         b = torch.log_softmax(text(val_texts).float(), -1).to(a.device)
     tasks = val_tasks.to(a.device)
     accs = [float(((a + x * b).argmax(-1) == tasks).float().mean()) for x in alphas]
     best = int(np.argmax(accs))
-    return (ProductRouter(states, text, alphas[best]).eval(),
+    # Copies: the product is put in eval mode, and the caller's routers stay as they are.
+    return (ProductRouter(copy.deepcopy(states), copy.deepcopy(text), alphas[best]).eval(),
             {"alpha": alphas[best], "val_accuracy": accs[best],
              "val_accuracy_per_alpha": dict(zip(alphas, accs))})
