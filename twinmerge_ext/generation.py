@@ -127,10 +127,7 @@ def _generate(wrapped, input_ids, attention_mask, mix_weights, head_tasks, kwarg
     pinned = block is not None and mix_weights is None
     routed = mix_weights is None and not pinned
     route_s = None
-    if router_text is not None and not routed:
-        raise ValueError(f"{FN}: router_text is given, but the weights are "
-                         + ("the merged() block's" if pinned else "given (mix_weights)")
-                         + ", so no router would read it; pass one or the other")
+    wrapped._refuse_unread_text(router_text, routed, pinned, FN)
     if pinned:
         mix_weights = block
     elif routed:

@@ -622,6 +622,15 @@ class TwinMergedModule(nn.Module):
             finally:
                 self._ctx.leave(saved)
 
+    @staticmethod
+    def _refuse_unread_text(router_text, routed: bool, pinned: bool, fn: str) -> None:
+        """router_text on a call whose weights are given (mix_weights, or a merged() block)
+        would be ignored: refused."""
+        if router_text is not None and not routed:
+            raise ValueError(f"{fn}: router_text is given, but the weights are "
+                             + ("the merged() block's" if pinned else "given (mix_weights)")
+                             + ", so no router would read it; pass one or the other")
+
     def _router_texts(self, router_text, B: Optional[int], fn: str) -> Optional[List[str]]:
         """The call's router_text, checked against the router: required by one that reads
         text, refused by one that does not (it would be ignored), one string per row."""
@@ -789,10 +798,7 @@ class TwinMergedModule(nn.Module):
         block = self._calls.pinned.get()
         pinned = block is not None and mix_weights is None
         routed = mix_weights is None and not pinned
-        if router_text is not None and not routed:
-            raise ValueError(f"{fn}: router_text is given, but the weights are "
-                             + ("the merged() block's" if pinned else "given (mix_weights)")
-                             + ", so no router would read it; pass one or the other")
+        self._refuse_unread_text(router_text, routed, pinned, fn)
         if pinned:
             mix_weights = block
         elif routed and self.routing == "self" and not isinstance(self.router, TextRouter):
