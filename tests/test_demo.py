@@ -60,10 +60,26 @@ def test_quick_demo_runs_and_reports_and_a_rerun_reuses_every_result(tmp_path):
     assert text["val_accuracy"] > 0.8 and text["C"] in (0.5, 1.0, 2.0)
     assert product["kind"] == "product" and product["alpha"] in (0.5, 1.0, 2.0, 3.0, 4.0)
     assert product["features"] == f"product: -1:mean+cls × text^{product['alpha']:g}"
+    # Every router kind's test routing, the best of each kind on validation, with its confusion.
     by = res["router"]["by_router"]
-    assert [r["test_accuracy"] for r in list(by.values())[1:]] == [text["test_accuracy"],
-                                                                    product["test_accuracy"]]
-    assert "Test routing accuracy per task, by router:" in md
+    kinds = [r["kind"] for r in by.values()]
+    assert kinds[0] == res["router"]["kind"] and sorted(kinds[1:]) == sorted(
+        {"mlp", "prototype"} - {kinds[0]} | {"energy", "text", "product", "self-routing mlp"})
+    cands = res["router"]["candidates"]
+    for label, r in by.items():
+        assert len(r["test_confusion"]) == 2 and sum(map(sum, r["test_confusion"])) == 2 * 64
+        assert [r["per_task"][t] for t in tasks] == pytest.approx(
+            [row[i] / sum(row) for i, row in enumerate(r["test_confusion"])])
+        assert r["test_accuracy"] == pytest.approx(
+            sum(row[i] for i, row in enumerate(r["test_confusion"])) / (2 * 64))
+        same = [c for c in cands if c["kind"] == r["kind"]]
+        if same:  # selection on validation: the kind's best validation accuracy
+            assert r["val_accuracy"] == max(c["val_accuracy"] for c in same)
+        assert f"{label}:" in md  # its confusion table
+    assert by[f"{text['features']}"]["test_accuracy"] == pytest.approx(text["test_accuracy"])
+    assert by[product["features"]]["test_accuracy"] == pytest.approx(product["test_accuracy"])
+    assert all("test_routed" not in c and "router" not in c for c in cands)  # JSON only
+    assert "Test routing accuracy per task, by router (the best of each kind" in md
     assert res["router"]["kind"] in ("mlp", "prototype")  # energy routers: reported
     assert all(0 <= c["test_accuracy"] <= 1 for c in res["router"]["candidates"])
     confusion = res["router"]["test_confusion"]

@@ -27,7 +27,8 @@ def select_router(cands: Sequence[Tuple[Any, Any, bool]], kinds: Sequence[Tuple[
     ("mlp" tries every lr, "prototype" has none); train: task -> {feature name: [n, d]};
     val/test: feature name -> [N, d] of the streams, with their true tasks. The chosen one has
     the best validation accuracy (ties: the first tried). A record: {"features", "kind",
-    "prototypes", "lr", "val_accuracy", "test_accuracy"}.
+    "prototypes", "lr", "val_accuracy", "test_accuracy"}, and its test argmax [N] under
+    "test_routed" (`public` drops it).
     """
     best, records = None, []
     for layer, pooling, standardize in cands:
@@ -41,13 +42,15 @@ def select_router(cands: Sequence[Tuple[Any, Any, bool]], kinds: Sequence[Tuple[
                     **fit_kwargs)
                 with torch.no_grad():
                     val_acc = float((router(val[name]).argmax(-1) == val_tasks).float().mean())
-                    test_acc = float((router(test[name]).argmax(-1) == test_tasks).float().mean())
+                    routed = router(test[name]).argmax(-1)
                 record = {"features": candidate_label(name, standardize, kind, prototypes),
                           "kind": kind, "prototypes": prototypes if kind == "prototype" else None,
-                          "lr": lr, "val_accuracy": val_acc, "test_accuracy": test_acc}
+                          "lr": lr, "val_accuracy": val_acc,
+                          "test_accuracy": float((routed == test_tasks).float().mean()),
+                          "test_routed": routed}
                 records.append(record)
                 log(f"router {record['features']}" + (f" lr={lr}" if lr is not None else "")
-                    + f": validation accuracy {val_acc:.3f} (test {test_acc:.3f})")
+                    + f": validation accuracy {val_acc:.3f} (test {record['test_accuracy']:.3f})")
                 if best is None or val_acc > best[2]["val_accuracy"]:
                     best = (router, rep, record)
     return (*best, records)
@@ -87,8 +90,8 @@ def energy_candidates(served, train: Dict[str, Tuple[torch.Tensor, torch.Tensor]
     of EnergyRouters on each set of layers: label -> layer-name prefixes (None: every low-rank
     Linear). train: task -> (ids, mask) of its router items; val/test: (ids, mask, tasks).
     Reported beside the other kinds; the main job serves the pooled-feature kinds. Each record
-    keeps its router under "router" and its layers under "layers" (the caller drops them
-    before writing JSON)."""
+    keeps its router under "router", its layers under "layers" and its test argmax under
+    "test_routed" (`public` drops them)."""
     records = []
     for label, prefixes in layer_sets.items():
         layers = energy_layer_set(served, prefixes)
@@ -96,14 +99,15 @@ def energy_candidates(served, train: Dict[str, Tuple[torch.Tensor, torch.Tensor]
                     for i in range(0, len(ids), 64)] for t, (ids, mask) in train.items()}
         router, rep = fit_energy_router(served, data, layers=layers, seed=seed)
         with torch.no_grad():
-            accs = [float((router(_energies(served, ids, mask, layers)).argmax(-1) == tasks)
-                          .float().mean()) for ids, mask, tasks in (val, test)]
+            routed = [router(_energies(served, ids, mask, layers)).argmax(-1)
+                      for ids, mask, _ in (val, test)]
+        accs = [float((r == tasks).float().mean()) for r, (_, _, tasks) in zip(routed, (val, test))]
         record = {"features": f"subspace energies, {label}"
                               + (" (calibrated)" if rep["calibrated"] else ""),
                   "kind": "energy", "prototypes": None, "lr": None, "calibrated":
                   rep["calibrated"], "val_accuracy": accs[0], "test_accuracy": accs[1],
                   "val_accuracy_uncalibrated": rep["val_accuracy_uncalibrated"],
-                  "router": router, "layers": layers}
+                  "router": router, "layers": layers, "test_routed": routed[1]}
         log(f"router {record['features']}: validation accuracy {accs[0]:.3f} (test "
             f"{accs[1]:.3f}; uncalibrated on the router's own split "
             f"{rep['val_accuracy_uncalibrated']:.3f})")
@@ -155,6 +159,36 @@ def confusion(routed: torch.Tensor, tasks: torch.Tensor, T: int) -> List[List[in
     return torch.bincount(tasks * T + routed, minlength=T * T).reshape(T, T).tolist()
 
 
+_PRIVATE = ("router", "layers", "test_routed")
+
+
+def public(record: Dict[str, Any]) -> Dict[str, Any]:
+    """A candidate record as written to JSON: without its router, layers and test argmax."""
+    return {k: v for k, v in record.items() if k not in _PRIVATE}
+
+
+def best_of_each_kind(records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The record of best validation accuracy (ties: the first) of each kind, in the order the
+    kinds first appear: what each kind would give if it were the one chosen."""
+    best: Dict[str, Dict[str, Any]] = {}
+    for r in records:
+        if r["kind"] not in best or r["val_accuracy"] > best[r["kind"]]["val_accuracy"]:
+            best[r["kind"]] = r
+    return list(best.values())
+
+
+def routing_summary(record: Dict[str, Any], routed: torch.Tensor, tasks: torch.Tensor,
+                    names: List[str]) -> Dict[str, Any]:
+    """One router's test routing: its kind, validation and test accuracy, accuracy per true
+    task, and the confusion (rows: true task, columns: argmax task)."""
+    counts = confusion(routed, tasks, len(names))
+    return {"kind": record["kind"], "val_accuracy": record["val_accuracy"],
+            "test_accuracy": float((routed == tasks).float().mean()),
+            "per_task": {n: row[t] / max(1, sum(row))
+                         for t, (n, row) in enumerate(zip(names, counts))},
+            "test_confusion": counts}
+
+
 def router_markdown(rt: Dict[str, Any], names: List[str]) -> List[str]:
     """The report's router section."""
     lines = ["## Router", "",
@@ -178,19 +212,28 @@ def router_markdown(rt: Dict[str, Any], names: List[str]) -> List[str]:
               "| " + " | ".join(names) + " |", "|" + "---|" * len(names),
               "| " + " | ".join(f"{rt['test_accuracy_per_task'][n]:.3f}" for n in names) + " |",
               ""]
-    if rt.get("by_router"):
-        lines += ["Test routing accuracy per task, by router:", "",
-                  "| router | " + " | ".join(names) + " | all |",
-                  "|---|" + "---|" * (len(names) + 1)]
-        lines += [f"| {label} | " + " | ".join(f"{r['per_task'][n]:.3f}" for n in names)
-                  + f" | {r['test_accuracy']:.3f} |" for label, r in rt["by_router"].items()]
+    by = rt.get("by_router") or {}
+    if by:
+        lines += ["Test routing accuracy per task, by router (the best of each kind on "
+                  "validation):", "",
+                  "| router | kind | validation | " + " | ".join(names) + " | test |",
+                  "|---|---|---|" + "---|" * (len(names) + 1)]
+        lines += [f"| {label} | {r.get('kind', '–')} | "
+                  + (f"{r['val_accuracy']:.3f}" if "val_accuracy" in r else "–") + " | "
+                  + " | ".join(f"{r['per_task'][n]:.3f}" for n in names)
+                  + f" | {r['test_accuracy']:.3f} |" for label, r in by.items()]
         lines.append("")
-    if rt.get("test_confusion"):
-        lines += ["Test routing (rows: true task; columns: the router's argmax):", "",
-                  "| task | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-        lines += [f"| {n} | " + " | ".join(str(c) for c in row) + " |"
-                  for n, row in zip(names, rt["test_confusion"])]
-        lines.append("")
+    confusions = {label: r["test_confusion"] for label, r in by.items() if "test_confusion" in r}
+    if not confusions and rt.get("test_confusion"):
+        confusions = {"the chosen router": rt["test_confusion"]}
+    if confusions:
+        lines += ["Test routing (rows: true task; columns: the router's argmax), by router:", ""]
+        for label, counts in confusions.items():
+            lines += [f"{label}:", "", "| task | " + " | ".join(names) + " |",
+                      "|---|" + "---|" * len(names)]
+            lines += [f"| {n} | " + " | ".join(str(c) for c in row) + " |"
+                      for n, row in zip(names, counts)]
+            lines.append("")
     return lines
 
 

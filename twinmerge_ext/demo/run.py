@@ -671,13 +671,14 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> Dict[str, object]:
         (val.ids, val.mask, val.tasks), (test.ids, test.mask, test.tasks),
         dict(cfg.energy_layer_sets), cfg.seed, log)
     best_energy = max(energy, key=lambda r: r["val_accuracy"])  # timed below
-    candidates += [{k: v for k, v in r.items() if k not in ("router", "layers")} for r in energy]
+    candidates += energy
     wrapped.router = router
     # Routing by the raw text (no pass of θs), alone and times the chosen router.
     texty = routing.text_routers({n: tasks[n].train.texts[:cfg.router_items] for n in names},
                                  router, _feature_name((layer, pooling)), val, val_feats, test,
                                  test_feats, cfg.seed, cfg.text_max_chars, log)
-    candidates += [record for _, record, _ in texty.values()]
+    for _, record, w in texty.values():
+        candidates.append({**record, "test_routed": w.argmax(-1)})
     router_id = _digest(twin_ids["twin"], tensor_digest(*router.state_dict().values()),
                         router.config())
     # Self-routing: one pass, the router inside it (its own router, on early layers).
@@ -819,6 +820,17 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> Dict[str, object]:
             row["hyperparameters"] = r["hyperparameters"]
         table[label] = row
     ta_time = per_1000["task_arithmetic"]
+    # Every router kind's test routing, the best of each kind on validation: the chosen one
+    # as served (its weights from the pass of θs over the stream), then the others.
+    by_router = {f"{chosen_router['features']} (the chosen hidden-state router)":
+                 routing.routing_summary(chosen_router, routed, test.tasks, names)}
+    by_router.update({c["features"]: routing.routing_summary(c, c["test_routed"], test.tasks,
+                                                             names)
+                      for c in routing.best_of_each_kind(candidates)
+                      if c["kind"] != chosen_router["kind"]})
+    by_router[f"self-routing: {self_record['features']}, routed at layer "
+              f"{self_record['routed_at_layer']} (one pass)"] = routing.routing_summary(
+        {**self_record, "kind": "self-routing mlp"}, self_test["w"].argmax(-1), test.tasks, names)
     report = twins["twin"].report()["storage"]
     one_model_mb = report["one_model_bytes"] / 2**20
     # Extra FLOPs of the factored path in the Linear layers (embeddings are gathers, not GEMMs).
@@ -835,7 +847,7 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> Dict[str, object]:
                    "pooling": list(pooling) if isinstance(pooling, tuple) else pooling,
                    "standardize": router.standardize, "kind": chosen_router["kind"],
                    "prototypes": chosen_router["prototypes"], "lr": chosen_router["lr"],
-                   "candidates": candidates,
+                   "candidates": [routing.public(c) for c in candidates],
                    "test_accuracy_per_task": dict(zip(names, router_acc)),
                    "test_confusion": routing.confusion(routed, test.tasks, T),
                    "val_accuracy": chosen_router["val_accuracy"],
@@ -851,15 +863,7 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> Dict[str, object]:
                        f"self-routing router as a first pass, cut short at layer "
                        f"{self_record['routed_at_layer']}": per_1000["router_cut_short"],
                        "text router (no pass of θs)": per_1000["router_text"]},
-                   "by_router": {
-                       f"{chosen_router['features']} (the chosen hidden-state router)": {
-                           "per_task": dict(zip(names, router_acc)),
-                           "test_accuracy": chosen_router["test_accuracy"]},
-                       **{texty[k][1]["features"]: {
-                           "per_task": dict(zip(names, _scores(texty[k][2].argmax(-1), Stream(
-                               test.ids, test.mask, test.tasks, test.tasks), T))),
-                           "test_accuracy": texty[k][1]["test_accuracy"]}
-                          for k in ("text", "product")}},
+                   "by_router": by_router,
                    "self_routing": {**self_record, "candidates": self_candidates,
                                     "layer": list(self_router.layer)
                                     if isinstance(self_router.layer, tuple) else
