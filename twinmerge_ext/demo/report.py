@@ -15,6 +15,7 @@ _LABELS = {"expert": "Fine-tuned experts", "average": "Weight averaging",
            "twin": "Twin-Merging (per row, exact)", "twin_group": "Twin-Merging group-wise",
            "twin_rank1": "Twin-Merging rank 1",
            "twin_self": "Twin-Merging self-routed (one pass)",
+           "twin_self_product": "Twin-Merging self-routed × text router (one pass)",
            "twin_early_two_pass": "Twin-Merging per row, the self-routing router in two passes",
            "twin_text": "Twin-Merging per row, text router (one pass)",
            "twin_product": "Twin-Merging per row, hidden-state × text router (two passes)",
@@ -66,7 +67,10 @@ def markdown(out: Dict[str, object]) -> str:
               f"{tm['two_pass_over_task_arithmetic']:.2f}× task arithmetic; with the "
               f"self-routing router in two passes (its pass cut short) "
               f"{tm['early_two_pass_over_task_arithmetic']:.2f}×; self-routed (one "
-              f"pass, the router inside it) {tm['self_over_task_arithmetic']:.2f}×; text router "
+              f"pass, the router inside it) {tm['self_over_task_arithmetic']:.2f}×"
+              + (f"; self-routed × text router (one pass) "
+                 f"{tm['self_product_over_task_arithmetic']:.2f}×"
+                 if "self_product_over_task_arithmetic" in tm else "") + "; text router "
               f"(one pass, no pass of θs to route) {tm['text_over_task_arithmetic']:.2f}×; "
               f"hidden-state × text router (router pass + twin) "
               f"{tm['product_over_task_arithmetic']:.2f}×",

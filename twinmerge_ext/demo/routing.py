@@ -241,14 +241,17 @@ def serve_self(wrapped, stream, size: int = 32) -> Tuple[torch.Tensor, torch.Ten
     """(predictions [N, 2] (true task's head, the router's argmax task's head), weights [N, T])
     of a wrapper with routing="self": one pass per batch, the weights computed inside it. Every
     head runs on every row anyway (`_TwinHead`), so each row asks for its true task's and all T
-    heads, and keeps the head of its routed task once the pass has routed it."""
+    heads, and keeps the head of its routed task once the pass has routed it. A router that
+    reads text (ProductRouter) gets each row's text."""
     T = len(wrapped.tasks)
+    reads = getattr(wrapped.router, "reads_text", False)
     pred = torch.empty(len(stream), 2, dtype=torch.long)
     weights = torch.empty(len(stream), T)
     with torch.inference_mode():
         for idx, ids, mask in stream.batches(size):
             heads = torch.cat([stream.tasks[idx, None], torch.arange(T).expand(len(idx), T)], 1)
-            logits = wrapped(input_ids=ids, attention_mask=mask, head_tasks=heads).logits
+            text = {"router_text": [stream.texts[i] for i in idx.tolist()]} if reads else {}
+            logits = wrapped(input_ids=ids, attention_mask=mask, head_tasks=heads, **text).logits
             w = wrapped.last_call["weights"]
             rows = torch.arange(len(idx))
             pred[idx, 0] = logits[:, 0].argmax(-1)

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import twinmerge_ext
-from twinmerge_ext import TwinCheckpoint, TwinMergedModule, TwinRouter, merging
+from twinmerge_ext import (TwinCheckpoint, TwinMergedModule, TwinRouter, fit_product_alpha,
+                           merging)
 from twinmerge_ext.demo import data as demo_data
 from twinmerge_ext.demo import routing
 from twinmerge_ext.demo.cache import EvalCache, _digest, code_digest, tensor_digest
@@ -700,6 +701,15 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> Dict[str, object]:
         dict(epochs=cfg.router_epochs, seed=cfg.seed, max_items_per_task=cfg.router_items,
              hidden=cfg.router_hidden), log)
     selfish.router = self_router
+    # Self-routing times the text router, still one pass: the early-layer states router inside
+    # the pass, its probabilities times the text router's (alpha chosen on validation).
+    self_product, self_product_rep = fit_product_alpha(
+        self_router, texty["text"][0], val_feats[_feature_name((self_router.layer,
+                                                                self_router.pooling))],
+        val.texts, val.tasks)
+    selfish_product = TwinMergedModule(_new_model(2, cfg.seed).eval(), twins["twin"],
+                                       mode="factored", routing="self", seed=cfg.seed).eval()
+    selfish_product.router = self_product
     log("scoring the test stream")
     # The shared expert θs is task arithmetic's body (same merge, same scale): one pass over the
     # test stream scores task arithmetic and gives the router's weights.
@@ -751,6 +761,13 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> Dict[str, object]:
         return {"pred": pred, "w": w}
     self_test = memo.tensors("self-pass", [self_id(self_router), key["test"]], self_pass)
     results["twin_self"] = _protocols(self_test["pred"], test, T)
+
+    def self_product_pass():
+        pred, w = routing.serve_self(selfish_product, test)
+        return {"pred": pred, "w": w}
+    self_product_test = memo.tensors("self-pass", [self_id(self_product), key["test"]],
+                                     self_product_pass)
+    results["twin_self_product"] = _protocols(self_product_test["pred"], test, T)
     # The same router's weights (a pass of θs up to its layer gives the same ones) served the
     # paper's way, θ(w) in every layer, after a router pass: what the first layers on θs cost.
     results["twin_early_two_pass"] = memo.json(
@@ -787,6 +804,7 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> Dict[str, object]:
         "twin_group": (group_job, sample),
         "twin_rank1": (lambda st: serve_twin(rank1, st, w_s[:len(st)], "factored"), sample),
         "twin_self": (lambda st: routing.serve_self(selfish, st), sample),
+        "twin_self_product": (lambda st: routing.serve_self(selfish_product, st), sample),
         # The other router kinds' passes: the energy router's (a plain pass reading energies),
         # and the self-routing router's as the first of two passes, cut short at its layer.
         "router_energy": (lambda st: routing.energy_pass(
@@ -831,6 +849,9 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> Dict[str, object]:
     by_router[f"self-routing: {self_record['features']}, routed at layer "
               f"{self_record['routed_at_layer']} (one pass)"] = routing.routing_summary(
         {**self_record, "kind": "self-routing mlp"}, self_test["w"].argmax(-1), test.tasks, names)
+    by_router[f"self-routing × text^{self_product.alpha:g} (one pass)"] = routing.routing_summary(
+        {"kind": "self-routing product", "val_accuracy": self_product_rep["val_accuracy"]},
+        self_product_test["w"].argmax(-1), test.tasks, names)
     report = twins["twin"].report()["storage"]
     one_model_mb = report["one_model_bytes"] / 2**20
     # Extra FLOPs of the factored path in the Linear layers (embeddings are gathers, not GEMMs).
@@ -884,6 +905,7 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> Dict[str, object]:
                    "two_pass_over_task_arithmetic":
                        (per_1000["router"] + per_1000["twin"]) / ta_time,
                    "self_over_task_arithmetic": per_1000["twin_self"] / ta_time,
+                   "self_product_over_task_arithmetic": per_1000["twin_self_product"] / ta_time,
                    "text_over_task_arithmetic":
                        (per_1000["router_text"] + per_1000["twin"]) / ta_time,
                    "product_over_task_arithmetic":
