@@ -80,7 +80,19 @@ def test_quick_demo_runs_and_reports_and_a_rerun_reuses_every_result(tmp_path):
         assert f"{label}:" in md  # its confusion table
     assert by[f"{text['features']}"]["test_accuracy"] == pytest.approx(text["test_accuracy"])
     assert by[product["features"]]["test_accuracy"] == pytest.approx(product["test_accuracy"])
-    assert all("test_routed" not in c and "router" not in c for c in cands)  # JSON only
+    # The chosen router's row is its routing as served (the weights of the pass over the
+    # stream), the self-routing row the self-routed pass's; every other pooled kind's row is
+    # its best candidate's routing.
+    rows = list(by.values())
+    assert rows[0]["test_confusion"] == res["router"]["test_confusion"]
+    assert by[next(k for k in by if k.startswith("self-routing: "))]["test_confusion"] == \
+        res["router"]["self_routing"]["test_confusion"]
+    for r in rows[1:]:
+        same = [c for c in cands if c["kind"] == r["kind"]]
+        if same:
+            best = max(same, key=lambda c: c["val_accuracy"])
+            assert r["test_accuracy"] == pytest.approx(best["test_accuracy"])
+    assert not any(set(c) & {"router", "layers", "test_routed"} for c in cands)  # JSON only
     assert "Test routing accuracy per task, by router (the best of each kind" in md
     assert res["router"]["kind"] in ("mlp", "prototype")  # energy routers: reported
     assert all(0 <= c["test_accuracy"] <= 1 for c in res["router"]["candidates"])
@@ -136,6 +148,7 @@ def test_quick_demo_runs_and_reports_and_a_rerun_reuses_every_result(tmp_path):
         assert again["methods"][m]["standard"] == res["methods"][m]["standard"]
         assert again["methods"][m]["routed"] == res["methods"][m]["routed"]
     assert again["router"]["test_accuracy_per_task"] == res["router"]["test_accuracy_per_task"]
+    assert again["router"]["by_router"] == res["router"]["by_router"]
 
 
 def test_the_standard_recipe_warms_up_decays_and_keys_its_experts_apart():
@@ -192,3 +205,25 @@ def test_a_stream_keeps_each_items_text_with_its_ids():
     assert demo._head(parts[1], 2).texts == ["1:0", "1:1"]
     no_texts = demo.make_stream([demo.Encoded(p.ids, p.mask, p.labels) for p in parts], seed=4)
     assert no_texts.texts is None and torch.equal(no_texts.ids, stream.ids)
+
+
+def test_each_router_kind_is_summarized_by_its_best_on_validation_never_test():
+    from twinmerge_ext.demo import routing
+
+    records = [{"kind": "mlp", "val_accuracy": 0.90, "test_accuracy": 0.99, "id": 0},
+               {"kind": "energy", "val_accuracy": 0.70, "test_accuracy": 0.50, "id": 1},
+               {"kind": "mlp", "val_accuracy": 0.93, "test_accuracy": 0.80, "id": 2},
+               {"kind": "energy", "val_accuracy": 0.70, "test_accuracy": 0.90, "id": 3},
+               {"kind": "mlp", "val_accuracy": 0.93, "test_accuracy": 0.95, "id": 4}]
+    # The best validation accuracy of each kind, ties to the first; test accuracy never counts.
+    assert [r["id"] for r in routing.best_of_each_kind(records)] == [2, 1]
+
+    tasks = torch.tensor([0, 0, 0, 1, 1, 2])
+    routed = torch.tensor([0, 1, 0, 1, 1, 0])
+    s = routing.routing_summary(records[2], routed, tasks, ["a", "b", "c"])
+    assert s["test_confusion"] == [[2, 1, 0], [0, 2, 0], [1, 0, 0]]
+    assert s["per_task"] == pytest.approx({"a": 2 / 3, "b": 1.0, "c": 0.0})
+    assert s["test_accuracy"] == pytest.approx(4 / 6)
+    assert (s["kind"], s["val_accuracy"]) == ("mlp", 0.93)
+    assert routing.public({"kind": "mlp", "router": 1, "layers": [], "test_routed": routed}) \
+        == {"kind": "mlp"}

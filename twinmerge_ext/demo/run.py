@@ -576,7 +576,8 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> Dict[str, object]:
     val = make_stream([enc[n]["val"] for n in names], cfg.seed)
     grid_val = make_stream([_head(enc[n]["val"], cfg.grid_val_items) for n in names], cfg.seed)
     test = make_stream([enc[n]["test"] for n in names], cfg.seed + 1)
-    key = {name: tensor_digest(st.ids, st.mask, st.labels, st.tasks)
+    # A stream's key covers its raw texts too: the text routers read them past the 64 tokens.
+    key = {name: _digest(tensor_digest(st.ids, st.mask, st.labels, st.tasks), st.texts)
            for name, st in (("val", val), ("grid_val", grid_val), ("test", test))}
 
     results: Dict[str, Dict[str, object]] = {}
