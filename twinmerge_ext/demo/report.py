@@ -18,6 +18,7 @@ _LABELS = {"expert": "Fine-tuned experts", "average": "Weight averaging",
            "twin_self_product": "Twin-Merging self-routed × text router (one pass)",
            "twin_early_two_pass": "Twin-Merging per row, the self-routing router in two passes",
            "twin_text": "Twin-Merging per row, text router (one pass)",
+           "twin_text_group": "Twin-Merging group-wise, text router",
            "twin_product": "Twin-Merging per row, hidden-state × text router (two passes)",
            "twin_oracle": "(diagnostic) Twin-Merging, oracle one-hot weights"}
 
@@ -73,7 +74,10 @@ def markdown(out: Dict[str, object]) -> str:
                  if "self_product_over_task_arithmetic" in tm else "") + "; text router "
               f"(one pass, no pass of θs to route) {tm['text_over_task_arithmetic']:.2f}×; "
               f"hidden-state × text router (router pass + twin) "
-              f"{tm['product_over_task_arithmetic']:.2f}×",
+              f"{tm['product_over_task_arithmetic']:.2f}×"
+              + (f"; text router, group-wise (router + twin) "
+                 f"{tm['text_group_over_task_arithmetic']:.2f}×"
+                 if "text_group_over_task_arithmetic" in tm else ""),
               f"- authors' style (dense deltas merged per sample, batch 1; the first "
               f"{tm['authors_style_items']} items, timed in the same rounds): "
               f"{tm['authors_style_seconds_per_1000']:.1f} s per 1000 items; Twin per-row is "

@@ -745,6 +745,7 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> Dict[str, object]:
     oracle = F.one_hot(test.tasks, T).float()
     for label, model, weights, mode in (("twin", wrapped, w_test, "factored"),
                                         ("twin_group", wrapped, w_test, "group"),
+                                        ("twin_text_group", wrapped, texty["text"][2], "group"),
                                         ("twin_oracle", wrapped, oracle, "group"),
                                         ("twin_rank1", rank1, w_test, "factored")):
         results[label] = memo.json(
@@ -793,16 +794,19 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> Dict[str, object]:
     routed_s = routed[:len(sample)]
     authors_items = sample.head(min(cfg.authors_sample, len(sample)))
 
-    def group_job(st: Stream) -> List[float]:
-        merges: List[float] = []
-        serve_twin(wrapped, st, w_s[:len(st)], "group", n_groups=sample_groups,
-                   merge_seconds=merges)
-        return merges
+    def group_job(weights: torch.Tensor) -> Callable[[Stream], List[float]]:
+        def job(st: Stream) -> List[float]:
+            merges: List[float] = []
+            serve_twin(wrapped, st, weights[:len(st)], "group", n_groups=sample_groups,
+                       merge_seconds=merges)
+            return merges
+        return job
     timed = time_interleaved({
         "router": (lambda st: route_stream(wrapped, st), sample),
         "task_arithmetic": (lambda st: serve_static(ta_server, st, routed_s[:len(st)]), sample),
         "twin": (lambda st: serve_twin(wrapped, st, w_s[:len(st)], "factored"), sample),
-        "twin_group": (group_job, sample),
+        "twin_group": (group_job(w_s), sample),
+        "twin_text_group": (group_job(texty["text"][2][:len(sample)]), sample),
         "twin_rank1": (lambda st: serve_twin(rank1, st, w_s[:len(st)], "factored"), sample),
         "twin_self": (lambda st: routing.serve_self(selfish, st), sample),
         "twin_self_product": (lambda st: routing.serve_self(selfish_product, st), sample),
@@ -816,11 +820,17 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> Dict[str, object]:
         "authors_nonzero": (authors_style(twins["twin"], w_s, zero_deltas=False), authors_items)},
         cfg.timing_rounds)
     seconds = {k: v[0] for k, v in timed.items()}
-    merges = timed["twin_group"][1]
-    n_merges = int(wrapped.groups(w_test)[1].shape[0])  # the scored plan's groups
-    merge_mean = sum(merges) / len(merges)
-    seconds["twin_group"] = (seconds["twin_group"] - sum(merges)
-                             + merge_mean * n_merges * len(sample) / len(test))
+
+    def count_stream_merges(label: str, weights: torch.Tensor) -> Tuple[List[float], int, float]:
+        """The sample's own merges out of a group-wise time, the scored plan's in (spread over
+        the stream's items): (the sample's merge times, the plan's merges, mean merge time)."""
+        merges = timed[label][1]
+        n = int(wrapped.groups(weights)[1].shape[0])
+        mean = sum(merges) / len(merges)
+        seconds[label] += mean * n * len(sample) / len(test) - sum(merges)
+        return merges, n, mean
+    merges, n_merges, merge_mean = count_stream_merges("twin_group", w_test)
+    count_stream_merges("twin_text_group", texty["text"][2])
     authors = seconds.pop("authors") / len(authors_items)
     authors_nonzero = seconds.pop("authors_nonzero") / len(authors_items)
     per_1000 = {k: 1000 * v / len(sample) for k, v in seconds.items()}
@@ -914,6 +924,8 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> Dict[str, object]:
                    "early_two_pass_over_task_arithmetic":
                        (per_1000["router_cut_short"] + per_1000["twin"]) / ta_time,
                    "group_over_task_arithmetic": per_1000["twin_group"] / ta_time,
+                   "text_group_over_task_arithmetic":
+                       (per_1000["router_text"] + per_1000["twin_text_group"]) / ta_time,
                    "authors_style_items": len(authors_items),
                    "authors_style_seconds_per_1000": 1000 * authors,
                    "twin_speedup_over_authors": 1000 * authors / per_1000["twin"],
