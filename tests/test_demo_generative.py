@@ -138,8 +138,18 @@ def test_task_scores_and_normalization():
     names = ["past_tense", "province_country"]
     assert generative.task_scores(["Went.", "is", "kingdom of  spain"], stream, names) == [
         0.5, 1.0]
-    assert generative.normalized([0.5, 1.0], [1.0, 0.8]) == [50.0, 125.0]
-    assert generative.normalized([0.5], [0.0])[0] != generative.normalized([0.5], [0.0])[0]
+
+    from twinmerge_ext.demo.report import normalize, score_cells
+    assert normalize([0.5, 1.0], [1.0, 0.8]) == ([50.0, 125.0], 87.5)
+    # An expert scoring 0 (or a task without a score) leaves its ratio undefined: null in the
+    # JSON, never NaN, "–" in the table, and the mean over the other tasks says so.
+    norm, mean = normalize([0.5, 0.3, float("nan")], [1.0, 0.0, 0.5])
+    assert norm == [50.0, None, None] and mean == 50.0
+    assert "NaN" not in json.dumps({"n": norm, "m": mean})
+    row = {"normalized": dict(zip("abc", norm)), "normalized_mean": mean}
+    assert score_cells(row, "abc") == ["50.0", "–", "–", "**50.00** (1 of 3 tasks)"]
+    assert normalize([0.2], [0.0]) == ([None], None)
+    assert score_cells({"normalized": {"a": None}, "normalized_mean": None}, "a") == ["–", "–"]
 
 
 def test_decode_speed_subtracts_the_prefill():

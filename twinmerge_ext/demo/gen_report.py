@@ -3,7 +3,7 @@ atomically (the same files as the classification job's)."""
 
 from typing import Dict
 
-from twinmerge_ext.demo.report import footer, write_report
+from twinmerge_ext.demo.report import footer, score_cells, write_report
 
 LABELS = {"base": "Base model, zero-shot", "expert": "LoRA experts (each on its own task)",
           "task_arithmetic": "Task arithmetic", "ties": "TIES",
@@ -27,9 +27,7 @@ def gen_markdown(out: Dict[str, object]) -> str:
              "| method | " + " | ".join(names) + " | mean |",
              "|---|" + "---|" * (len(names) + 1)]
     for label, row in m.items():
-        cells = [f"{row['normalized'][n]:.1f}" for n in names]
-        lines.append(f"| {LABELS[label]} | " + " | ".join(cells)
-                     + f" | **{row['normalized_mean']:.2f}** |")
+        lines.append(f"| {LABELS[label]} | " + " | ".join(score_cells(row, names)) + " |")
     lines += ["", "## Raw scores", "",
               "| method | " + " | ".join(f"{n} ({metric[out['metrics'][n]]})" for n in names)
               + " |", "|---|" + "---|" * len(names)]

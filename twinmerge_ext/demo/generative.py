@@ -37,6 +37,7 @@ from twinmerge_ext.demo import gen_model as gm
 from twinmerge_ext.demo.cache import EvalCache, _digest, code_digest, tensor_digest
 from twinmerge_ext.demo.data import default_cache_dir
 from twinmerge_ext.demo.gen_report import write_gen_report
+from twinmerge_ext.demo.report import normalize
 
 
 @dataclass
@@ -177,10 +178,6 @@ def task_scores(preds: Sequence[str], stream: Stream, names: Sequence[str]) -> L
     return [float(np.mean(s)) if s else float("nan") for s in per]
 
 
-def normalized(scores: Sequence[float], expert: Sequence[float]) -> List[float]:
-    return [100.0 * s / e if e > 0 else float("nan") for s, e in zip(scores, expert)]
-
-
 class Models:
     """One model object whose weights are swapped in per method (a state dict each)."""
 
@@ -287,7 +284,7 @@ def run_generative(cfg: GenConfig, log: Callable[[str], None] = print) -> Dict[s
               + ", ".join(names[t] for t in range(T) if t not in scored_tasks))
 
     def val_mean(preds) -> float:
-        nz = normalized(task_scores(preds, val, names), expert_val)
+        nz, _ = normalize(task_scores(preds, val, names), expert_val)
         return float(np.mean([nz[t] for t in scored_tasks]))
 
     chosen = {}
@@ -351,10 +348,10 @@ def run_generative(cfg: GenConfig, log: Callable[[str], None] = print) -> Dict[s
 
     def record(label: str, preds, hp=None) -> None:
         s = task_scores(preds, test, names)
-        nz = normalized(s, expert_test)
+        nz, mean = normalize(s, expert_test)
         results[label] = {"scores": dict(zip(names, s)), "normalized": dict(zip(names, nz)),
-                          "normalized_mean": float(np.mean(nz)), **({"hyperparameters": hp}
-                                                                    if hp is not None else {})}
+                          "normalized_mean": mean, **({"hyperparameters": hp}
+                                                      if hp is not None else {})}
     results["expert"] = {"scores": dict(zip(names, expert_test)),
                          "normalized": {n: 100.0 for n in names}, "normalized_mean": 100.0}
     record("base", scored("base", [], lambda: models.with_state(base), test,

@@ -2,8 +2,9 @@
 atomically."""
 
 import json
+import math
 import os
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -23,6 +24,27 @@ _LABELS = {"expert": "Fine-tuned experts", "average": "Weight averaging",
            "twin_oracle": "(diagnostic) Twin-Merging, oracle one-hot weights"}
 
 
+def normalize(scores: Sequence[float], expert: Sequence[float]
+              ) -> Tuple[List[Optional[float]], Optional[float]]:
+    """(100 × score / expert per task, their mean). Where the expert scores 0 (or its score is
+    not a number) the ratio is undefined: None there (null in results.json, "–" in the
+    tables), and the mean is over the other tasks (None if there are none)."""
+    norm = [100.0 * s / e if math.isfinite(e) and e > 0 and math.isfinite(s) else None
+            for s, e in zip(scores, expert)]
+    defined = [x for x in norm if x is not None]
+    return norm, (float(np.mean(defined)) if defined else None)
+
+
+def score_cells(row: Dict[str, object], names: Sequence[str]) -> List[str]:
+    """A table row's normalized cells and its mean, "–" where undefined; a mean over fewer
+    than every task says over how many."""
+    norm = row["normalized"]
+    cells = ["–" if norm[n] is None else f"{norm[n]:.1f}" for n in names]
+    mean, k = row["normalized_mean"], sum(norm[n] is not None for n in names)
+    return cells + ["–" if mean is None else f"**{mean:.2f}**"
+                    + ("" if k == len(names) else f" ({k} of {len(names)} tasks)")]
+
+
 def markdown(out: Dict[str, object]) -> str:
     names = out["tasks"]
     c = out["config"]
@@ -39,9 +61,7 @@ def markdown(out: Dict[str, object]) -> str:
                   "|---|" + "---|" * (len(names) + 1)]
         for label, row in out["methods"].items():
             r = row[protocol]
-            cells = [f"{r['normalized'][n]:.1f}" for n in names]
-            lines.append(f"| {_LABELS[label]} | " + " | ".join(cells)
-                         + f" | **{r['normalized_mean']:.2f}** |")
+            lines.append(f"| {_LABELS[label]} | " + " | ".join(score_cells(r, names)) + " |")
         lines.append("")
     rt = out["router"]
     lines += ["The diagnostic row serves each item with one-hot weights on its true task, which no "
@@ -117,7 +137,7 @@ def plot(out: Dict[str, object], path: str, protocol: Optional[str] = "routed",
     width = 0.8 / len(methods)
     for i, m in enumerate(methods):
         row = out["methods"][m] if protocol is None else out["methods"][m][protocol]
-        vals = [row["normalized"][n] for n in names]
+        vals = [np.nan if row["normalized"][n] is None else row["normalized"][n] for n in names]
         ax.bar(np.arange(len(names)) + i * width, vals, width, label=labels[m])
     ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, rotation=30, ha="right")
     ax.set_ylabel(ylabel)

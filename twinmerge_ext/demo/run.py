@@ -34,7 +34,7 @@ from twinmerge_ext import (TwinCheckpoint, TwinMergedModule, TwinRouter, fit_pro
 from twinmerge_ext.demo import data as demo_data
 from twinmerge_ext.demo import routing
 from twinmerge_ext.demo.cache import EvalCache, _digest, code_digest, tensor_digest
-from twinmerge_ext.demo.report import markdown, write_report
+from twinmerge_ext.demo.report import markdown, normalize, write_report
 from twinmerge_ext._files import write_atomically
 from twinmerge_ext.router import pool_hidden_states
 
@@ -839,10 +839,9 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> Dict[str, object]:
     for label, r in results.items():
         row = {}
         for protocol in ("standard", "routed"):
-            norm = [100 * a / e if e > 0 else math.nan for a, e in zip(r[protocol], expert_scores)]
+            norm, mean = normalize(r[protocol], expert_scores)
             row[protocol] = {"accuracy": dict(zip(names, r[protocol])),
-                             "normalized": dict(zip(names, norm)),
-                             "normalized_mean": float(np.mean(norm))}
+                             "normalized": dict(zip(names, norm)), "normalized_mean": mean}
         if label in per_1000:
             row["seconds_per_1000"] = per_1000[label]
         if "hyperparameters" in r:
