@@ -204,7 +204,7 @@ def test_a_stream_keeps_each_items_text_with_its_ids():
     assert stream.texts == [f"{int(x) // 100}:{int(x) % 100}" for x in stream.ids[:, 0]]
     assert [int(s.split(":")[0]) for s in stream.texts] == stream.tasks.tolist()
     assert stream.head(4).texts == stream.texts[:4]
-    assert demo._head(parts[1], 2).texts == ["1:0", "1:1"]
+    assert demo.first_items(parts[1], 2).texts == ["1:0", "1:1"]
     no_texts = demo.make_stream([demo.Encoded(p.ids, p.mask, p.labels) for p in parts], seed=4)
     assert no_texts.texts is None and torch.equal(no_texts.ids, stream.ids)
 

@@ -10,6 +10,7 @@ import torch
 
 from twinmerge_ext.demo import cache as demo_cache
 from twinmerge_ext.demo import run as demo
+from twinmerge_ext.demo import stream as streams
 
 
 def _cost(runs, lengths, overhead):
@@ -36,12 +37,12 @@ def test_length_buckets_is_an_optimal_partition_of_every_row(overhead):
     g = torch.Generator().manual_seed(overhead)
     for n in (1, 2, 7, 10):
         lengths = torch.randint(1, 64, (n,), generator=g).tolist()
-        runs = demo.length_buckets(lengths, overhead)
+        runs = streams.length_buckets(lengths, overhead)
         assert sorted(itertools.chain(*runs)) == list(range(n))
         assert _cost(runs, lengths, overhead) == _brute_force(lengths, overhead)
     # No overhead: every distinct length its own run; a huge one: one run.
-    assert len(demo.length_buckets([3, 3, 9, 1], 0)) == 3
-    assert len(demo.length_buckets([3, 3, 9, 1], 10**6)) == 1
+    assert len(streams.length_buckets([3, 3, 9, 1], 0)) == 3
+    assert len(streams.length_buckets([3, 3, 9, 1], 10**6)) == 1
 
 
 def test_stream_batches_cover_each_row_once_trimmed_to_its_micro_batch():
@@ -50,7 +51,7 @@ def test_stream_batches_cover_each_row_once_trimmed_to_its_micro_batch():
     lengths = torch.randint(1, L + 1, (n,), generator=g)
     mask = (torch.arange(L) < lengths[:, None]).long()
     ids = torch.randint(1, 50, (n, L), generator=g) * mask
-    s = demo.Stream(ids, mask, torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long))
+    s = streams.Stream(ids, mask, torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long))
     seen = []
     for idx, bids, bmask in s.batches(32):
         assert bids.shape == bmask.shape == (len(idx), int(lengths[idx].max()))
@@ -109,14 +110,14 @@ def test_time_interleaved_warms_up_then_runs_every_job_each_round_and_keeps_the_
     order = []
 
     def stream(n):
-        return demo.Stream(torch.ones(n, 4, dtype=torch.long), torch.ones(n, 4, dtype=torch.long),
+        return streams.Stream(torch.ones(n, 4, dtype=torch.long), torch.ones(n, 4, dtype=torch.long),
                            torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long))
     def job(name):
         def run(st):
             order.append((name, len(st)))
             return len(order)
         return run
-    out = demo.time_interleaved({"a": (job("a"), stream(40)), "b": (job("b"), stream(5))},
+    out = streams.time_interleaved({"a": (job("a"), stream(40)), "b": (job("b"), stream(5))},
                                 rounds=3, warmup_items=8)
     assert order == [("a", 8), ("b", 5)] + [("a", 40), ("b", 5)] * 3
     assert set(out) == {"a", "b"} and all(0 <= v[0] < 1 for v in out.values())
@@ -143,7 +144,7 @@ def minilm_case():
     lengths = torch.randint(2, L + 1, (n,), generator=g)
     mask = (torch.arange(L) < lengths[:, None]).long()
     ids = torch.randint(1000, 2000, (n, L), generator=g) * mask
-    stream = demo.Stream(ids, mask, torch.randint(0, 2, (n,), generator=g),
+    stream = streams.Stream(ids, mask, torch.randint(0, 2, (n,), generator=g),
                          torch.randint(0, 2, (n,), generator=g))
     return experts, twin, stream
 
@@ -152,7 +153,7 @@ def _one_by_one(model_fn, stream):
     """Each item alone, unpadded: what batching must reproduce."""
     out = []
     for i in range(len(stream)):
-        ids, mask = demo._trim(stream.ids[i:i + 1], stream.mask[i:i + 1])
+        ids, mask = streams.trim_padding(stream.ids[i:i + 1], stream.mask[i:i + 1])
         out.append(model_fn(i, ids, mask))
     return torch.cat(out)
 

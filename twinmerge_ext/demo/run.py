@@ -35,6 +35,8 @@ from twinmerge_ext.demo import data as demo_data
 from twinmerge_ext.demo import routing
 from twinmerge_ext.demo.cache import EvalCache, _digest, code_digest, tensor_digest
 from twinmerge_ext.demo.report import markdown, normalize, write_report
+from twinmerge_ext.demo.stream import (Encoded, Stream, first_items, make_stream, micro_batches,
+                                          task_accuracies, time_interleaved, trim_padding)
 from twinmerge_ext._files import write_atomically
 from twinmerge_ext.router import pool_hidden_states
 
@@ -140,30 +142,10 @@ def _new_model(num_labels: int, seed: int):
     return AutoModelForSequenceClassification.from_pretrained(model_path(), num_labels=num_labels)
 
 
-@dataclass
-class Encoded:
-    ids: torch.Tensor       # [N, L]
-    mask: torch.Tensor      # [N, L]
-    labels: torch.Tensor    # [N]
-    texts: Optional[List[str]] = None   # the raw texts (what a text router reads)
-
-
 def _encode(tok, texts: List[str], labels: List[int], max_length: int) -> Encoded:
     enc = tok(texts, padding="max_length", truncation=True, max_length=max_length,
               return_tensors="pt")
     return Encoded(enc["input_ids"], enc["attention_mask"], torch.tensor(labels), list(texts))
-
-
-def _head(e: Encoded, n: int) -> Encoded:
-    """The first n items (the splits are already shuffled and stratified)."""
-    return Encoded(e.ids[:n], e.mask[:n], e.labels[:n],
-                   e.texts[:n] if e.texts is not None else None)
-
-
-def _trim(ids: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Drops padding columns every row of the batch has (same outputs, less work)."""
-    width = max(1, int(mask.sum(1).max()))
-    return ids[:, :width], mask[:, :width]
 
 
 def _write_atomic(path: str, write: Callable[[str], None]) -> None:
@@ -232,7 +214,7 @@ def fine_tune(task: str, train: Encoded, num_labels: int, cfg: Config, cache_dir
     t0 = time.perf_counter()
     for step in tqdm(range(cfg.steps), desc=f"fine-tune {task}", unit="step", leave=False):
         idx = order[(step * cfg.batch + torch.arange(cfg.batch)) % len(order)]
-        ids, mask = _trim(train.ids[idx], train.mask[idx])
+        ids, mask = trim_padding(train.ids[idx], train.mask[idx])
         loss = F.cross_entropy(model(input_ids=ids, attention_mask=mask).logits, train.labels[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -253,84 +235,6 @@ def fine_tune(task: str, train: Encoded, num_labels: int, cfg: Config, cache_dir
 # A forward's fixed cost (dispatch, small ops) in padded-token equivalents: the cost model of
 # `length_buckets`. A chosen value, not a measured one: on the demo's test stream it leaves 18%
 # padding in about 2.6 micro-batches per batch of 32 (from 73% in one).
-BUCKET_OVERHEAD = 128
-
-
-def length_buckets(lengths: Sequence[int], overhead: int = BUCKET_OVERHEAD) -> List[List[int]]:
-    """A batch's rows (indices) split into micro-batches of similar length.
-
-    Semantics: the rows sorted by length, cut into contiguous runs minimizing
-    Σ_runs (rows · longest) + overhead · runs, the padded tokens computed plus a fixed cost per
-    forward (exact dynamic programme, O(n²) for n rows). Each row's output is the one it has in
-    the padded batch (padding is masked); only the padding is not computed.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    ls = [int(lengths[i]) for i in order]
-    best, cut = [0.0] + [math.inf] * len(ls), [0] * (len(ls) + 1)
-    for j in range(1, len(ls) + 1):
-        for i in range(j):
-            cost = best[i] + (j - i) * ls[j - 1] + overhead
-            if cost < best[j]:
-                best[j], cut[j] = cost, i
-    runs, j = [], len(ls)
-    while j > 0:
-        runs.append(order[cut[j]:j])
-        j = cut[j]
-    return runs[::-1]
-
-
-@dataclass
-class Stream:
-    """The test (or validation) splits of every task as one shuffled stream."""
-    ids: torch.Tensor
-    mask: torch.Tensor
-    labels: torch.Tensor
-    tasks: torch.Tensor     # the true task of each item
-    texts: Optional[List[str]] = None   # the raw texts, when every part had them
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def head(self, n: int) -> "Stream":
-        return Stream(self.ids[:n], self.mask[:n], self.labels[:n], self.tasks[:n],
-                      self.texts[:n] if self.texts is not None else None)
-
-    def batches(self, size: int, rows: Optional[torch.Tensor] = None):
-        """`micro_batches` of the stream (or of `rows` of it, in order)."""
-        return micro_batches(self.ids, self.mask, size, rows)
-
-
-def micro_batches(ids: torch.Tensor, mask: torch.Tensor, size: int,
-                  rows: Optional[torch.Tensor] = None):
-    """(rows, ids, mask) micro-batches: the items (or `rows` of them, in order) served in
-    batches of `size` as they arrive, each run as length-bucketed micro-batches."""
-    rows = torch.arange(len(ids)) if rows is None else rows
-    lengths = mask.sum(1)
-    for s in range(0, len(rows), size):
-        batch = rows[s:s + size]
-        for run in length_buckets(lengths[batch].tolist()):
-            idx = batch[run]
-            yield (idx,) + _trim(ids[idx], mask[idx])
-
-
-def make_stream(parts: Sequence[Encoded], seed: int) -> Stream:
-    ids = torch.cat([p.ids for p in parts])
-    perm = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))
-    texts = None
-    if all(p.texts is not None for p in parts):
-        every = [t for p in parts for t in p.texts]
-        texts = [every[i] for i in perm.tolist()]
-    return Stream(ids[perm], torch.cat([p.mask for p in parts])[perm],
-                  torch.cat([p.labels for p in parts])[perm],
-                  torch.cat([torch.full((len(p.labels),), t) for t, p in enumerate(parts)])[perm],
-                  texts)
-
-
-def _scores(pred: torch.Tensor, stream: Stream, T: int) -> List[float]:
-    return [float((pred[stream.tasks == t] == stream.labels[stream.tasks == t]).float().mean())
-            for t in range(T)]
-
-
 class StaticServer:
     """A static merge: one body for every row, and per-row task heads."""
 
@@ -363,9 +267,9 @@ def _heads(stream: Stream, idx: torch.Tensor, routed: Optional[torch.Tensor]) ->
 
 
 def _protocols(pred: torch.Tensor, stream: Stream, T: int) -> Dict[str, List[float]]:
-    out = {"standard": _scores(pred[:, 0], stream, T)}
+    out = {"standard": task_accuracies(pred[:, 0], stream, T)}
     if pred.shape[1] > 1:
-        out["routed"] = _scores(pred[:, 1], stream, T)
+        out["routed"] = task_accuracies(pred[:, 1], stream, T)
     return out
 
 
@@ -510,28 +414,9 @@ def authors_style(twin: TwinCheckpoint, weights: torch.Tensor,
         with torch.inference_mode():
             for i in range(len(stream)):
                 model.load_state_dict(authors_merge(twin, dense, weights[i]), strict=False)
-                ids, mask = _trim(stream.ids[i:i + 1], stream.mask[i:i + 1])
+                ids, mask = trim_padding(stream.ids[i:i + 1], stream.mask[i:i + 1])
                 model.bert(input_ids=ids, attention_mask=mask)
     return job
-
-
-def time_interleaved(jobs: Dict[str, Tuple[Callable[[Stream], object], Stream]], rounds: int,
-                     warmup_items: int = 8) -> Dict[str, Tuple[float, object]]:
-    """(seconds, return value) of each job serving its stream in its fastest of `rounds` rounds
-    that run every job in turn (so a slow spell of the machine does not fall on one method
-    only), after one untimed warm-up of each on its first `warmup_items` items (lazy buffers,
-    first merges)."""
-    for job, stream in jobs.values():
-        job(stream.head(warmup_items))
-    best: Dict[str, Tuple[float, object]] = {k: (math.inf, None) for k in jobs}
-    for _ in range(rounds):
-        for k, (job, stream) in jobs.items():
-            t0 = time.perf_counter()
-            value = job(stream)
-            seconds = time.perf_counter() - t0
-            if seconds < best[k][0]:
-                best[k] = (seconds, value)
-    return best
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -574,7 +459,7 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> Dict[str, object]:
               for n, sd in experts.items()}
     base_body = {k: v for k, v in base.items() if not k.startswith("classifier.")}
     val = make_stream([enc[n]["val"] for n in names], cfg.seed)
-    grid_val = make_stream([_head(enc[n]["val"], cfg.grid_val_items) for n in names], cfg.seed)
+    grid_val = make_stream([first_items(enc[n]["val"], cfg.grid_val_items) for n in names], cfg.seed)
     test = make_stream([enc[n]["test"] for n in names], cfg.seed + 1)
     # A stream's key covers its raw texts too: the text routers read them past the 64 tokens.
     key = {name: _digest(tensor_digest(st.ids, st.mask, st.labels, st.tasks), st.texts)
@@ -599,7 +484,7 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> Dict[str, object]:
         def score(kw):
             body = method(base_body, bodies, **kw)
             pred = serve_static(StaticServer(body, heads), grid_val)[:, 0]
-            acc = float(np.mean(_scores(pred, grid_val, T)))
+            acc = float(np.mean(task_accuracies(pred, grid_val, T)))
             if acc > made["acc"]:
                 made.update(acc=acc, kw=kw, body=body)
             return acc
@@ -658,7 +543,7 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> Dict[str, object]:
         return memo.tensors("features", [twin_ids["twin"], what, tensor_digest(e.ids, e.mask),
                                          [_feature_name(c) for c in all_cands]],
                             lambda: _router_features(wrapped.module, e, all_cands))
-    feats = {n: features(_head(enc[n]["train"], cfg.router_items), f"train:{n}") for n in names}
+    feats = {n: features(first_items(enc[n]["train"], cfg.router_items), f"train:{n}") for n in names}
     val_feats = features(Encoded(val.ids, val.mask, val.labels), "val")
     test_feats = features(Encoded(test.ids, test.mask, test.labels), "test")
     router, router_rep, chosen_router, candidates = routing.select_router(
@@ -669,7 +554,7 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> Dict[str, object]:
     layer, pooling = router.layer, router.pooling
     energy = routing.energy_candidates(
         wrapped, {n: (e.ids, e.mask) for n, e in
-                  ((n, _head(enc[n]["train"], cfg.router_items)) for n in names)},
+                  ((n, first_items(enc[n]["train"], cfg.router_items)) for n in names)},
         (val.ids, val.mask, val.tasks), (test.ids, test.mask, test.tasks),
         dict(cfg.energy_layer_sets), cfg.seed, log)
     best_energy = max(energy, key=lambda r: r["val_accuracy"])  # timed below
@@ -694,7 +579,7 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> Dict[str, object]:
         def score():
             selfish.router = r
             pred, _ = routing.serve_self(selfish, grid_val)
-            return float(np.mean(_scores(pred[:, 0], grid_val, T)))
+            return float(np.mean(task_accuracies(pred[:, 0], grid_val, T)))
         return memo.json("self-val", [self_id(r), key["grid_val"]], score)
     self_router, self_record, self_candidates = routing.select_self_routing(
         self_cands, cfg.router_lrs[0], _feature_name, feats, val_feats, val.tasks,
@@ -728,7 +613,7 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> Dict[str, object]:
         return {"pred": pred, "w": w}
     first = memo.tensors("ta-pass", [router_id, expert_ids, ta_kw, key["test"]], ta_pass)
     w_test = first["w"]
-    router_acc = _scores(w_test.argmax(-1), Stream(test.ids, test.mask, test.tasks, test.tasks), T)
+    router_acc = task_accuracies(w_test.argmax(-1), Stream(test.ids, test.mask, test.tasks, test.tasks), T)
     routed = w_test.argmax(-1)
     w_key = tensor_digest(w_test)
     for label, (kw, body) in chosen.items():
@@ -899,7 +784,7 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> Dict[str, object]:
                                     "layer": list(self_router.layer)
                                     if isinstance(self_router.layer, tuple) else
                                     self_router.layer,
-                                    "test_accuracy_per_task": dict(zip(names, _scores(
+                                    "test_accuracy_per_task": dict(zip(names, task_accuracies(
                                         self_test["w"].argmax(-1), Stream(
                                             test.ids, test.mask, test.tasks, test.tasks), T))),
                                     "test_confusion": routing.confusion(
