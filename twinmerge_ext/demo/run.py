@@ -459,7 +459,8 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> Dict[str, object]:
               for n, sd in experts.items()}
     base_body = {k: v for k, v in base.items() if not k.startswith("classifier.")}
     val = make_stream([enc[n]["val"] for n in names], cfg.seed)
-    grid_val = make_stream([first_items(enc[n]["val"], cfg.grid_val_items) for n in names], cfg.seed)
+    grid_val = make_stream([first_items(enc[n]["val"], cfg.grid_val_items) for n in names],
+                           cfg.seed)
     test = make_stream([enc[n]["test"] for n in names], cfg.seed + 1)
     # A stream's key covers its raw texts too: the text routers read them past the 64 tokens.
     key = {name: _digest(tensor_digest(st.ids, st.mask, st.labels, st.tasks), st.texts)
@@ -543,7 +544,8 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> Dict[str, object]:
         return memo.tensors("features", [twin_ids["twin"], what, tensor_digest(e.ids, e.mask),
                                          [_feature_name(c) for c in all_cands]],
                             lambda: _router_features(wrapped.module, e, all_cands))
-    feats = {n: features(first_items(enc[n]["train"], cfg.router_items), f"train:{n}") for n in names}
+    feats = {n: features(first_items(enc[n]["train"], cfg.router_items), f"train:{n}")
+             for n in names}
     val_feats = features(Encoded(val.ids, val.mask, val.labels), "val")
     test_feats = features(Encoded(test.ids, test.mask, test.labels), "test")
     router, router_rep, chosen_router, candidates = routing.select_router(
@@ -613,7 +615,6 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> Dict[str, object]:
         return {"pred": pred, "w": w}
     first = memo.tensors("ta-pass", [router_id, expert_ids, ta_kw, key["test"]], ta_pass)
     w_test = first["w"]
-    router_acc = task_accuracies(w_test.argmax(-1), Stream(test.ids, test.mask, test.tasks, test.tasks), T)
     routed = w_test.argmax(-1)
     w_key = tensor_digest(w_test)
     for label, (kw, body) in chosen.items():
@@ -735,15 +736,16 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> Dict[str, object]:
     ta_time = per_1000["task_arithmetic"]
     # Every router kind's test routing, the best of each kind on validation: the chosen one
     # as served (its weights from the pass of θs over the stream), then the others.
-    by_router = {f"{chosen_router['features']} (the chosen hidden-state router)":
-                 routing.routing_summary(chosen_router, routed, test.tasks, names)}
+    chosen_routing = routing.routing_summary(chosen_router, routed, test.tasks, names)
+    self_routing = routing.routing_summary({**self_record, "kind": "self-routing mlp"},
+                                           self_test["w"].argmax(-1), test.tasks, names)
+    by_router = {f"{chosen_router['features']} (the chosen hidden-state router)": chosen_routing}
     by_router.update({c["features"]: routing.routing_summary(c, c["test_routed"], test.tasks,
                                                              names)
                       for c in routing.best_of_each_kind(candidates)
                       if c["kind"] != chosen_router["kind"]})
     by_router[f"self-routing: {self_record['features']}, routed at layer "
-              f"{self_record['routed_at_layer']} (one pass)"] = routing.routing_summary(
-        {**self_record, "kind": "self-routing mlp"}, self_test["w"].argmax(-1), test.tasks, names)
+              f"{self_record['routed_at_layer']} (one pass)"] = self_routing
     by_router[f"self-routing × text^{self_product.alpha:g} (one pass)"] = routing.routing_summary(
         {"kind": "self-routing product", "val_accuracy": self_product_rep["val_accuracy"]},
         self_product_test["w"].argmax(-1), test.tasks, names)
@@ -764,8 +766,8 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> Dict[str, object]:
                    "standardize": router.standardize, "kind": chosen_router["kind"],
                    "prototypes": chosen_router["prototypes"], "lr": chosen_router["lr"],
                    "candidates": [routing.public(c) for c in candidates],
-                   "test_accuracy_per_task": dict(zip(names, router_acc)),
-                   "test_confusion": routing.confusion(routed, test.tasks, T),
+                   "test_accuracy_per_task": chosen_routing["per_task"],
+                   "test_confusion": chosen_routing["test_confusion"],
                    "val_accuracy": chosen_router["val_accuracy"],
                    "fit_report": {k: router_rep[k] for k in (
                        "best_epoch", "scale", "val_accuracy", "n_items_per_task")
@@ -784,11 +786,8 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> Dict[str, object]:
                                     "layer": list(self_router.layer)
                                     if isinstance(self_router.layer, tuple) else
                                     self_router.layer,
-                                    "test_accuracy_per_task": dict(zip(names, task_accuracies(
-                                        self_test["w"].argmax(-1), Stream(
-                                            test.ids, test.mask, test.tasks, test.tasks), T))),
-                                    "test_confusion": routing.confusion(
-                                        self_test["w"].argmax(-1), test.tasks, T)}},
+                                    "test_accuracy_per_task": self_routing["per_task"],
+                                    "test_confusion": self_routing["test_confusion"]}},
         "storage_mb": {"one_model": one_model_mb, "experts": report["experts_bytes"] / 2**20,
                        "twin": report["twin_bytes"] / 2**20,
                        "twin_rank1": twins["twin_rank1"].report()["storage"]["twin_bytes"] / 2**20,
